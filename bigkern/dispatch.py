@@ -1,0 +1,255 @@
+"""The one dispatch seam: which implementation serves a call, and why.
+
+Every op has named implementations -- `triton`, `cuda` (bigkern._C) and `torch` (a pure-PyTorch
+reference) -- and each one can say why it cannot serve a given call. The requested backend comes
+from `use_backend(...)` (innermost wins) or else the BIGKERN_BACKEND environment variable:
+
+  auto    the first implementation, in the op's order of speed, that can serve; CPU tensors take
+          torch. Implementations not yet verified on a GPU are skipped.
+  triton | cuda | torch
+          exactly that implementation, or UnsupportedError with its reason. Never a fallback.
+
+Selection runs inside the registered op's body, at run time, so torch.compile sees one opaque op
+and a backend switch needs no recompilation.
+"""
+
+import contextlib
+import dataclasses
+import os
+from typing import Callable, Optional
+
+import torch
+
+from bigkern import _ext
+
+BACKENDS = ("triton", "cuda", "torch")
+REQUESTS = ("auto",) + BACKENDS
+ENV_VAR = "BIGKERN_BACKEND"
+
+
+class UnsupportedError(RuntimeError):
+    """A forced backend cannot serve this call (the message says why)."""
+
+
+# Process-wide, like torch.nn.attention.sdpa_kernel: autograd runs CUDA backward passes on its own
+# threads, and they must see the backend the forward pass was asked for.
+_requests: list = []
+
+
+def _check_request(name, source):
+    name = str(name).strip().lower()
+    if name not in REQUESTS:
+        raise ValueError(f"{source} must be one of {', '.join(REQUESTS)}, not {name!r}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend requested for calls made now: the innermost use_backend, else BIGKERN_BACKEND."""
+    if _requests:
+        return _requests[-1]
+    return _check_request(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force (or with "auto", un-force) the backend for calls made inside the block."""
+    name = _check_request(name, "use_backend(name)")
+    _requests.append(name)
+    try:
+        yield
+    finally:
+        _requests.pop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reasons shared by every op's implementations.
+
+def _devices(tensors):
+    return {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_TRITON_IMPORT_ERROR = None
+
+
+def triton_unavailable() -> Optional[str]:
+    """Why Triton cannot run at all, or None."""
+    global _TRITON_IMPORT_ERROR
+    if _TRITON_IMPORT_ERROR is None:
+        try:
+            import triton  # noqa: F401
+            _TRITON_IMPORT_ERROR = ""
+        except ImportError as error:
+            _TRITON_IMPORT_ERROR = f"triton is not importable ({error})"
+    return _TRITON_IMPORT_ERROR or None
+
+
+def _capability_reason(tensors, backend, minimum=(8, 0)):
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            capability = torch.cuda.get_device_capability(t.device)
+            if capability < minimum:
+                return (f"{backend} kernels need compute capability {minimum[0]}.{minimum[1]}+, "
+                        f"{torch.cuda.get_device_name(t.device)} has {capability[0]}.{capability[1]}")
+    return None
+
+
+def triton_unsupported(*tensors) -> Optional[str]:
+    """Why the Triton kernels cannot take these tensors (device, toolchain), or None."""
+    reason = triton_unavailable()
+    if reason:
+        return reason
+    devices = _devices(tensors)
+    if len(devices) > 1:
+        return f"tensors are on several device types ({', '.join(sorted(devices))})"
+    if devices == {"cpu"}:
+        if not triton_interpreter_enabled():
+            return "Triton kernels run on CPU tensors only in the interpreter (TRITON_INTERPRET=1)"
+        return None
+    if devices - {"cuda", "cpu"}:
+        return f"Triton kernels run on CUDA tensors, not {', '.join(sorted(devices))}"
+    if triton_interpreter_enabled():
+        return "TRITON_INTERPRET=1 runs Triton on CPU tensors only"
+    return _capability_reason(tensors, "Triton")
+
+
+def cuda_unsupported(*tensors) -> Optional[str]:
+    """Why bigkern._C's kernels cannot take these tensors, or None."""
+    reason = _ext.unavailable_reason()
+    if reason:
+        return reason
+    devices = _devices(tensors)
+    if devices != {"cuda"}:
+        return f"the CUDA kernels take CUDA tensors, not {', '.join(sorted(devices)) or 'none'}"
+    return _capability_reason(tensors, "CUDA")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops and their implementations.
+
+@dataclasses.dataclass
+class Implementation:
+    backend: str
+    run: Callable
+    unsupported: Callable[..., Optional[str]]
+    # False until the implementation has been verified on a GPU: `auto` skips it, forcing runs it.
+    auto: bool = True
+    auto_reason: str = ""
+
+
+@dataclasses.dataclass
+class Explanation:
+    op: str
+    requested: str
+    backend: Optional[str]
+    reasons: dict  # backend -> reason it does not serve, or None when it would
+
+    def __str__(self):
+        lines = [f"{self.op}: requested {self.requested}, "
+                 + (f"runs {self.backend}" if self.backend else "no implementation can serve")]
+        for backend, reason in self.reasons.items():
+            mark = "->" if backend == self.backend else "  "
+            lines.append(f"  {mark} {backend:<6} {reason or 'can serve'}")
+        return "\n".join(lines)
+
+
+class Op:
+    """An op's implementations in `auto`'s order of preference on a GPU."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.implementations: dict = {}
+        REGISTRY[name] = self
+
+    def register(self, backend, unsupported, *, auto=True, auto_reason=""):
+        """Decorator: `fn` is the `backend` implementation; `unsupported(*args, **kwargs)` says why it
+        cannot serve a call (None when it can)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+
+        def decorate(fn):
+            self.implementations[backend] = Implementation(backend, fn, unsupported, auto, auto_reason)
+            return fn
+        return decorate
+
+    def _candidates(self, args, kwargs):
+        """(requested, ordered backends to consider)."""
+        requested = requested_backend()
+        if requested != "auto":
+            return requested, [requested]
+        order = list(self.implementations)
+        if "cuda" not in _devices(list(args) + list(kwargs.values())) and "torch" in order:
+            order.remove("torch")
+            order.insert(0, "torch")  # CPU tensors: the reference is the fast path
+        return requested, order
+
+    def _reason(self, backend, requested, args, kwargs):
+        """Why `backend` does not serve this call under `requested`, or None."""
+        impl = self.implementations.get(backend)
+        if impl is None:
+            return f"bigkern has no {backend} implementation of {self.name}"
+        reason = impl.unsupported(*args, **kwargs)
+        if reason is None and requested == "auto" and not impl.auto:
+            reason = impl.auto_reason or "not verified on a GPU yet: runs only when forced"
+        return reason
+
+    def reasons(self, *args, **kwargs) -> dict:
+        requested = requested_backend()
+        return {backend: self._reason(backend, requested, args, kwargs) for backend in BACKENDS}
+
+    def select(self, *args, **kwargs) -> Implementation:
+        requested, order = self._candidates(args, kwargs)
+        reasons = {}
+        for backend in order:
+            reason = self._reason(backend, requested, args, kwargs)
+            if reason is None:
+                return self.implementations[backend]
+            reasons[backend] = reason
+        detail = "; ".join(f"{b}: {r}" for b, r in reasons.items())
+        if requested == "auto":
+            raise UnsupportedError(f"{self.name}: no implementation can serve this call ({detail})")
+        raise UnsupportedError(f"{self.name}: the requested backend cannot serve this call ({detail})")
+
+    def __call__(self, *args, **kwargs):
+        return self.select(*args, **kwargs).run(*args, **kwargs)
+
+    def explain(self, *args, **kwargs) -> Explanation:
+        try:
+            backend = self.select(*args, **kwargs).backend
+        except UnsupportedError:
+            backend = None
+        return Explanation(self.name, requested_backend(), backend, self.reasons(*args, **kwargs))
+
+
+REGISTRY: dict = {}
+
+
+def entry_point(op: Op, prepare: Callable):
+    """Mark a public function as served by `op`; `prepare(*args, **kwargs)` turns the function's
+    arguments into the op's (args, kwargs), so explain() can ask the op about a user's call."""
+    def decorate(fn):
+        fn.bigkern_op = op
+        fn.bigkern_prepare = prepare
+        return fn
+    return decorate
+
+
+def explain(fn, *args, **kwargs) -> Explanation:
+    """Which implementation a call takes, and why each other one does not.
+
+        >>> print(bigkern.explain(bigkern.nn.functional.bias_act, x, b, "gelu"))
+    `fn` is a bigkern function or module, an Op, or an op's name.
+    """
+    if isinstance(fn, str):
+        fn = REGISTRY[fn]
+    if isinstance(fn, Op):
+        return fn.explain(*args, **kwargs)
+    if isinstance(fn, torch.nn.Module) and hasattr(fn, "bigkern_explain"):
+        return fn.bigkern_explain(*args, **kwargs)
+    if hasattr(fn, "bigkern_op"):
+        op_args, op_kwargs = fn.bigkern_prepare(*args, **kwargs)
+        return fn.bigkern_op.explain(*op_args, **op_kwargs)
+    raise TypeError(f"explain() takes a bigkern function, module or op, not {type(fn).__name__}")

@@ -1,0 +1,5 @@
+"""Drop-in replacements for torch.nn.functional calls, plus bigkern's fused extras."""
+
+from bigkern.ops.epilogue import bias_act
+
+__all__ = ["bias_act"]

@@ -1,0 +1,295 @@
+"""bias_act: y = act(x + bias), bias broadcast along one dimension; the epilogue of every family.
+
+Registered as torch.library ops `bigkern::bias_act` and `bigkern::bias_act_backward` (with fake
+implementations and autograd), each dispatching at run time to the Triton kernels
+(kernels/epilogue.py), the CUDA kernels (csrc/epilogue/) or a pure-PyTorch reference.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bigkern import dispatch, memory
+
+# name -> code shared with kernels/epilogue.py and csrc/common/activation.cuh
+ACTIVATIONS = {
+    "none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "sigmoid": 5, "tanh": 6, "leaky_relu": 7,
+}
+ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
+
+
+def activation_code(activation) -> int:
+    """The code of an activation given by name ("relu", "gelu", "gelu_tanh", ...) or None."""
+    if activation is None:
+        return ACTIVATIONS["none"]
+    if isinstance(activation, str) and activation.lower() in ACTIVATIONS:
+        return ACTIVATIONS[activation.lower()]
+    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)} or None, not {activation!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure-PyTorch reference: torch's own forward and backward functions.
+
+def torch_activation(z: Tensor, code: int, negative_slope: float) -> Tensor:
+    F = torch.nn.functional
+    return {
+        0: lambda: z,
+        1: lambda: F.relu(z),
+        2: lambda: F.gelu(z),
+        3: lambda: F.gelu(z, approximate="tanh"),
+        4: lambda: F.silu(z),
+        5: lambda: torch.sigmoid(z),
+        6: lambda: torch.tanh(z),
+        7: lambda: F.leaky_relu(z, negative_slope),
+    }[code]()
+
+
+def torch_activation_backward(grad: Tensor, z: Tensor, code: int, negative_slope: float) -> Tensor:
+    aten = torch.ops.aten
+    if code == 0:
+        return grad.clone()
+    if code == 1:
+        return aten.threshold_backward(grad, z, 0)
+    if code in (2, 3):
+        return aten.gelu_backward(grad, z, approximate="none" if code == 2 else "tanh")
+    if code == 4:
+        return aten.silu_backward(grad, z)
+    if code == 5:
+        return aten.sigmoid_backward(grad, torch.sigmoid(z))
+    if code == 6:
+        return aten.tanh_backward(grad, torch.tanh(z))
+    return aten.leaky_relu_backward(grad, z, negative_slope, False)
+
+
+def _broadcast_bias(bias, x, dim):
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    return bias.view(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# How the kernels walk a dense tensor (shared by the Triton and CUDA launchers).
+
+def channel_layout(x: Tensor, dim: int, has_bias: bool):
+    """(channel_stride, n_channels, n_rows, n_cols, channel_in_rows) for dense x.
+
+    Storage is seen as a row-major (n_rows, n_cols) matrix. With the channel innermost in storage,
+    columns are channels; otherwise a row is the run of elements that share one channel and the
+    channel is row % n_channels. Without a bias (or with one channel) the rows are plain chunks.
+    """
+    numel = x.numel()
+    n_channels = x.shape[dim] if (has_bias and x.dim()) else 1
+    if n_channels == 1:
+        n_cols = max(1, min(numel, 2048))
+        return 1, 1, -(-numel // n_cols), n_cols, True
+    channel_stride = x.stride(dim)
+    if channel_stride == 1:
+        return 1, n_channels, numel // n_channels, n_channels, False
+    return channel_stride, n_channels, numel // channel_stride, channel_stride, True
+
+
+def _same_layout(grad: Tensor, like: Tensor) -> Tensor:
+    """grad with exactly like's strides, so one set of storage offsets serves both."""
+    if grad.stride() == like.stride():
+        return grad
+    return torch.empty_like(like).copy_(grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations.
+
+def _kernel_dtypes_reason(x, bias):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the kernels take float16, bfloat16 or float32, not {x.dtype}"
+    return None
+
+
+def _triton_unsupported(x, bias, *rest):
+    return dispatch.triton_unsupported(x, bias) or _kernel_dtypes_reason(x, bias)
+
+
+def _cuda_unsupported(x, bias, *rest):
+    return dispatch.cuda_unsupported(x, bias) or _kernel_dtypes_reason(x, bias)
+
+
+def _always(*args):
+    return None
+
+
+BIAS_ACT = dispatch.Op("bias_act")
+BIAS_ACT_BACKWARD = dispatch.Op("bias_act_backward")
+
+
+@BIAS_ACT.register("triton", _triton_unsupported)
+def _bias_act_triton(x, bias, activation, dim, negative_slope):
+    from bigkern.kernels import epilogue as kernels
+
+    x = memory.dense(x)
+    y = memory.empty_like(x)
+    if x.numel():
+        channel_stride, n_channels, *_ = channel_layout(x, dim, bias is not None)
+        kernels.bias_act_forward(x, bias, y, channel_stride, n_channels, activation, negative_slope)
+    return y
+
+
+@BIAS_ACT.register("cuda", _cuda_unsupported, auto=False)
+def _bias_act_cuda(x, bias, activation, dim, negative_slope):
+    x = memory.dense(x)
+    y = memory.empty_like(x)
+    if x.numel():
+        channel_stride, n_channels, *_ = channel_layout(x, dim, bias is not None)
+        torch.ops.bigkern.bias_act_forward_cuda(x, bias, y, activation, channel_stride, n_channels, negative_slope)
+    return y
+
+
+@BIAS_ACT.register("torch", _always)
+def _bias_act_torch(x, bias, activation, dim, negative_slope):
+    x = memory.dense(x)
+    z = x if bias is None else x + _broadcast_bias(bias, x, dim)
+    y = torch_activation(z, activation, negative_slope)
+    # same layout as the kernels give; `clone` also keeps the identity activation from aliasing x
+    return torch.empty_like(x).copy_(y)
+
+
+def _partials_to_grad_bias(partial, n_channels, bias):
+    return partial.view(-1, n_channels).sum(0).to(bias.dtype)
+
+
+@BIAS_ACT_BACKWARD.register("triton", _triton_unsupported)
+def _bias_act_backward_triton(grad_y, x, bias, activation, dim, negative_slope):
+    from bigkern.kernels import epilogue as kernels
+
+    x = memory.dense(x)
+    grad_y = _same_layout(grad_y, x)
+    grad_x = memory.empty_like(x)
+    grad_bias = memory.empty((0 if bias is None else bias.numel(),), dtype=x.dtype, device=x.device)
+    if x.numel():
+        _, n_channels, n_rows, n_cols, channel_in_rows = channel_layout(x, dim, bias is not None)
+        partial = kernels.bias_act_backward_partials(
+            grad_y, x, bias, grad_x, n_rows, n_cols, n_channels, channel_in_rows, activation, negative_slope,
+            lambda shape: memory.empty(shape, dtype=torch.float32, device=x.device))
+        if bias is not None:
+            grad_bias = _partials_to_grad_bias(partial, n_channels, bias)
+    elif bias is not None:
+        grad_bias.zero_()
+    return grad_x, grad_bias
+
+
+@BIAS_ACT_BACKWARD.register("cuda", _cuda_unsupported, auto=False)
+def _bias_act_backward_cuda(grad_y, x, bias, activation, dim, negative_slope):
+    x = memory.dense(x)
+    grad_y = _same_layout(grad_y, x)
+    grad_x = memory.empty_like(x)
+    grad_bias = memory.empty((0 if bias is None else bias.numel(),), dtype=x.dtype, device=x.device)
+    if x.numel():
+        _, n_channels, n_rows, n_cols, channel_in_rows = channel_layout(x, dim, bias is not None)
+        partial = torch.ops.bigkern.bias_act_backward_cuda(
+            grad_y, x, bias, grad_x, n_rows, n_cols, n_channels, channel_in_rows, activation, negative_slope)
+        if bias is not None:
+            grad_bias = _partials_to_grad_bias(partial, n_channels, bias)
+    elif bias is not None:
+        grad_bias.zero_()
+    return grad_x, grad_bias
+
+
+@BIAS_ACT_BACKWARD.register("torch", _always)
+def _bias_act_backward_torch(grad_y, x, bias, activation, dim, negative_slope):
+    x = memory.dense(x)
+    z = x if bias is None else x + _broadcast_bias(bias, x, dim)
+    grad_z = torch_activation_backward(grad_y, z, activation, negative_slope)
+    grad_x = torch.empty_like(x).copy_(grad_z)
+    if bias is None:
+        return grad_x, x.new_empty((0,))
+    other_dims = [d for d in range(x.dim()) if d != dim % x.dim()]
+    grad_bias = grad_z.sum(other_dims, dtype=torch.float32).to(bias.dtype) if other_dims else grad_z.clone()
+    return grad_x, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops: what torch.compile, torch.export and autograd see.
+
+@torch.library.custom_op("bigkern::bias_act", mutates_args=())
+def bias_act_op(x: Tensor, bias: Optional[Tensor], activation: int, dim: int, negative_slope: float) -> Tensor:
+    return BIAS_ACT(x, bias, activation, dim, negative_slope)
+
+
+@bias_act_op.register_fake
+def _(x, bias, activation, dim, negative_slope):
+    return torch.empty_like(memory.dense(x))
+
+
+@torch.library.custom_op("bigkern::bias_act_backward", mutates_args=())
+def bias_act_backward_op(grad_y: Tensor, x: Tensor, bias: Optional[Tensor], activation: int, dim: int,
+                         negative_slope: float) -> tuple[Tensor, Tensor]:
+    return BIAS_ACT_BACKWARD(grad_y, x, bias, activation, dim, negative_slope)
+
+
+@bias_act_backward_op.register_fake
+def _(grad_y, x, bias, activation, dim, negative_slope):
+    return torch.empty_like(memory.dense(x)), x.new_empty((0 if bias is None else bias.numel(),))
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, activation, dim, negative_slope = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.args = (activation, dim, negative_slope)
+
+
+def _backward(ctx, grad_y):
+    x, bias = ctx.saved_tensors
+    grad_x, grad_bias = bias_act_backward_op(grad_y, x, bias, *ctx.args)
+    return grad_x, (grad_bias if bias is not None else None), None, None, None
+
+
+bias_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python entry point: validates like torch, then calls the registered op.
+
+def check_bias_act_args(x, bias, dim):
+    """Raise what torch raises for bad input, naming the argument; returns dim made non-negative."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"bias_act(): argument 'input' must be Tensor, not {type(x).__name__}")
+    if not x.is_floating_point():
+        raise RuntimeError(f"bias_act(): argument 'input' must be a floating-point tensor, not {x.dtype}")
+    ndim = max(x.dim(), 1)
+    if not -ndim <= dim < ndim:
+        raise IndexError(f"bias_act(): argument 'dim' is out of range (expected to be in range of "
+                         f"[{-ndim}, {ndim - 1}], but got {dim})")
+    dim %= ndim
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias_act(): argument 'bias' must be Tensor, not {type(bias).__name__}")
+        if bias.device != x.device:
+            raise RuntimeError(f"bias_act(): expected argument 'bias' on the same device as 'input' "
+                               f"({x.device}), but it is on {bias.device}")
+        if bias.dtype != x.dtype:
+            raise RuntimeError(f"bias_act(): expected argument 'bias' to have the dtype of 'input' "
+                               f"({x.dtype}), but got {bias.dtype}")
+        expected = x.shape[dim] if x.dim() else 1
+        if bias.dim() != 1 or bias.numel() != expected:
+            raise RuntimeError(f"bias_act(): argument 'bias' must have shape ({expected},) to match "
+                               f"'input' along dim {dim}, but got {tuple(bias.shape)}")
+    return dim
+
+
+def _prepare(x, bias=None, activation="relu", *, dim=-1, negative_slope=0.01):
+    dim = check_bias_act_args(x, bias, dim)
+    if x.dim() == 0:
+        x = x.reshape(1)
+    return (x, bias, activation_code(activation), dim, float(negative_slope)), {}
+
+
+@dispatch.entry_point(BIAS_ACT, _prepare)
+def bias_act(x: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "relu", *,
+             dim: int = -1, negative_slope: float = 0.01) -> Tensor:
+    """act(x + bias) with bias broadcast along `dim`, fused forward and backward.
+
+    activation: "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "leaky_relu" (with
+    negative_slope) or None. The result has x's memory layout, as torch's `x + bias` would.
+    """
+    args, _ = _prepare(x, bias, activation, dim=dim, negative_slope=negative_slope)
+    y = bias_act_op(*args)
+    return y.view(()) if x.dim() == 0 else y

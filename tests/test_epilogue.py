@@ -1,0 +1,184 @@
+"""bias_act (bigkern/ops/epilogue.py): every backend against a float64 reference, forward and backward."""
+
+import pytest
+import torch
+
+import bigkern
+from bigkern import memory
+from bigkern.nn import functional as F
+from bigkern.ops import epilogue
+from bigkern.testing import (assert_close, assert_gradients_close, fp64_copy, make_tensor, same_dtype_copy)
+from conftest import DEVICE
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ACTIVATIONS = list(epilogue.ACTIVATIONS)
+
+# (shape, dim, layout): odd sizes, each storage walk the kernels know.
+CASES = [
+    ((7, 33), -1, "contiguous"),  # channels innermost: columns are channels
+    ((300, 7), 1, "contiguous"),  # several row blocks per program, several programs
+    ((129,), 0, "contiguous"),
+    ((1,), 0, "contiguous"),
+    ((2, 5, 7, 3), 1, "contiguous"),  # NCHW: a row per (n, c)
+    ((2, 5, 7, 3), 1, "channels_last"),  # NHWC storage: channels innermost
+    ((2, 3, 2100), 1, "contiguous"),  # rows longer than one column block
+    ((4, 7), 0, "transposed"),  # dense, but not contiguous
+    ((3, 33, 4), 1, "strided"),  # not dense: copied first
+    ((5, 1, 3), 1, "contiguous"),  # one channel
+    ((3, 1, 1001), 1, "contiguous"),  # one channel, more elements than a row of the chunked walk
+]
+
+
+def reference(x, bias, activation, dim, negative_slope=0.01):
+    """torch's own composition, in whatever dtype x has."""
+    z = x if bias is None else x + epilogue._broadcast_bias(bias, x, dim % x.dim())
+    return epilogue.torch_activation(z, epilogue.activation_code(activation), negative_slope)
+
+
+def check_against_reference(x, bias, activation, dim, negative_slope=0.01):
+    y = F.bias_act(x, bias, activation, dim=dim, negative_slope=negative_slope)
+    grad_y = make_tensor(y.shape, y.dtype, y.device)
+    y.backward(grad_y)
+
+    x64, b64 = fp64_copy(x), fp64_copy(bias)
+    y64 = reference(x64, b64, activation, dim, negative_slope)
+    y64.backward(grad_y.double().cpu())
+
+    xt, bt = same_dtype_copy(x), same_dtype_copy(bias)
+    yt = reference(xt, bt, activation, dim, negative_slope)
+    yt.backward(grad_y)
+
+    assert_close(y, y64, yt)
+    assert y.stride() == yt.stride(), "output memory layout differs from torch's"
+    # grad_x = grad_y * act'(z): its rounding scales with grad_y (act' may cancel to near 0)
+    grad_scale = grad_y.abs().max().item() if grad_y.numel() else None
+    assert_gradients_close([x.grad], [x64.grad], [xt.grad], ["input"], scales=[grad_scale])
+    if bias is not None:
+        # grad_bias sums grad_x over every other dim: its rounding scales with the summed terms
+        other_dims = [d for d in range(x.dim()) if d != dim % x.dim()]
+        finite_terms = torch.where(x64.grad.isfinite(), x64.grad, 0).abs()
+        terms = finite_terms.sum(other_dims).max().item() if other_dims else None
+        assert_gradients_close([bias.grad], [b64.grad], [bt.grad], ["bias"], scales=[terms])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape,dim,layout", CASES, ids=lambda c: str(c).replace(" ", ""))
+def test_bias_act_matches_fp64(backend, dtype, activation, shape, dim, layout):
+    x = make_tensor(shape, dtype, DEVICE, layout=layout, scale=2.0, requires_grad=True)
+    bias = make_tensor((shape[dim],), dtype, DEVICE, requires_grad=True)
+    check_against_reference(x, bias, activation, dim)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "leaky_relu", "none"])
+@pytest.mark.parametrize("shape", [(9, 17), (3, 1001)])
+def test_without_bias(backend, activation, shape):
+    x = make_tensor(shape, torch.float32, DEVICE, requires_grad=True)
+    check_against_reference(x, None, activation, -1)
+
+
+def test_leaky_relu_slope_and_scalar_input(backend):
+    x = make_tensor((6, 5), torch.float32, DEVICE, requires_grad=True)
+    bias = make_tensor((6,), torch.float32, DEVICE, requires_grad=True)
+    check_against_reference(x, bias, "leaky_relu", 0, negative_slope=0.3)
+    scalar = make_tensor((), torch.float32, DEVICE, requires_grad=True)
+    y = F.bias_act(scalar, None, "tanh")
+    assert y.shape == () and torch.allclose(y, torch.tanh(scalar))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_and_inf_propagate_as_in_torch(backend, activation):
+    x = make_tensor((4, 8), torch.float32, DEVICE, requires_grad=True)
+    with torch.no_grad():
+        x[0, 1], x[1, 2], x[2, 3] = float("nan"), float("inf"), float("-inf")
+    bias = make_tensor((8,), torch.float32, DEVICE, requires_grad=True)
+    check_against_reference(x, bias, activation, -1)
+
+
+def test_backward_runs_on_the_forced_backend(backend):
+    x = make_tensor((3, 4), torch.float32, DEVICE, requires_grad=True)
+    bias = make_tensor((4,), torch.float32, DEVICE)
+    assert bigkern.explain(epilogue.BIAS_ACT_BACKWARD, x, x, bias, 1, 1, 0.01).backend == backend
+    assert bigkern.explain(F.bias_act, x, bias, "gelu").backend == backend
+
+
+def test_empty_input(backend):
+    x = torch.empty(0, 5, device=DEVICE, requires_grad=True)
+    bias = make_tensor((5,), torch.float32, DEVICE, requires_grad=True)
+    y = F.bias_act(x, bias, "relu")
+    y.sum().backward()
+    assert y.shape == (0, 5) and torch.equal(bias.grad, torch.zeros(5, device=DEVICE))
+
+
+@pytest.mark.parametrize("op_backend", ["triton", "torch"])
+def test_opcheck(op_backend):
+    from conftest import backend_skip_reason
+
+    if backend_skip_reason(op_backend):
+        pytest.skip(backend_skip_reason(op_backend))
+    x = make_tensor((5, 6, 3), torch.float32, DEVICE, requires_grad=True)
+    bias = make_tensor((6,), torch.float32, DEVICE, requires_grad=True)
+    # guard bands give outputs a storage offset that fake tensors (rightly) do not have
+    with bigkern.use_backend(op_backend), memory.poisoned_outputs(False):
+        torch.library.opcheck(torch.ops.bigkern.bias_act.default, (x, bias, 2, 1, 0.01))
+        torch.library.opcheck(torch.ops.bigkern.bias_act_backward.default,
+                              (make_tensor((5, 6, 3), device=DEVICE), x.detach(), bias.detach(), 2, 1, 0.01))
+
+
+def test_torch_compile_fullgraph_and_export():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            return F.bias_act(x * 2, self.bias, "silu", dim=1).sum(dim=1)
+
+    model = Block()
+    x = make_tensor((3, 6, 5))
+    expected = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected)
+    exported = torch.export.export(model, (x,))
+    assert any("bigkern.bias_act" in str(node.target) for node in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input gets torch's exception types, naming the argument.
+
+def test_bad_input():
+    x = make_tensor((4, 6))
+    with pytest.raises(RuntimeError, match="'bias'"):
+        F.bias_act(x, make_tensor((5,)), "relu")
+    with pytest.raises(RuntimeError, match="'bias'"):
+        F.bias_act(x, make_tensor((6,), torch.float64), "relu")
+    with pytest.raises(RuntimeError, match="'bias'"):
+        F.bias_act(x, torch.empty(6, device="meta"), "relu")
+    with pytest.raises(RuntimeError, match="'input'"):
+        F.bias_act(torch.ones(4, 6, dtype=torch.int64), None, "relu")
+    with pytest.raises(IndexError, match="'dim'"):
+        F.bias_act(x, make_tensor((6,)), "relu", dim=2)
+    with pytest.raises(ValueError, match="activation"):
+        F.bias_act(x, None, "swish")
+    with pytest.raises(TypeError, match="'input'"):
+        F.bias_act([1.0, 2.0], None, "relu")
+
+
+def test_activation_codes_agree_across_languages():
+    from bigkern import _ext
+
+    if triton_ok():
+        from bigkern.kernels import epilogue as kernels
+
+        for name, code in epilogue.ACTIVATIONS.items():
+            assert getattr(kernels, name.upper()).value == code
+    if _ext.extension() is None:
+        pytest.skip(f"bigkern._C: {_ext.unavailable_reason()}")
+    assert _ext.extension().activation_codes() == epilogue.ACTIVATIONS
+
+
+def triton_ok():
+    from bigkern.dispatch import triton_unavailable
+
+    return triton_unavailable() is None

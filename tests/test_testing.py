@@ -1,0 +1,85 @@
+"""The verification helpers must be able to fail: each check here feeds them a wrong answer."""
+
+import pytest
+import torch
+
+from bigkern import memory, testing
+
+
+def test_compare_passes_a_correct_result():
+    ref = torch.randn(100, dtype=torch.float64)
+    assert testing.compare(ref.float(), ref, ref.float()).ok
+
+
+def test_compare_fails_a_wrong_result():
+    ref = torch.randn(100, dtype=torch.float64)
+    wrong = ref.float().clone()
+    wrong[17] += 1e-3
+    assert not testing.compare(wrong, ref, ref.float()).ok
+
+
+def test_compare_scales_with_torch_error():
+    ref = torch.randn(100, dtype=torch.float64)
+    noise = 1e-6 * torch.randn(100, dtype=torch.float64)
+    torch_result = ref + noise
+    assert testing.compare(ref + 1.9 * noise, ref, torch_result).ok
+    assert not testing.compare(ref + 2.1 * noise, ref, torch_result).ok
+    assert testing.compare(ref + 2.9 * noise, ref, torch_result, factor=3.0).ok
+
+
+def test_compare_fails_unwritten_nan_and_misplaced_nan():
+    ref = torch.randn(10, dtype=torch.float64)
+    poisoned = ref.float().clone()
+    poisoned[3] = float("nan")
+    result = testing.compare(poisoned, ref, ref.float())
+    assert not result.ok and "non-finite" in result.detail
+    ref[4] = float("nan")
+    result = testing.compare(ref.float().nan_to_num(0.0), ref, ref.float())
+    assert not result.ok and "NaN" in result.detail
+
+
+def test_compare_fails_wrong_shape():
+    ref = torch.randn(4, 5, dtype=torch.float64)
+    assert not testing.compare(ref.float().t(), ref, ref.float()).ok
+
+
+def test_poisoned_outputs_fill_with_nan():
+    with memory.poisoned_outputs(True):
+        assert memory.empty((5,), dtype=torch.float32, device="cpu").isnan().all()
+        assert (memory.empty((5,), dtype=torch.int32, device="cpu") == torch.iinfo(torch.int32).max).all()
+
+
+def test_guard_bands_catch_out_of_bounds_writes():
+    with memory.poisoned_outputs(True):
+        memory.check_guards()
+        y = memory.empty_like(torch.randn(4, 5).t())
+        assert y.stride() == (1, 5) and y.isnan().all()
+        y.fill_(3.0)  # every element in bounds: fine
+        memory.check_guards()
+        y = memory.empty_like(torch.randn(4, 5).t())
+        y.as_strided((21,), (1,), y.storage_offset())[-1] = 1.0  # one element past the end
+        with pytest.raises(AssertionError, match="out of bounds"):
+            memory.check_guards()
+        z = memory.empty((3,), dtype=torch.float16, device="cpu")
+        z.as_strided((1,), (1,), z.storage_offset() - 1)[0] = 2.0  # one element before the start
+        with pytest.raises(AssertionError, match="out of bounds"):
+            memory.check_guards()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "strided"])
+def test_make_tensor_layouts_are_random_and_as_asked(layout):
+    t = testing.make_tensor((2, 3, 5, 7), layout=layout)
+    assert t.shape == (2, 3, 5, 7) and t.std() > 0.5 and (t != 0).all()
+    assert memory.is_dense(t) == (layout != "strided")
+    if layout == "channels_last":
+        assert t.is_contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        assert not t.is_contiguous()
+
+
+def test_is_dense():
+    x = torch.randn(4, 6, 5)
+    assert memory.is_dense(x) and memory.is_dense(x.transpose(0, 2)) and memory.is_dense(x[:1])
+    assert not memory.is_dense(x[:, ::2]) and not memory.is_dense(x[:, :3]) and not memory.is_dense(x[:, :1])
+    assert memory.is_dense(torch.randn(3, 1, 4)[:, :, :].expand(3, 1, 4))
+    assert not memory.is_dense(torch.randn(3, 1).expand(3, 4))
