@@ -148,12 +148,14 @@ def cuda_extensions():
 
 
 ext_modules, cmdclass = cuda_extensions()
+# the benchmark shapes travel inside the package too, for `bigkern bench` outside a checkout
+shutil.copyfile(ROOT / "bench" / "shapes.json", ROOT / "bigkern" / "benchmark" / "shapes.json")
 
 setup(
     version=VERSION,
-    packages=["bigkern", "bigkern.ops", "bigkern.nn", "bigkern.kernels"],
+    packages=["bigkern", "bigkern.ops", "bigkern.nn", "bigkern.kernels", "bigkern.benchmark"],
     package_dir={"bigkern": "bigkern", "bigkern.kernels": "kernels"},
-    package_data={"bigkern": ["shapes.json"]},
+    package_data={"bigkern.benchmark": ["shapes.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

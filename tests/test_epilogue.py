@@ -7,7 +7,7 @@ import bigkern
 from bigkern import memory
 from bigkern.nn import functional as F
 from bigkern.ops import epilogue
-from bigkern.testing import (assert_close, assert_gradients_close, fp64_copy, make_tensor, same_dtype_copy)
+from bigkern.testing import make_tensor
 from conftest import DEVICE
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -29,36 +29,9 @@ CASES = [
 ]
 
 
-def reference(x, bias, activation, dim, negative_slope=0.01):
-    """torch's own composition, in whatever dtype x has."""
-    z = x if bias is None else x + epilogue._broadcast_bias(bias, x, dim % x.dim())
-    return epilogue.torch_activation(z, epilogue.activation_code(activation), negative_slope)
-
-
 def check_against_reference(x, bias, activation, dim, negative_slope=0.01):
-    y = F.bias_act(x, bias, activation, dim=dim, negative_slope=negative_slope)
-    grad_y = make_tensor(y.shape, y.dtype, y.device)
-    y.backward(grad_y)
-
-    x64, b64 = fp64_copy(x), fp64_copy(bias)
-    y64 = reference(x64, b64, activation, dim, negative_slope)
-    y64.backward(grad_y.double().cpu())
-
-    xt, bt = same_dtype_copy(x), same_dtype_copy(bias)
-    yt = reference(xt, bt, activation, dim, negative_slope)
-    yt.backward(grad_y)
-
-    assert_close(y, y64, yt)
-    assert y.stride() == yt.stride(), "output memory layout differs from torch's"
-    # grad_x = grad_y * act'(z): its rounding scales with grad_y (act' may cancel to near 0)
-    grad_scale = grad_y.abs().max().item() if grad_y.numel() else None
-    assert_gradients_close([x.grad], [x64.grad], [xt.grad], ["input"], scales=[grad_scale])
-    if bias is not None:
-        # grad_bias sums grad_x over every other dim: its rounding scales with the summed terms
-        other_dims = [d for d in range(x.dim()) if d != dim % x.dim()]
-        finite_terms = torch.where(x64.grad.isfinite(), x64.grad, 0).abs()
-        terms = finite_terms.sum(other_dims).max().item() if other_dims else None
-        assert_gradients_close([bias.grad], [b64.grad], [bt.grad], ["bias"], scales=[terms])
+    for comparison in epilogue.compare_with_reference(x, bias, activation, dim, negative_slope):
+        assert comparison.ok, str(comparison)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

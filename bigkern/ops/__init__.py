@@ -1,4 +1,7 @@
 """Registered ops (torch.library), their autograd, fake implementations, and per-backend
 implementations with the reasons each cannot serve a call. Importing this package registers them."""
 
-from bigkern.ops import epilogue  # noqa: F401
+from bigkern.ops import epilogue
+
+# family name -> module with verification_cases(device, dtype), for `bigkern verify`
+FAMILIES = {"epilogue": epilogue}

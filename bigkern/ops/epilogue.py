@@ -293,3 +293,61 @@ def bias_act(x: Tensor, bias: Optional[Tensor] = None, activation: Optional[str]
     args, _ = _prepare(x, bias, activation, dim=dim, negative_slope=negative_slope)
     y = bias_act_op(*args)
     return y.view(()) if x.dim() == 0 else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification against float64, shared by tests/test_epilogue.py and `bigkern verify`.
+
+def reference(x, bias, activation, dim, negative_slope=0.01):
+    """torch's own composition act(x + bias), in whatever dtype x has."""
+    z = x if bias is None else x + _broadcast_bias(bias, x, dim % x.dim())
+    return torch_activation(z, activation_code(activation), negative_slope)
+
+
+def compare_with_reference(x, bias, activation, dim, negative_slope=0.01):
+    """Run bias_act forward and backward on leaf tensors x (and bias) with whatever backend is
+    requested; returns the Comparisons of output and gradients against float64."""
+    from bigkern import testing
+
+    y = bias_act(x, bias, activation, dim=dim, negative_slope=negative_slope)
+    grad_y = testing.make_tensor(y.shape, y.dtype, y.device)
+    y.backward(grad_y)
+
+    x64, b64 = testing.fp64_copy(x), testing.fp64_copy(bias)
+    y64 = reference(x64, b64, activation, dim, negative_slope)
+    y64.backward(grad_y.double().cpu())
+    xt, bt = testing.same_dtype_copy(x), testing.same_dtype_copy(bias)
+    yt = reference(xt, bt, activation, dim, negative_slope)
+    yt.backward(grad_y)
+
+    results = [testing.compare(y, y64, yt)]
+    if y.stride() != yt.stride():
+        results.append(testing.Comparison("layout", 0, 0, 0, False, f"strides {y.stride()}, torch {yt.stride()}"))
+    # grad_x = grad_y * act'(z): its rounding scales with grad_y (act' may cancel to near 0)
+    grad_scale = grad_y.abs().max().item() if grad_y.numel() else None
+    results.append(testing.compare(x.grad, x64.grad, xt.grad, name="grad input",
+                                   factor=testing.GRADIENT_FACTOR, scale=grad_scale))
+    if bias is not None:
+        # grad_bias sums grad_x over every other dim: its rounding scales with the summed terms
+        other_dims = [d for d in range(x.dim()) if d != dim % x.dim()]
+        finite_terms = torch.where(x64.grad.isfinite(), x64.grad, 0).abs()
+        terms = finite_terms.sum(other_dims).max().item() if other_dims else None
+        results.append(testing.compare(bias.grad, b64.grad, bt.grad, name="grad bias",
+                                       factor=testing.GRADIENT_FACTOR, scale=terms))
+    return results
+
+
+def verification_cases(device, dtype):
+    """(description, thunk returning Comparisons) on fresh random inputs: what `bigkern verify` runs."""
+    from bigkern import testing
+
+    shapes = [((7, 33), -1, "contiguous"), ((2, 5, 7, 3), 1, "contiguous"), ((2, 5, 7, 3), 1, "channels_last")]
+    if device != "cpu":
+        shapes += [((8, 64, 56, 56), 1, "channels_last"), ((4096, 1027), -1, "contiguous")]
+    for activation in ACTIVATIONS:
+        for shape, dim, layout in shapes:
+            def run(shape=shape, dim=dim, layout=layout, activation=activation):
+                x = testing.make_tensor(shape, dtype, device, layout=layout, scale=2.0, requires_grad=True)
+                bias = testing.make_tensor((shape[dim],), dtype, device, requires_grad=True)
+                return compare_with_reference(x, bias, activation, dim)
+            yield f"{activation} {shape} dim={dim} {layout}", run

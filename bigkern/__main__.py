@@ -1,0 +1,5 @@
+import sys
+
+from bigkern.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""bigkern's benchmark suite: `bigkern bench` (also run by `make bench` and `make gpu-check`).
+
+    bigkern bench [--family F ...] [--quick] [--dtype D ...] [--results DIR]
+    bigkern bench report [--results DIR] [--readme README.md]
+
+Each family's cases live in bigkern/benchmark/<family>.py; shapes come from bench/shapes.json.
+Without a GPU, `bigkern bench` verifies the kernels instead (timings need a GPU); `--cpu` times
+on the CPU anyway, which only tests the harness.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+SUITES = {"epilogue": "bigkern.benchmark.epilogue"}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def default_results_dir() -> Path:
+    bench = REPO / "bench"
+    return bench / "results" if bench.is_dir() else Path.cwd() / "bench-results"
+
+
+def load_shapes(path=None) -> dict:
+    """bench/shapes.json of the source tree, else the copy packaged at build time."""
+    candidates = [path, os.environ.get("BIGKERN_SHAPES"), REPO / "bench" / "shapes.json",
+                  Path(__file__).with_name("shapes.json")]
+    for candidate in candidates:
+        if candidate and Path(candidate).exists():
+            return json.loads(Path(candidate).read_text())
+    raise FileNotFoundError("bench/shapes.json not found (set BIGKERN_SHAPES)")
+
+
+def _progress(total):
+    try:
+        from rich.progress import Progress
+
+        progress = Progress(transient=False)
+        task = progress.add_task("benchmarking", total=total)
+        return progress, lambda description: progress.update(task, advance=1, description=description)
+    except ImportError:
+        class Plain:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+        done = [0]
+
+        def advance(description):
+            done[0] += 1
+            print(f"[{done[0]}/{total}] {description}", flush=True)
+        return Plain(), advance
+
+
+def run(args) -> int:
+    import torch
+
+    from bigkern.benchmark import harness, report
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.cpu:
+        print("bigkern bench: no GPU here, so no timings (they need a GPU: run `make gpu-check` on one).\n"
+              "Verifying every kernel on the CPU instead (Triton in the interpreter):\n", flush=True)
+        from bigkern import cli
+
+        return cli.main(["verify"])
+    dtypes = [getattr(torch, d) for d in (args.dtype or (["bfloat16"] if device == "cuda" else ["float32"]))]
+    shapes = load_shapes(args.shapes)
+    timer = harness.default_timer(args.quick) if device == "cuda" else harness.CpuTimer(1, 3 if args.quick else 5)
+    families = args.family or list(SUITES)
+    cases = [case for family in families
+             for case in importlib.import_module(SUITES[family]).cases(shapes, device, dtypes, args.quick)]
+    if args.limit:
+        cases = cases[: args.limit]
+    env = harness.environment()
+    print(f"bigkern bench on {env['device']}: {len(cases)} cases; measuring ceilings first", flush=True)
+    ceilings = harness.measure_ceilings(timer, device, args.quick)
+    print(f"ceilings: matmul {ceilings.matmul_tflops:.1f} TFLOP/s, copy {ceilings.copy_gbps:.0f} GB/s", flush=True)
+    rows = []
+    only = set(args.provider) if args.provider else None
+    progress, advance = _progress(len(cases))
+    with progress:
+        for case in cases:
+            rows += harness.run_case(case, timer, ceilings, only)
+            advance(f"{case.family} {case.name} {case.mode}")
+    path = harness.write_results(args.results, env, ceilings, rows, timer.name, args.quick)
+    document = json.loads(path.read_text())
+    print(f"\nwrote {path} and {path.with_suffix('.csv')}\n")
+    print(report.markdown(document))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from bigkern.cli import _prepare_environment
+
+    _prepare_environment()
+    if argv[:1] == ["report"]:
+        parser = argparse.ArgumentParser(prog="bigkern bench report")
+        parser.add_argument("--results", type=Path, default=default_results_dir())
+        parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+        args = parser.parse_args(argv[1:])
+        from bigkern.benchmark import report
+
+        return report.main(args.results, args.readme)
+    parser = argparse.ArgumentParser(prog="bigkern bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", nargs="+", choices=list(SUITES))
+    parser.add_argument("--quick", action="store_true", help="the quick subset, shorter timing")
+    parser.add_argument("--dtype", nargs="+", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--provider", nargs="+", help="only these providers (e.g. bigkern-triton torch-eager)")
+    parser.add_argument("--results", type=Path, help="results directory (default: bench/results; with --cpu, "
+                        "a temporary one: CPU timings are never figures to keep)")
+    parser.add_argument("--shapes", type=Path, help="shapes file (default: bench/shapes.json)")
+    parser.add_argument("--limit", type=int, help="only the first N cases")
+    parser.add_argument("--cpu", action="store_true", help="time on the CPU (tests the harness; no real figures)")
+    args = parser.parse_args(argv)
+    if args.results is None:
+        import tempfile
+
+        args.results = Path(tempfile.gettempdir()) / "bigkern-bench-cpu" if args.cpu else default_results_dir()
+    return run(args)

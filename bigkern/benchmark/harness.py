@@ -1,0 +1,268 @@
+"""The benchmark harness every family's suite shares: timing, ceilings, results and reports.
+
+Rules it enforces (see bench/NOTES.md for the numbers it produced):
+  * every provider of a case -- each bigkern backend and each baseline -- runs in the same process,
+    on the same inputs, one after another;
+  * GPU timing uses CUDA events through triton.testing.do_bench (warm-up, then repeats for a fixed
+    time, L2 flushed before each repeat), reporting the median and the 20th/80th percentiles;
+  * inputs are random normal, never zeros;
+  * each run first measures the machine's own ceilings (bf16 matmul TFLOP/s, device copy GB/s),
+    and each result is reported as a fraction of them and as a speedup over each baseline.
+A CPU timer stands in where there is no GPU, so the harness itself is tested on CPU.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+@dataclasses.dataclass
+class Stats:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+
+    @property
+    def spread(self):
+        """(p80 - p20) / median: how noisy the measurement was."""
+        return (self.p80_ms - self.p20_ms) / self.median_ms if self.median_ms else 0.0
+
+
+def _quantile(sorted_values, q):
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def stats_from_samples(samples_ms):
+    values = sorted(samples_ms)
+    return Stats(statistics.median(values), _quantile(values, 0.2), _quantile(values, 0.8), len(values))
+
+
+class CpuTimer:
+    """Wall-clock timing with perf_counter: for testing the harness, and for CPU providers."""
+
+    name = "cpu-perf_counter"
+
+    def __init__(self, warmup=2, repeats=10):
+        self.warmup, self.repeats = warmup, repeats
+
+    def __call__(self, fn: Callable) -> Stats:
+        for _ in range(self.warmup):
+            fn()
+        samples = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        return stats_from_samples(samples)
+
+
+class CudaTimer:
+    """CUDA-event timing via triton.testing.do_bench: `warmup_ms` of warm-up, then repeats for
+    `rep_ms`, with the L2 cache flushed before each repeat; median and 20/80th percentiles."""
+
+    name = "cuda-events(do_bench)"
+
+    def __init__(self, warmup_ms=25, rep_ms=100):
+        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+
+    def __call__(self, fn: Callable) -> Stats:
+        import triton.testing
+
+        p20, median, p80 = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
+                                                   quantiles=[0.2, 0.5, 0.8])
+        # do_bench picks the repeat count from a first estimate; report it too
+        estimate = max(median, 1e-3)
+        return Stats(median, p20, p80, max(1, int(self.rep_ms / estimate)))
+
+
+def default_timer(quick=False):
+    if torch.cuda.is_available():
+        return CudaTimer(warmup_ms=10 if quick else 25, rep_ms=40 if quick else 100)
+    return CpuTimer(warmup=1 if quick else 2, repeats=3 if quick else 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ceilings: what this machine can do at best, measured, not taken from a datasheet.
+
+@dataclasses.dataclass
+class Ceilings:
+    matmul_tflops: float  # bf16 (fp32 on CPU) square matmul
+    copy_gbps: float  # device-to-device copy, bytes read + written
+    matmul_size: int
+    copy_bytes: int
+
+
+def measure_ceilings(timer, device, quick=False) -> Ceilings:
+    if device == "cuda":
+        n, dtype, copy_bytes = (4096 if quick else 8192), torch.bfloat16, (2**28 if quick else 2**30)
+    else:
+        n, dtype, copy_bytes = 512, torch.float32, 2**24
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    matmul = timer(lambda: torch.mm(a, b))
+    src = torch.randn(copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    copy = timer(lambda: dst.copy_(src))
+    return Ceilings(matmul_tflops=2 * n**3 / (matmul.median_ms * 1e-3) / 1e12,
+                    copy_gbps=2 * copy_bytes / (copy.median_ms * 1e-3) / 1e9,
+                    matmul_size=n, copy_bytes=copy_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases and providers
+
+@dataclasses.dataclass
+class Case:
+    """One shape of one family, with every provider that can run it.
+
+    `providers` maps a provider name ("bigkern-triton", "torch-eager", ...) to a thunk that builds
+    the inputs and returns the function to time (or raises Unavailable with a reason).
+    `flops` and `bytes` are the work of one call: the minimum bytes it must move and the floating
+    point operations it must do, from which TFLOP/s and GB/s follow.
+    """
+
+    family: str
+    name: str
+    params: dict
+    dtype: torch.dtype
+    mode: str  # "forward", "forward+backward", ...
+    flops: float
+    bytes: float
+    providers: dict
+    baselines: tuple = ()  # provider names the speedups are reported against
+    bound: str = "memory"  # which ceiling the case is measured against: "memory" or "compute"
+
+
+class Unavailable(Exception):
+    """A provider cannot run this case on this machine (the message says why)."""
+
+
+def run_case(case: Case, timer, ceilings: Ceilings, only: Optional[set] = None):
+    """Time every provider of `case`; one row per provider (unavailable ones with the reason)."""
+    rows, medians = [], {}
+    for provider, make in case.providers.items():
+        if only and provider not in only:
+            continue
+        row = dict(family=case.family, case=case.name, params=case.params, dtype=str(case.dtype).removeprefix("torch."),
+                   mode=case.mode, provider=provider, flops=case.flops, bytes=case.bytes)
+        try:
+            fn = make()
+            fn()  # compile / autotune / first-call work happens here, outside the timing
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            stats = timer(fn)
+        except Unavailable as reason:
+            row.update(status="unavailable", reason=str(reason))
+            rows.append(row)
+            continue
+        except Exception as error:  # a failing provider is a result too; keep the others going
+            row.update(status="error", reason=f"{type(error).__name__}: {error}"[:500])
+            rows.append(row)
+            continue
+        seconds = stats.median_ms * 1e-3
+        row.update(status="ok", median_ms=stats.median_ms, p20_ms=stats.p20_ms, p80_ms=stats.p80_ms,
+                   repeats=stats.repeats, tflops=case.flops / seconds / 1e12 if case.flops else None,
+                   gbps=case.bytes / seconds / 1e9 if case.bytes else None)
+        if case.bound == "compute" and case.flops:
+            row["fraction_of_ceiling"] = row["tflops"] / ceilings.matmul_tflops
+        elif case.bytes:
+            row["fraction_of_ceiling"] = row["gbps"] / ceilings.copy_gbps
+        medians[provider] = stats.median_ms
+        rows.append(row)
+    for row in rows:
+        if row["status"] == "ok":
+            row["speedup"] = {b: medians[b] / row["median_ms"] for b in case.baselines if b in medians}
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+def git_revision(cwd=None):
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             cwd=cwd or Path(__file__).resolve().parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=cwd or Path(__file__).resolve().parent, timeout=10)
+        rev = out.stdout.strip()
+        return (rev + ("-dirty" if dirty.stdout.strip() else "")) if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment():
+    """Where and with what a result was measured."""
+    import bigkern
+
+    env = dict(
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        host=platform.node(), python=platform.python_version(), torch=torch.__version__,
+        cuda=torch.version.cuda, bigkern=bigkern.__version__, git=git_revision(),
+    )
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(device=props.name, capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+                   sms=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1))
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            env["nvidia_smi"] = smi.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    else:
+        env.update(device=f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    return env
+
+
+def device_slug(device_name: str) -> str:
+    keep = "".join(c if c.isalnum() else "-" for c in device_name.lower())
+    return "-".join(filter(None, keep.split("-")))[:60] or "unknown"
+
+
+def write_results(results_dir: Path, env: dict, ceilings: Ceilings, rows: list, timer_name: str, quick: bool):
+    """bench/results/<device>/<timestamp>-<git>.json and .csv; returns the JSON path."""
+    directory = Path(results_dir) / device_slug(env["device"])
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = env["timestamp"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    stem = directory / f"{stamp}-{env['git']}"
+    document = dict(environment=env, timer=timer_name, quick=quick, ceilings=dataclasses.asdict(ceilings), rows=rows)
+    stem.with_suffix(".json").write_text(json.dumps(document, indent=1, default=str) + "\n")
+    columns = ["family", "case", "dtype", "mode", "provider", "status", "median_ms", "p20_ms", "p80_ms", "tflops",
+               "gbps", "fraction_of_ceiling", "speedup", "reason"]
+    with open(stem.with_suffix(".csv"), "w") as f:
+        f.write(",".join(columns) + "\n")
+        for row in rows:
+            cells = []
+            for c in columns:
+                value = row.get(c, "")
+                if isinstance(value, dict):
+                    value = ";".join(f"{k}={v:.3f}" for k, v in value.items())
+                elif isinstance(value, float):
+                    value = f"{value:.6g}"
+                cells.append('"' + str(value).replace('"', "'") + '"' if "," in str(value) else str(value))
+            f.write(",".join(cells) + "\n")
+    return stem.with_suffix(".json")

@@ -1,0 +1,186 @@
+"""Render stored results: markdown tables, PNG plots, and the README's generated sections.
+
+Nothing here is written by hand: `bigkern bench report` regenerates the README between the
+`<!-- results:start -->`/`<!-- results:end -->` and `<!-- verification:start -->`/`...end -->`
+markers from the JSON under bench/results/.
+"""
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def newest_results(results_dir: Path):
+    """{device directory name: newest benchmark document in it}."""
+    found = {}
+    for directory in sorted(Path(results_dir).iterdir()) if Path(results_dir).exists() else []:
+        if not directory.is_dir() or directory.name == "verification":
+            continue
+        files = sorted(directory.glob("*.json"))
+        if files:
+            found[directory.name] = json.loads(files[-1].read_text()) | {"_path": str(files[-1])}
+    return found
+
+
+def _fmt(value, spec=".3g"):
+    return "—" if value is None else format(value, spec)
+
+
+def grouped(document):
+    """{(family, case, dtype, mode): {provider: row}} in the order the cases ran."""
+    groups = defaultdict(dict)
+    for row in document["rows"]:
+        groups[(row["family"], row["case"], row["dtype"], row["mode"])][row["provider"]] = row
+    return groups
+
+
+def best_bigkern(providers):
+    ok = {name: row for name, row in providers.items() if name.startswith("bigkern-") and row["status"] == "ok"}
+    if not ok:
+        return None, None
+    name = min(ok, key=lambda n: ok[n]["median_ms"])
+    return name, ok[name]
+
+
+def markdown(document) -> str:
+    """One table per family: each case's best bigkern backend, the baselines, speedups, and the
+    fraction of the machine's ceiling achieved."""
+    env = document["environment"]
+    ceilings = document["ceilings"]
+    lines = [f"Measured on **{env['device']}** ({env.get('timestamp', '?')}, git {env.get('git', '?')}; "
+             f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}), timer "
+             f"{document['timer']}{', quick run' if document.get('quick') else ''}. Ceilings measured in the "
+             f"same run: matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbps']:.0f} GB/s.", ""]
+    by_family = defaultdict(list)
+    for key, providers in grouped(document).items():
+        by_family[key[0]].append((key, providers))
+    for family, entries in by_family.items():
+        baselines = []
+        for _, providers in entries:
+            for name in providers:
+                if not name.startswith("bigkern-") and name not in baselines:
+                    baselines.append(name)
+        header = ["case", "dtype", "mode", "bigkern (best)", "ms"] + [f"{b} ms" for b in baselines] + \
+                 [f"vs {b}" for b in baselines] + ["of ceiling"]
+        lines += [f"### {family}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for (fam, case, dtype, mode), providers in entries:
+            name, best = best_bigkern(providers)
+            cells = [case, dtype, mode, name.removeprefix("bigkern-") if name else "none ran",
+                     _fmt(best["median_ms"]) if best else "—"]
+            for b in baselines:
+                row = providers.get(b)
+                cells.append(_fmt(row["median_ms"]) if row and row["status"] == "ok" else "—")
+            for b in baselines:
+                row = providers.get(b)
+                ok = best and row and row["status"] == "ok"
+                cells.append(f"{row['median_ms'] / best['median_ms']:.2f}x" if ok else "—")
+            fraction = best.get("fraction_of_ceiling") if best else None
+            cells.append(f"{fraction:.0%}" if fraction is not None else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+        failed = [(case, p, r.get("reason", "")) for (_, case, _, _), ps in entries for p, r in ps.items()
+                  if r["status"] == "error"]
+        if failed:
+            lines += ["", "Providers that failed: " + "; ".join(f"{p} on {c}: {r[:120]}" for c, p, r in failed)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(document, directory: Path):
+    """PNG per family and dtype: speedup of the best bigkern backend over each baseline, per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    series = defaultdict(lambda: defaultdict(list))  # (family, dtype) -> baseline -> [(label, speedup)]
+    for (family, case, dtype, mode), providers in grouped(document).items():
+        _, best = best_bigkern(providers)
+        if not best:
+            continue
+        for name, row in providers.items():
+            if not name.startswith("bigkern-") and row["status"] == "ok":
+                series[(family, dtype)][name].append((f"{case}\n{mode}", row["median_ms"] / best["median_ms"]))
+    for (family, dtype), by_baseline in series.items():
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * max(len(v) for v in by_baseline.values())), 4))
+        for baseline, points in by_baseline.items():
+            ax.plot(range(len(points)), [s for _, s in points], marker="o", label=f"vs {baseline}")
+        labels = next(iter(by_baseline.values()))
+        ax.set_xticks(range(len(labels)), [label for label, _ in labels], rotation=60, ha="right", fontsize=6)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_ylabel("speedup of bigkern (best backend)")
+        ax.set_title(f"{family}, {dtype}, {document['environment']['device']}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(directory) / f"{family}-{dtype}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification status: which op x backend x dtype is verified where.
+
+def verification_documents(results_dir: Path):
+    directory = Path(results_dir) / "verification"
+    return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))] if directory.exists() else []
+
+
+def verification_markdown(documents, benchmarked) -> str:
+    """A table of op x backend x dtype: where it was verified (and when), and whether it is benchmarked."""
+    if not documents:
+        return "No verification results stored yet (`bigkern verify --save bench/results`)."
+    cells = defaultdict(list)
+    for document in documents:
+        where = document["environment"]["device"]
+        when = document["environment"]["timestamp"][:10]
+        for row in document["rows"]:
+            if row["status"] == "skipped":
+                continue
+            mark = "✓" if row["status"] == "ok" else "✗"
+            cells[(row["op"], row["backend"], row["dtype"])].append(f"{mark} {where} ({when}, {row['passed']})")
+    lines = ["| op | backend | dtype | verified | benchmarked |", "|---|---|---|---|---|"]
+    for (op, backend, dtype), places in sorted(cells.items()):
+        bench = ", ".join(sorted(benchmarked.get((op, backend, dtype), []))) or "not yet"
+        lines.append(f"| {op} | {backend} | {dtype} | {'<br>'.join(places)} | {bench} |")
+    return "\n".join(lines)
+
+
+def _replace_between(text, start, end, body):
+    if start not in text or end not in text:
+        return text
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def update_readme(readme: Path, results_dir: Path):
+    documents = newest_results(results_dir)
+    benchmarked = defaultdict(set)
+    sections = []
+    for device, document in documents.items():
+        for row in document["rows"]:
+            if row["status"] == "ok" and row["provider"].startswith("bigkern-"):
+                benchmarked[(row["family"], row["provider"].removeprefix("bigkern-"), row["dtype"])].add(
+                    document["environment"]["device"])
+        sections.append(f"#### {document['environment']['device']}\n\n" + markdown(document))
+    results_body = "\n".join(sections) if sections else "No GPU results stored yet: timings need a GPU (`make gpu-check`)."
+    text = readme.read_text()
+    text = _replace_between(text, "<!-- results:start -->", "<!-- results:end -->", results_body)
+    text = _replace_between(text, "<!-- verification:start -->", "<!-- verification:end -->",
+                            verification_markdown(verification_documents(results_dir), benchmarked))
+    readme.write_text(text)
+
+
+def main(results_dir: Path, readme: Path = None):
+    for device, document in newest_results(results_dir).items():
+        directory = Path(document["_path"]).parent
+        (directory / "REPORT.md").write_text(markdown(document) + "\n")
+        for path in plot(document, directory):
+            print(f"wrote {path}")
+        print(f"wrote {directory / 'REPORT.md'}")
+    if readme is not None and Path(readme).exists():
+        update_readme(Path(readme), results_dir)
+        print(f"updated {readme}")
+    return 0

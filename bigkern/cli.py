@@ -1,0 +1,195 @@
+"""`bigkern` command line (also `python -m bigkern`).
+
+    bigkern info                  versions, GPU, which backends are built and usable here, and why not
+    bigkern verify [--op NAME]    every registered op against its float64 reference; a table
+    bigkern bench [...]           the benchmark suite (see `bigkern bench --help`)
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+
+def _prepare_environment():
+    """Without a GPU, Triton kernels can only run in the interpreter; it must be chosen before
+    any kernel module is imported."""
+    if "TRITON_INTERPRET" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+
+def info_lines():
+    import torch
+
+    import bigkern
+    from bigkern import _ext, dispatch
+
+    lines = [f"bigkern {bigkern.__version__}  (python {platform.python_version()}, {platform.machine()})"]
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    lines.append(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), triton {triton_version}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            props = torch.cuda.get_device_properties(i)
+            lines.append(f"GPU {i}: {props.name}, compute capability {major}.{minor}, "
+                         f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB")
+    else:
+        lines.append("GPU: none visible to torch (kernels can be verified on CPU; timings need a GPU)")
+
+    build = _ext.build_info()
+    if build is None:
+        lines.append("build: not built (a source tree; run `pip install --no-build-isolation -e .`)")
+    elif build.cuda_built:
+        lines.append(f"build: bigkern._C for CUDA {build.cuda_version}, archs {build.cuda_archs}, against torch "
+                     f"{build.torch_version}, git {build.git_revision}")
+    else:
+        lines.append(f"build: no CUDA extension ({build.skipped_reason}), git {build.git_revision}")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    probe = torch.empty(1, device=device)
+    reasons = {
+        "triton": dispatch.triton_unsupported(probe),
+        "cuda": dispatch.cuda_unsupported(probe),
+        "torch": None,
+    }
+    lines.append(f"backends on {device} tensors (requested: {dispatch.requested_backend()}, "
+                 f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}):")
+    for backend, reason in reasons.items():
+        lines.append(f"  {backend:<7}{'usable' if reason is None else 'unusable: ' + reason}")
+    if _ext.extension() is not None and not torch.cuda.is_available():
+        lines.append("  (bigkern._C is built and loaded; its kernels need a GPU to run)")
+    lines.append("ops: " + ", ".join(sorted(dispatch.REGISTRY)))
+    return lines
+
+
+def cmd_info(args):
+    print("\n".join(info_lines()))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+
+def verify_rows(families, backends, dtypes, device):
+    """Run every verification case; (rows, failure messages)."""
+    import torch
+
+    from bigkern import dispatch, memory, testing
+
+    probe = torch.empty(1, device=device)
+    usable = {"triton": dispatch.triton_unsupported(probe), "cuda": dispatch.cuda_unsupported(probe), "torch": None}
+    rows, failures = [], []
+    for family, module in families.items():
+        for backend in backends:
+            if usable[backend]:
+                rows.append(dict(op=family, backend=backend, dtype="-", passed="-", status="skipped",
+                                 detail=usable[backend]))
+                continue
+            for dtype in dtypes:
+                name = str(dtype).removeprefix("torch.")
+                cases = list(module.verification_cases(device, dtype))
+                if not cases:
+                    rows.append(dict(op=family, backend=backend, dtype=name, passed="-", status="skipped",
+                                     detail="no cases for this dtype here"))
+                    continue
+                passed, worst = 0, 0.0
+                for description, run in cases:
+                    testing.seed_everything()
+                    with dispatch.use_backend(backend), memory.poisoned_outputs(True):
+                        try:
+                            comparisons = run()
+                            memory.check_guards()
+                        except Exception as error:  # a crash is a failure to report, not to hide
+                            comparisons = [testing.Comparison("run", float("inf"), 0, 0, False, repr(error))]
+                    bad = [c for c in comparisons if not c.ok]
+                    worst = max([worst] + [c.error / c.bound for c in comparisons if c.bound > 0])
+                    if bad:
+                        failures.append(f"{family} {backend} {name} {description}: " + "; ".join(map(str, bad)))
+                    else:
+                        passed += 1
+                rows.append(dict(op=family, backend=backend, dtype=name, passed=f"{passed}/{len(cases)}",
+                                 status="ok" if passed == len(cases) else "fail",
+                                 detail=f"worst error/bound {worst:.2f}"))
+    return rows, failures
+
+
+def cmd_verify(args):
+    import torch
+
+    from bigkern import dispatch, ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    families = {name: module for name, module in ops.FAMILIES.items() if args.op in (None, name)}
+    if not families:
+        print(f"no op family named {args.op!r}; families: {', '.join(ops.FAMILIES)}", file=sys.stderr)
+        return 2
+    backends = [b for b in dispatch.BACKENDS if args.backend in ("all", b)]
+    rows, failures = verify_rows(families, backends, [getattr(torch, d) for d in args.dtype], device)
+
+    print(f"bigkern verify on {device}" + (" (Triton in the interpreter)" if device == "cpu" else ""))
+    header = ("op", "backend", "dtype", "passed", "result")
+    table = [(r["op"], r["backend"], r["dtype"], r["passed"], f"{r['status']}: {r['detail']}") for r in rows]
+    widths = [max(len(str(r[i])) for r in table + [header]) for i in range(len(header))]
+    for row in [header] + table:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for failure in failures:
+        print("FAIL", failure)
+    if args.save:
+        from bigkern.benchmark import harness
+
+        env = harness.environment()
+        if device == "cpu":
+            env["device"] = f"CPU, Triton {env.get('triton')} interpreter"
+        directory = args.save / "verification"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{harness.device_slug(env['device'])}.json"
+        path.write_text(json.dumps(dict(environment=env, rows=rows), indent=1) + "\n")
+        print(f"wrote {path}")
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="bigkern", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, GPU, usable backends").set_defaults(func=cmd_info)
+    verify = sub.add_parser("verify", help="every op against its float64 reference")
+    verify.add_argument("--op", help="one op family (default: all)")
+    verify.add_argument("--backend", default="all", choices=("all",) + ("triton", "cuda", "torch"))
+    verify.add_argument("--dtype", nargs="+", default=["float32", "float16", "bfloat16"],
+                        choices=["float32", "float16", "bfloat16"])
+    verify.add_argument("--save", type=Path, metavar="RESULTS_DIR",
+                        help="store the table under RESULTS_DIR/verification/ (for the README's status table)")
+    verify.set_defaults(func=cmd_verify)
+    sub.add_parser("bench", help="the benchmark suite (bigkern bench --help)", add_help=False)
+    return parser
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _prepare_environment()
+    if argv[:1] == ["bench"]:  # the suite parses its own options
+        from bigkern import benchmark
+
+        return benchmark.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

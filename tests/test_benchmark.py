@@ -1,0 +1,123 @@
+"""The benchmark harness, tested on the CPU so it works the first time a GPU runs it."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from bigkern import benchmark
+from bigkern.benchmark import harness, report
+
+
+class FakeTimer:
+    """Returns fixed medians per provider function, so speedups are exact."""
+
+    name = "fake"
+
+    def __init__(self, medians):
+        self.medians = medians
+
+    def __call__(self, fn):
+        median = self.medians[fn()]
+        return harness.Stats(median, median * 0.9, median * 1.1, 10)
+
+
+CEILINGS = harness.Ceilings(matmul_tflops=100.0, copy_gbps=1000.0, matmul_size=1, copy_bytes=1)
+
+
+def make_case():
+    def unavailable():
+        raise harness.Unavailable("no such GPU")
+
+    def broken():
+        raise RuntimeError("kernel exploded")
+
+    providers = {"bigkern-triton": lambda: (lambda: "triton"), "bigkern-cuda": unavailable,
+                 "bigkern-torch": broken, "torch-eager": lambda: (lambda: "eager"),
+                 "torch-compile": lambda: (lambda: "compile")}
+    return harness.Case("demo", "case 1", {"n": 1}, torch.float16, "forward", flops=2e9, bytes=4e9,
+                        providers=providers, baselines=("torch-eager", "torch-compile"), bound="memory")
+
+
+def test_stats_from_samples():
+    stats = harness.stats_from_samples([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (stats.median_ms, stats.p20_ms, stats.p80_ms, stats.repeats) == (3.0, 1.8, 4.2, 5)
+    assert stats.spread == pytest.approx((4.2 - 1.8) / 3.0)
+
+
+def test_cpu_timer_measures_wall_time():
+    stats = harness.CpuTimer(warmup=1, repeats=5)(lambda: time.sleep(0.002))
+    assert 2.0 <= stats.median_ms < 50 and stats.repeats == 5
+
+
+def test_run_case_rates_speedups_and_keeps_failures():
+    rows = harness.run_case(make_case(), FakeTimer({"triton": 2.0, "eager": 5.0, "compile": 3.0}), CEILINGS)
+    by = {r["provider"]: r for r in rows}
+    assert by["bigkern-cuda"]["status"] == "unavailable" and "no such GPU" in by["bigkern-cuda"]["reason"]
+    assert by["bigkern-torch"]["status"] == "error" and "exploded" in by["bigkern-torch"]["reason"]
+    triton = by["bigkern-triton"]
+    assert triton["median_ms"] == 2.0
+    assert triton["speedup"] == {"torch-eager": 2.5, "torch-compile": 1.5}
+    assert triton["gbps"] == pytest.approx(4e9 / 2e-3 / 1e9)
+    assert triton["fraction_of_ceiling"] == pytest.approx(triton["gbps"] / 1000.0)
+    assert triton["tflops"] == pytest.approx(2e9 / 2e-3 / 1e12)
+
+
+def test_results_report_plot_and_readme(tmp_path):
+    rows = harness.run_case(make_case(), FakeTimer({"triton": 2.0, "eager": 5.0, "compile": 3.0}), CEILINGS)
+    env = dict(timestamp="2026-11-23T12:00:00+00:00", device="NVIDIA Test GPU", git="abc", torch="x", triton="y",
+               cuda="z")
+    path = harness.write_results(tmp_path, env, CEILINGS, rows, "fake", quick=True)
+    assert path.parent.name == "nvidia-test-gpu"
+    document = json.loads(path.read_text())
+    assert document["ceilings"]["copy_gbps"] == 1000.0 and len(document["rows"]) == 5
+    csv = path.with_suffix(".csv").read_text().splitlines()
+    assert csv[0].startswith("family,case") and len(csv) == 6
+
+    text = report.markdown(document)
+    assert "| case 1 | float16 | forward | triton | 2 | 5 | 3 | 2.50x | 1.50x |" in text
+    assert "bigkern-torch on case 1: RuntimeError: kernel exploded" in text
+    pngs = report.plot(document, tmp_path)
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+
+    verification = tmp_path / "verification"
+    verification.mkdir()
+    (verification / "cpu.json").write_text(json.dumps(dict(
+        environment=dict(device="CPU interpreter", timestamp="2026-11-23T00:00:00"),
+        rows=[dict(op="demo", backend="triton", dtype="float16", passed="3/3", status="ok", detail=""),
+              dict(op="demo", backend="cuda", dtype="-", passed="-", status="skipped", detail="no GPU")])))
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- results:start -->\nstale\n<!-- results:end -->\n"
+                      "<!-- verification:start -->\n<!-- verification:end -->\nbottom\n")
+    report.update_readme(readme, tmp_path)
+    updated = readme.read_text()
+    assert "stale" not in updated and "NVIDIA Test GPU" in updated and updated.endswith("bottom\n")
+    assert "| demo | triton | float16 | ✓ CPU interpreter (2026-11-23, 3/3) | NVIDIA Test GPU |" in updated
+    assert "| demo | cuda |" not in updated  # skipped rows claim nothing
+
+
+def test_bench_without_gpu_verifies_instead(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    from bigkern import cli
+
+    monkeypatch.setattr(cli, "main", lambda argv: 0 if argv == ["verify"] else 1)
+    assert benchmark.main([]) == 0
+    out = capsys.readouterr().out
+    assert "no GPU here, so no timings" in out and "Verifying every kernel" in out
+
+
+def test_epilogue_suite_runs_end_to_end_on_cpu(tmp_path):
+    shapes = {"epilogue": {"cases": [{"shape": [4, 6, 3, 3], "dim": 1, "layout": "channels_last",
+                                      "activation": "relu", "quick": True}]}}
+    shapes_path = tmp_path / "shapes.json"
+    shapes_path.write_text(json.dumps(shapes))
+    rc = benchmark.main(["--cpu", "--quick", "--family", "epilogue", "--shapes", str(shapes_path), "--results",
+                         str(tmp_path / "results"), "--provider", "bigkern-triton", "bigkern-cuda", "torch-eager"])
+    assert rc == 0
+    [path] = (tmp_path / "results").glob("*/*.json")
+    rows = json.loads(path.read_text())["rows"]
+    statuses = {(r["mode"], r["provider"]): r["status"] for r in rows}
+    assert statuses[("forward", "bigkern-triton")] == "ok"
+    assert statuses[("forward+backward", "torch-eager")] == "ok"
+    assert statuses[("forward", "bigkern-cuda")] == "unavailable"

@@ -1,0 +1,87 @@
+"""The dispatch seam: requests, forcing, reasons, explain."""
+
+import pytest
+import torch
+
+import bigkern
+from bigkern import dispatch
+from bigkern.nn import functional as F
+from bigkern.testing import make_tensor
+
+
+def test_unsupported_error_is_a_runtime_error():
+    assert issubclass(bigkern.UnsupportedError, RuntimeError)
+
+
+def test_forcing_cuda_on_cpu_tensors_raises_with_the_reason():
+    x = make_tensor((4, 5))
+    with bigkern.use_backend("cuda"), pytest.raises(bigkern.UnsupportedError, match="cuda: .*CUDA tensors"):
+        F.bias_act(x, None, "relu")
+
+
+def test_forcing_triton_without_the_interpreter_on_cpu_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with bigkern.use_backend("triton"), pytest.raises(bigkern.UnsupportedError, match="interpreter"):
+        F.bias_act(make_tensor((4, 5)), None, "relu")
+
+
+def test_environment_variable_forces_and_is_validated(monkeypatch):
+    monkeypatch.setenv("BIGKERN_BACKEND", "cuda")
+    assert bigkern.requested_backend() == "cuda"
+    with pytest.raises(bigkern.UnsupportedError):
+        F.bias_act(make_tensor((4, 5)), None, "relu")
+    monkeypatch.setenv("BIGKERN_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="BIGKERN_BACKEND"):
+        bigkern.requested_backend()
+
+
+def test_use_backend_nests_and_overrides_the_environment(monkeypatch):
+    monkeypatch.setenv("BIGKERN_BACKEND", "cuda")
+    with bigkern.use_backend("torch"):
+        assert bigkern.requested_backend() == "torch"
+        with bigkern.use_backend("auto"):
+            assert bigkern.requested_backend() == "auto"
+        assert bigkern.requested_backend() == "torch"
+    assert bigkern.requested_backend() == "cuda"
+    with pytest.raises(ValueError):
+        with bigkern.use_backend("cudnn"):
+            pass
+
+
+def test_auto_takes_torch_for_cpu_tensors_and_explains_the_others():
+    x, b = make_tensor((4, 5)), make_tensor((5,))
+    explanation = bigkern.explain(F.bias_act, x, b, "gelu")
+    assert explanation.backend == "torch" and explanation.requested == "auto"
+    assert explanation.reasons["cuda"] and "CUDA tensors" in explanation.reasons["cuda"]
+    text = str(explanation)
+    assert "bias_act" in text and "-> torch" in text
+    assert bigkern.explain("bias_act", x, b, 1, -1, 0.01).backend == "torch"
+
+
+def test_auto_skips_implementations_not_verified_on_a_gpu():
+    op = dispatch.Op("test_only_op")
+    try:
+        op.register("cuda", lambda x: None, auto=False)(lambda x: "cuda")
+        op.register("torch", lambda x: None)(lambda x: "torch")
+        x = torch.empty(1)
+        assert op(x) == "torch"
+        assert "not verified" in op.explain(x).reasons["cuda"]
+        with bigkern.use_backend("cuda"):
+            assert op(x) == "cuda"
+    finally:
+        dispatch.REGISTRY.pop("test_only_op")
+
+
+def test_auto_with_no_usable_implementation_raises_with_every_reason():
+    op = dispatch.Op("test_only_op")
+    try:
+        op.register("triton", lambda x: "no triton here")(lambda x: None)
+        with pytest.raises(bigkern.UnsupportedError, match=r"no implementation can serve this call \(triton: no triton here\)"):
+            op(torch.empty(1))
+    finally:
+        dispatch.REGISTRY.pop("test_only_op")
+
+
+def test_explain_rejects_what_is_not_bigkern():
+    with pytest.raises(TypeError):
+        bigkern.explain(torch.nn.functional.relu, torch.empty(1))
