@@ -582,7 +582,9 @@ def _dq_prune(configs, named_args, **kwargs):
 
 _TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "DROPOUT", "q_bucket", "k_bucket"]
 _PLACEHOLDER = [_config(64, 64, 4, 2)]  # replaced by the prune functions above
-_INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16}
+# Unequal tiles on purpose: the tests then see query and key blocks that do not line up.
+_INTERPRETER_TILES = {"forward": {"BLOCK_M": 32, "BLOCK_N": 16}, "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
+                      "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32}}
 
 
 def _interpreting():
@@ -605,7 +607,7 @@ def _tuned(name):
 def _launch(name, raw_kernel, grid, args, meta):
     """Run a kernel: autotuned on a GPU, with the one small interpreter tile on the CPU."""
     if _interpreting():
-        meta = {**meta, **_INTERPRETER_TILE}
+        meta = {**meta, **_INTERPRETER_TILES[name]}
         raw_kernel[grid(meta)](*args, **meta)
     else:
         _tuned(name)[grid](*args, **meta)

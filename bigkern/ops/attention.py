@@ -327,6 +327,9 @@ def _backward_triton(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p
     from bigkern.kernels import attention as kernels
 
     q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
+    # the kernels read lse, grad_lse and delta with one set of (contiguous) strides
+    lse = lse.contiguous()
+    grad_lse = grad_lse.contiguous() if grad_lse is not None else None
     grad_q, grad_k, grad_v, grad_mask = _backward_outputs(q, k, v, attn_mask, mask_grad)
     delta = memory.empty(lse.shape, dtype=torch.float32, device=q.device)
     kernels.attention_backward(grad_out, q, k, v, attn_mask, out, lse, grad_lse, delta, grad_q, grad_k, grad_v,
@@ -612,6 +615,7 @@ def _varlen_backward_triton(grad_out, grad_lse, q, k, v, out, lse, cu_seq_q, cu_
     from bigkern.kernels import attention as kernels
 
     q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
+    lse = lse.contiguous()
     grad_q, grad_k, grad_v = (memory.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     delta = memory.empty(lse.shape, dtype=torch.float32, device=q.device)
     kernels.attention_backward(
