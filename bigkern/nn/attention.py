@@ -1,0 +1,265 @@
+"""Drop-in MultiheadAttention, TransformerEncoderLayer and TransformerDecoderLayer.
+
+Each subclasses torch's class with the identical constructor, parameters, buffers and state_dict,
+and computes exactly what torch's module computes -- projections, bias_k/bias_v, add_zero_attn,
+key_padding_mask merged into attn_mask, the is_causal hint, dropout in training -- with the
+attention itself in bigkern's fused scaled_dot_product_attention (O(L + S) memory).
+
+need_weights=True asks for the (L, S) attention matrix, which a fused kernel never forms: under
+`auto` (or the torch backend) such a call takes torch's own path; with triton or cuda forced it
+raises UnsupportedError. So do NestedTensor inputs, which only torch's fast path takes.
+
+The class-swap protocol (DEVELOPING.md): these classes keep no state of their own, so a torch
+instance whose __class__ is swapped works at once; a swapped layer whose attention child is still
+torch's class runs that child through bigkern's forward too.
+"""
+
+import torch
+import torch.nn.functional as torch_F
+from torch import Tensor
+
+from bigkern import dispatch
+from bigkern.nn import register_drop_in
+from bigkern.ops import attention as ops
+
+_NEED_WEIGHTS = ("MultiheadAttention with need_weights=True returns the (L, S) attention weights, which the fused "
+                 "kernels never form: pass need_weights=False, or use the auto or torch backend")
+_NESTED = "MultiheadAttention takes NestedTensor inputs only on torch's fast path: use the auto or torch backend"
+
+
+def _torch_path_reason(query, key, value, need_weights):
+    if need_weights:
+        return _NEED_WEIGHTS
+    if query.is_nested or key.is_nested or value.is_nested:
+        return _NESTED
+    return None
+
+
+def _sdpa_arguments(module, query, key, value, key_padding_mask, attn_mask, is_causal):
+    """What torch's MultiheadAttention (need_weights=False) does before its attention call, step for
+    step: returns the SDPA arguments and what is needed to finish (shapes, batch_first, batched)."""
+    is_batched = query.dim() == 3
+    key_padding_mask = torch_F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                               other_type=torch_F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                               target_type=query.dtype)
+    attn_mask = torch_F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                        target_type=query.dtype, check_other=False)
+    if module.batch_first and is_batched:
+        query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+
+    num_heads = module.num_heads
+    is_batched = torch_F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
+    if not is_batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    tgt_len, bsz, embed_dim = query.shape
+    src_len = key.shape[0]
+
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                           "method `generate_square_subsequent_mask` to create this mask.")
+    if is_causal and key_padding_mask is None:
+        attn_mask = None  # the hint stands for the mask: the kernels apply causality themselves
+    elif key_padding_mask is not None:
+        is_causal = False  # padding merged into the mask: no longer causal
+    if embed_dim != module.embed_dim:
+        raise AssertionError(f"was expecting embedding dimension of {module.embed_dim}, but got {embed_dim}")
+    head_dim = embed_dim // num_heads
+    if module._qkv_same_embed_dim:
+        if key.shape != value.shape:
+            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+        q, k, v = torch_F._in_projection_packed(query, key, value, module.in_proj_weight, module.in_proj_bias)
+    else:
+        if key.shape[:2] != value.shape[:2]:
+            raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's "
+                                 f"{value.shape[:2]}")
+        b_q = b_k = b_v = None
+        if module.in_proj_bias is not None:
+            b_q, b_k, b_v = module.in_proj_bias.chunk(3)
+        q, k, v = torch_F._in_projection(query, key, value, module.q_proj_weight, module.k_proj_weight,
+                                         module.v_proj_weight, b_q, b_k, b_v)
+
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            if attn_mask.shape != (tgt_len, src_len):
+                raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
+                                   f"{(tgt_len, src_len)}.")
+            attn_mask = attn_mask.unsqueeze(0)
+        elif attn_mask.dim() == 3:
+            if attn_mask.shape != (bsz * num_heads, tgt_len, src_len):
+                raise RuntimeError(f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
+                                   f"{(bsz * num_heads, tgt_len, src_len)}.")
+        else:
+            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+
+    if module.bias_k is not None and module.bias_v is not None:
+        k = torch.cat([k, module.bias_k.repeat(1, bsz, 1)])
+        v = torch.cat([v, module.bias_v.repeat(1, bsz, 1)])
+        if attn_mask is not None:
+            attn_mask = torch_F.pad(attn_mask, (0, 1))
+        if key_padding_mask is not None:
+            key_padding_mask = torch_F.pad(key_padding_mask, (0, 1))
+
+    # (L, N, E) -> (N * H, L, hd): a view; the kernels take its strides as they are
+    q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
+    k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+    v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+    if module.add_zero_attn:
+        zeros = torch.zeros((bsz * num_heads, 1, head_dim), dtype=k.dtype, device=k.device)
+        k = torch.cat([k, zeros], dim=1)
+        v = torch.cat([v, zeros], dim=1)
+        if attn_mask is not None:
+            attn_mask = torch_F.pad(attn_mask, (0, 1))
+        if key_padding_mask is not None:
+            key_padding_mask = torch_F.pad(key_padding_mask, (0, 1))
+    src_len = k.size(1)
+
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (bsz, src_len):
+            raise AssertionError(f"Expected key_padding_mask of shape {(bsz, src_len)}, but got "
+                                 f"{tuple(key_padding_mask.shape)}")
+        key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1)
+                            .reshape(bsz * num_heads, 1, src_len))
+        attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+
+    dropout_p = module.dropout if module.training else 0.0
+    if attn_mask is not None:
+        if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)
+        else:
+            attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)
+    q = q.view(bsz, num_heads, tgt_len, head_dim)
+    k = k.view(bsz, num_heads, src_len, head_dim)
+    v = v.view(bsz, num_heads, src_len, head_dim)
+    return (q, k, v, attn_mask, dropout_p, is_causal), (tgt_len, bsz, embed_dim, is_batched)
+
+
+def multi_head_attention_forward(module, query, key, value, key_padding_mask=None, need_weights=True,
+                                 attn_mask=None, average_attn_weights=True, is_causal=False):
+    """MultiheadAttention.forward of `module` (a torch.nn.MultiheadAttention of either class) with
+    bigkern's attention: (attn_output, None), or torch's path for need_weights / NestedTensor."""
+    reason = _torch_path_reason(query, key, value, need_weights)
+    if reason is not None:
+        if dispatch.requested_backend() in ("triton", "cuda"):
+            raise dispatch.UnsupportedError(reason)
+        return torch.nn.MultiheadAttention.forward(module, query, key, value, key_padding_mask=key_padding_mask,
+                                                   need_weights=need_weights, attn_mask=attn_mask,
+                                                   average_attn_weights=average_attn_weights, is_causal=is_causal)
+    sdpa_args, (tgt_len, bsz, embed_dim, is_batched) = _sdpa_arguments(module, query, key, value, key_padding_mask,
+                                                                       attn_mask, is_causal)
+    out = ops.scaled_dot_product_attention(*sdpa_args)
+    # (N, H, L, hd) laid out like q, i.e. (L, N, H, hd) in memory: this reshape is a view
+    out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
+    out = torch_F.linear(out, module.out_proj.weight, module.out_proj.bias).view(tgt_len, bsz, -1)
+    if not is_batched:
+        return out.squeeze(1), None
+    if module.batch_first:
+        out = out.transpose(1, 0)
+    return out, None
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """torch.nn.MultiheadAttention with bigkern's fused attention (same constructor and state)."""
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask=None, need_weights: bool = True,
+                attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
+        return multi_head_attention_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                            average_attn_weights, is_causal)
+
+    def bigkern_explain(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                        average_attn_weights=True, is_causal=False):
+        """Which implementation this call's attention takes, and why (bigkern.explain(module, ...))."""
+        reason = _torch_path_reason(query, key, value, need_weights)
+        if reason is not None:
+            requested = dispatch.requested_backend()
+            served = None if requested in ("triton", "cuda") else "torch"
+            reasons = {b: (None if b == served else reason) for b in dispatch.BACKENDS}
+            return dispatch.Explanation("MultiheadAttention (need_weights / nested: torch's own path)", requested,
+                                        served, reasons)
+        with torch.no_grad():
+            sdpa_args, _ = _sdpa_arguments(self, query, key, value, key_padding_mask, attn_mask, is_causal)
+        return dispatch.explain(ops.scaled_dot_product_attention, *sdpa_args)
+
+
+def _attend(attention_module, *args, **kwargs):
+    """Run an attention child through bigkern: directly if it is a bigkern MultiheadAttention, through
+    bigkern's forward if it is still torch's class (a parent swapped alone), else as it is."""
+    if type(attention_module) is torch.nn.MultiheadAttention:
+        return multi_head_attention_forward(attention_module, *args, **kwargs)
+    return attention_module(*args, **kwargs)
+
+
+def _swap_attention_children(layer, *names):
+    for name in names:
+        child = getattr(layer, name)
+        if type(child) is torch.nn.MultiheadAttention:
+            child.__class__ = MultiheadAttention
+
+
+class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+    """torch.nn.TransformerEncoderLayer with bigkern's attention (same constructor and state). torch's
+    inference fast path is not taken (bigkern's kernels are the fast path), except for NestedTensor
+    inputs, which only it takes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _swap_attention_children(self, "self_attn")
+
+    def forward(self, src: Tensor, src_mask=None, src_key_padding_mask=None, is_causal: bool = False) -> Tensor:
+        if src.is_nested:
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+        src_key_padding_mask = torch_F._canonical_mask(
+            mask=src_key_padding_mask, mask_name="src_key_padding_mask", other_type=torch_F._none_or_dtype(src_mask),
+            other_name="src_mask", target_type=src.dtype)
+        src_mask = torch_F._canonical_mask(mask=src_mask, mask_name="src_mask", other_type=None, other_name="",
+                                           target_type=src.dtype, check_other=False)
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
+        x = _attend(self.self_attn, x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                    need_weights=False, is_causal=is_causal)[0]
+        return self.dropout1(x)
+
+
+class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
+    """torch.nn.TransformerDecoderLayer with bigkern's attention (same constructor and state)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _swap_attention_children(self, "self_attn", "multihead_attn")
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal: bool = False, memory_is_causal: bool = False) -> Tensor:
+        x = tgt
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            x = x + self._ff_block(self.norm3(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+            x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
+            x = self.norm3(x + self._ff_block(x))
+        return x
+
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
+        x = _attend(self.self_attn, x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                    is_causal=is_causal, need_weights=False)[0]
+        return self.dropout1(x)
+
+    def _mha_block(self, x, mem, attn_mask, key_padding_mask, is_causal=False):
+        x = _attend(self.multihead_attn, x, mem, mem, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                    is_causal=is_causal, need_weights=False)[0]
+        return self.dropout2(x)
+
+
+register_drop_in(torch.nn.MultiheadAttention, MultiheadAttention)
+register_drop_in(torch.nn.TransformerEncoderLayer, TransformerEncoderLayer)
+register_drop_in(torch.nn.TransformerDecoderLayer, TransformerDecoderLayer)

@@ -1,0 +1,919 @@
+"""Scaled dot-product attention: torch's `scaled_dot_product_attention`, fused, in O(L + S) memory.
+
+Registered ops (torch.library, with fake implementations and autograd):
+
+    bigkern::sdpa_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed) -> (out, lse)
+    bigkern::sdpa_backward(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal,
+                           scale, seed, mask_grad) -> (grad_q, grad_k, grad_v, grad_mask)
+    bigkern::varlen_attention_forward / _backward: the same for a packed batch of unequal sequences
+
+each dispatching at run time to the Triton kernels (kernels/attention.py), the CUDA kernels
+(bigkern/ops/attention_cuda.py, once built) or a pure-PyTorch implementation.
+
+The kernel-level contract every implementation keeps:
+  q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev): unit stride in the last dimension, any
+  other strides (0 where broadcast); Hq % Hkv == 0 and query head h reads kv head h // (Hq // Hkv).
+  attn_mask: None, or a (B, Hq, L, S) view, bool (True = attend) or float (added to the scores).
+  is_causal: torch's alignment, top-left: query i sees keys j <= i, also when L != S.
+  out (B, Hq, L, Ev) in q's dtype, with q's order of dimensions in memory (a transposed view of a
+  fused QKV projection gives an output laid out like it: the reshape after it is free).
+  lse (B, Hq, L): natural-log logsumexp of the scaled, masked scores, float32 (float64 for float64
+  inputs); +inf for a row whose every key is masked, whose output is 0 as in torch.
+  dropout: `seed` is a CPU int64 tensor [seed_lo, seed_hi] (31 bits each) drawn from torch's
+  default generator; `dropout_keep_mask` below gives the exact keep pattern of every implementation.
+
+The Python entry point `scaled_dot_product_attention` validates like torch (torch's exception
+types, naming the argument), broadcasts the batch dimensions of query, key, value and the mask
+(stride 0, no copies), and folds them into the 4-D form above.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bigkern import dispatch, memory
+
+# ---------------------------------------------------------------------------------------------
+# Dropout: counter-based random numbers, identical in every implementation.
+
+_M32 = 0xFFFFFFFF
+
+
+def draw_dropout_seed() -> Tensor:
+    """A fresh dropout seed from torch's default (CPU) generator: reproducible under
+    torch.manual_seed, and no GPU synchronization to read it."""
+    return torch.randint(0, 2**31, (2,), dtype=torch.int64)
+
+
+def _mulhilo(a: Tensor, multiplier: int):
+    """(high, low) 32-bit halves of a * multiplier for uint32 values held in int64 tensors, exactly
+    (split in 16-bit halves so that no product leaves int64)."""
+    low_part = a * (multiplier & 0xFFFF)
+    high_part = a * (multiplier >> 16)
+    return (high_part + (low_part >> 16)) >> 16, (low_part + ((high_part & 0xFFFF) << 16)) & _M32
+
+
+def philox_word(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int) -> Tensor:
+    """The first word of Philox4x32-10, the same function as kernels/attention.py philox_word."""
+    for _ in range(10):
+        high0, low0 = _mulhilo(c0, 0xD2511F53)
+        high2, low2 = _mulhilo(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = high2 ^ c1 ^ k0, low2, high0 ^ c3 ^ k1, low0
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return c0
+
+
+def dropout_threshold(p: float) -> int:
+    """Dropout keeps an element when its 32-bit random word is >= this: probability 1 - p."""
+    return min(int(round(p * 2.0**32)), 2**32)
+
+
+def dropout_keep_mask(seed: Tensor, batch: int, heads: int, seq_q: int, seq_k: int, p: float,
+                      device=None, first_stream: int = 0) -> Tensor:
+    """The (batch, heads, seq_q, seq_k) bool keep pattern the kernels draw for `seed`: Philox
+    counter (key column, query row, first_stream + b * heads + h, 0)."""
+    seed_lo, seed_hi = (int(s) for s in seed.tolist())
+    rows = torch.arange(seq_q, dtype=torch.int64, device=device).view(1, 1, -1, 1)
+    cols = torch.arange(seq_k, dtype=torch.int64, device=device).view(1, 1, 1, -1)
+    streams = (first_stream + torch.arange(batch * heads, dtype=torch.int64, device=device)).view(batch, heads, 1, 1)
+    shape = (batch, heads, seq_q, seq_k)
+    word = philox_word(cols.expand(shape), rows.expand(shape), streams.expand(shape),
+                       torch.zeros(shape, dtype=torch.int64, device=device), seed_lo, seed_hi)
+    return word >= dropout_threshold(p)
+
+
+def dropout_multiplier(keep: Tensor, p: float, dtype) -> Tensor:
+    """keep / (1 - p) as a tensor (0 everywhere when p = 1, as torch's dropout gives)."""
+    return keep.to(dtype) * (0.0 if p >= 1.0 else 1.0 / (1.0 - p))
+
+
+# ---------------------------------------------------------------------------------------------
+# The math, in torch ops: the "torch" implementation and the float64 reference of the tests.
+
+def _expand_kv_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, Hkv, S, D) -> (B, Hq, S, D) with query head h reading kv head h // (Hq // Hkv)."""
+    kv_heads = t.shape[1]
+    if kv_heads == heads:
+        return t
+    group = heads // kv_heads
+    return t[:, :, None].expand(t.shape[0], kv_heads, group, *t.shape[2:]).reshape(t.shape[0], heads, *t.shape[2:])
+
+
+def _sum_kv_heads(t: Tensor, kv_heads: int) -> Tensor:
+    if t.shape[1] == kv_heads:
+        return t
+    return t.view(t.shape[0], kv_heads, t.shape[1] // kv_heads, *t.shape[2:]).sum(2)
+
+
+def _masked_scores(q, k, attn_mask, is_causal, scale):
+    """scale * q k^T + mask (B, Hq, L, S). Masks add (-inf for a False), so a NaN score stays NaN as
+    in torch's math; the causal mask replaces, as torch's flash kernels do."""
+    s = torch.matmul(q, _expand_kv_heads(k, q.shape[1]).transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s + torch.zeros((), dtype=s.dtype, device=s.device).masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask.to(s.dtype)
+    if is_causal:
+        L, S = s.shape[-2:]
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    return s
+
+
+def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, keep=None, dropout_p=0.0):
+    """(out, lse) of attention on normalized 4-D tensors, in their own dtype, differentiable.
+    keep: the dropout keep pattern (B, Hq, L, S) or None. Rows with every key masked give 0 and
+    lse +inf, exactly like the kernels (torch gives the same 0)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = _masked_scores(q, k, attn_mask, is_causal, scale)
+    all_masked = (s == float("-inf")).all(-1, keepdim=True)
+    lse = torch.logsumexp(torch.where(all_masked, 0.0, s), -1, keepdim=True)
+    p = torch.exp(s - lse)  # s = -inf everywhere in a fully masked row: p = 0
+    if keep is not None:
+        p = p * dropout_multiplier(keep, dropout_p, p.dtype)
+    out = torch.matmul(p, _expand_kv_heads(v, q.shape[1]))
+    return out, torch.where(all_masked, float("inf"), lse).squeeze(-1)
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _torch_keep(seed, q, seq_k, dropout_p, first_stream=0):
+    if seed is None or dropout_p <= 0:
+        return None
+    return dropout_keep_mask(seed, q.shape[0], q.shape[1], q.shape[2], seq_k, dropout_p, q.device, first_stream)
+
+
+def torch_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, first_stream=0):
+    """The pure-PyTorch forward: the math above in fp32 (fp64 for fp64 inputs)."""
+    c = _compute_dtype(q.dtype)
+    keep = _torch_keep(seed, q, k.shape[2], dropout_p, first_stream)
+    out, lse = reference_attention(q.to(c), k.to(c), v.to(c), attn_mask, is_causal, scale, keep, dropout_p)
+    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+
+
+def torch_backward(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal, scale, seed,
+                   mask_grad, first_stream=0):
+    """The pure-PyTorch backward, FlashAttention-2's formulas with the saved lse:
+    p = exp(s - lse); dV = (p Z)^T dO; dS = p (dO V^T Z - delta); dQ = scale dS K; dK = scale dS^T Q."""
+    c = _compute_dtype(q.dtype)
+    qc, kc, vc, go = q.to(c), k.to(c), v.to(c), grad_out.to(c)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    p = torch.exp(_masked_scores(qc, kc, attn_mask, is_causal, scale) - lse.to(c).unsqueeze(-1))
+    keep = _torch_keep(seed, q, k.shape[2], dropout_p, first_stream)
+    z = dropout_multiplier(keep, dropout_p, c) if keep is not None else None
+    grad_v = torch.matmul((p if z is None else p * z).transpose(-1, -2), go)
+    dp = torch.matmul(go, _expand_kv_heads(vc, heads).transpose(-1, -2))
+    if z is not None:
+        dp = dp * z
+    delta = (go * out.to(c)).sum(-1, keepdim=True)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(c).unsqueeze(-1)
+    ds = p * (dp - delta)
+    grad_q = torch.matmul(ds, _expand_kv_heads(kc, heads)) * scale
+    grad_k = torch.matmul(ds.transpose(-1, -2), qc) * scale
+    grad_mask = ds.to(attn_mask.dtype) if mask_grad else q.new_empty((0,))
+    return (grad_q.to(q.dtype), _sum_kv_heads(grad_k, kv_heads).to(k.dtype),
+            _sum_kv_heads(grad_v, kv_heads).to(v.dtype), grad_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output layouts: an output keeps the order of dimensions its model input has in memory.
+
+def _dim_order(shape, stride):
+    """Dims 0..2 outermost first by stride (broadcast and size-1 dims outermost), then dim 3."""
+    def key(d):
+        return (-(stride[d] if stride[d] and shape[d] > 1 else math.inf), d)
+    return sorted(range(len(shape) - 1), key=key) + [len(shape) - 1]
+
+
+def empty_like_layout(like: Tensor, shape, dtype, allocate=memory.empty):
+    """A dense tensor of `shape` whose dimensions lie in memory in the order `like`'s do."""
+    order = _dim_order(like.shape, like.stride())
+    storage = allocate([shape[d] for d in order], dtype=dtype, device=like.device)
+    return storage.permute([order.index(d) for d in range(len(shape))])
+
+
+def _fake_like_layout(like, shape, dtype):
+    return empty_like_layout(like, shape, dtype, allocate=lambda s, dtype, device: torch.empty(s, dtype=dtype,
+                                                                                               device=device))
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations and the reasons each cannot serve a call.
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _kernel_reason(q, k, v, attn_mask):
+    if q.dtype not in KERNEL_DTYPES:
+        return f"the kernels take float16, bfloat16 or float32, not {q.dtype}"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims up to {MAX_HEAD_DIM} (got {q.shape[-1]} and {v.shape[-1]})"
+    return None
+
+
+def _triton_forward_unsupported(q, k, v, attn_mask, *rest):
+    return dispatch.triton_unsupported(q, k, v, attn_mask) or _kernel_reason(q, k, v, attn_mask)
+
+
+def _triton_backward_unsupported(grad_out, grad_lse, q, k, v, attn_mask, *rest):
+    return dispatch.triton_unsupported(grad_out, q, k, v, attn_mask) or _kernel_reason(q, k, v, attn_mask)
+
+
+def _always(*args):
+    return None
+
+
+def _cuda_module():
+    """(bigkern.ops.attention_cuda, None), or (None, why not): the CUDA kernels' Python side is
+    written separately and may not be in this tree yet."""
+    try:
+        from bigkern.ops import attention_cuda
+    except ImportError as error:
+        return None, f"not built yet (bigkern.ops.attention_cuda: {error})"
+    return attention_cuda, None
+
+
+def _cuda_forward_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
+    module, reason = _cuda_module()
+    if module is None:
+        return reason
+    return dispatch.cuda_unsupported(q, k, v) or module.unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale)
+
+
+def _cuda_backward_unsupported(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal, scale, seed,
+                               mask_grad):
+    module, reason = _cuda_module()
+    if module is None:
+        return reason
+    if mask_grad:
+        return "the CUDA kernels give no gradient for attn_mask"
+    if grad_lse is not None:
+        return "the CUDA kernels take no gradient through lse"
+    return dispatch.cuda_unsupported(q, k, v) or module.unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale)
+
+
+def _dropout_arg(dropout_p, seed):
+    if seed is None or dropout_p <= 0:
+        return None
+    seed_lo, seed_hi = (int(s) for s in seed.tolist())
+    return (float(dropout_p), seed_lo, seed_hi)
+
+
+def _allow_tf32():
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+SDPA_FORWARD = dispatch.Op("sdpa_forward")
+SDPA_BACKWARD = dispatch.Op("sdpa_backward")
+
+
+@SDPA_FORWARD.register("triton", _triton_forward_unsupported)
+def _forward_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
+    from bigkern.kernels import attention as kernels
+
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    B, H, L, _ = q.shape
+    out = empty_like_layout(q, (B, H, L, v.shape[-1]), q.dtype)
+    lse = memory.empty((B, H, L), dtype=torch.float32, device=q.device)
+    kernels.attention_forward(q, k, v, attn_mask, out, lse, scale=scale, is_causal=is_causal,
+                              dropout=_dropout_arg(dropout_p, seed), allow_tf32=_allow_tf32())
+    return out, lse
+
+
+@SDPA_FORWARD.register("cuda", _cuda_forward_unsupported, auto=False)
+def _forward_cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
+    module, _ = _cuda_module()
+    return module.forward(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), is_causal, scale)
+
+
+@SDPA_FORWARD.register("torch", _always)
+def _forward_torch(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
+    out, lse = torch_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed)
+    return empty_like_layout(q, out.shape, out.dtype, allocate=_plain_empty).copy_(out), lse
+
+
+def _plain_empty(shape, dtype, device):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _backward_outputs(q, k, v, attn_mask, mask_grad, allocate=memory.empty):
+    grad_q = empty_like_layout(q, q.shape, q.dtype, allocate)
+    grad_k = empty_like_layout(k, k.shape, k.dtype, allocate)
+    grad_v = empty_like_layout(v, v.shape, v.dtype, allocate)
+    if mask_grad:
+        grad_mask = allocate(tuple(attn_mask.shape), dtype=attn_mask.dtype, device=q.device)
+    else:
+        grad_mask = allocate((0,), dtype=q.dtype, device=q.device)
+    return grad_q, grad_k, grad_v, grad_mask
+
+
+@SDPA_BACKWARD.register("triton", _triton_backward_unsupported)
+def _backward_triton(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad):
+    from bigkern.kernels import attention as kernels
+
+    q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
+    # the kernels read lse, grad_lse and delta with one set of (contiguous) strides
+    lse = lse.contiguous()
+    grad_lse = grad_lse.contiguous() if grad_lse is not None else None
+    grad_q, grad_k, grad_v, grad_mask = _backward_outputs(q, k, v, attn_mask, mask_grad)
+    delta = memory.empty(lse.shape, dtype=torch.float32, device=q.device)
+    kernels.attention_backward(grad_out, q, k, v, attn_mask, out, lse, grad_lse, delta, grad_q, grad_k, grad_v,
+                               grad_mask if mask_grad else None, scale=scale, is_causal=is_causal,
+                               dropout=_dropout_arg(dropout_p, seed), allow_tf32=_allow_tf32())
+    return grad_q, grad_k, grad_v, grad_mask
+
+
+@SDPA_BACKWARD.register("cuda", _cuda_backward_unsupported, auto=False)
+def _backward_cuda(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad):
+    module, _ = _cuda_module()
+    q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
+    grad_q, grad_k, grad_v = module.backward(grad_out, q, k, v, out, lse, is_causal, scale)
+    return grad_q, grad_k, grad_v, memory.empty((0,), dtype=q.dtype, device=q.device)
+
+
+@SDPA_BACKWARD.register("torch", _always)
+def _backward_torch(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad):
+    grads = torch_backward(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal, scale, seed,
+                           mask_grad)
+    layouts = _backward_outputs(q, k, v, attn_mask, mask_grad, _plain_empty)
+    return tuple(layout.copy_(grad) for layout, grad in zip(layouts, grads))
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops: what torch.compile, torch.export and autograd see.
+
+@torch.library.custom_op("bigkern::sdpa_forward", mutates_args=())
+def sdpa_forward_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+                    is_causal: bool, scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return SDPA_FORWARD(q, k, v, attn_mask, dropout_p, is_causal, scale, seed)
+
+
+@sdpa_forward_op.register_fake
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
+    B, H, L, _ = q.shape
+    return (_fake_like_layout(q, (B, H, L, v.shape[-1]), q.dtype),
+            q.new_empty((B, H, L), dtype=lse_dtype(q.dtype)))
+
+
+@torch.library.custom_op("bigkern::sdpa_backward", mutates_args=())
+def sdpa_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+                     attn_mask: Optional[Tensor], out: Tensor, lse: Tensor, dropout_p: float, is_causal: bool,
+                     scale: float, seed: Optional[Tensor], mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return SDPA_BACKWARD(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal, scale, seed,
+                         mask_grad)
+
+
+@sdpa_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal, scale, seed, mask_grad):
+    return _backward_outputs(q, k, v, attn_mask, mask_grad, _plain_empty)
+
+
+def _sdpa_setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, dropout_p, is_causal, scale, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, attn_mask, out, lse, seed)
+    ctx.args = (dropout_p, is_causal, scale)
+    ctx.set_materialize_grads(False)
+
+
+def _sdpa_backward(ctx, grad_out, grad_lse):
+    q, k, v, attn_mask, out, lse, seed = ctx.saved_tensors
+    dropout_p, is_causal, scale = ctx.args
+    mask_grad = bool(attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3])
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_q, grad_k, grad_v, grad_mask = sdpa_backward_op(grad_out, grad_lse, q, k, v, attn_mask, out, lse,
+                                                         dropout_p, is_causal, scale, seed, mask_grad)
+    return grad_q, grad_k, grad_v, (grad_mask if mask_grad else None), None, None, None, None
+
+
+sdpa_forward_op.register_autograd(_sdpa_backward, setup_context=_sdpa_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python entry point: validates like torch, broadcasts, folds the batch dims, calls the op.
+
+_NAME = "scaled_dot_product_attention()"
+
+
+def _check_tensor(t, name, position=None):
+    if not isinstance(t, Tensor):
+        where = f" (position {position})" if position else ""
+        raise TypeError(f"{_NAME}: argument '{name}'{where} must be Tensor, not {type(t).__name__}")
+
+
+def _broadcast(shapes_by_name, what):
+    try:
+        return tuple(torch.broadcast_shapes(*shapes_by_name.values()))
+    except RuntimeError:
+        described = ", ".join(f"'{name}' {tuple(shape)}" for name, shape in shapes_by_name.items())
+        raise RuntimeError(f"{_NAME}: the {what} of {described} do not broadcast together") from None
+
+
+def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """Raise what torch raises for bad input (its exception types), naming the argument."""
+    for position, (t, name) in enumerate(((query, "query"), (key, "key"), (value, "value")), 1):
+        _check_tensor(t, name, position)
+    for t, name in ((query, "query"), (key, "key"), (value, "value")):
+        if t.dim() < 2:
+            raise RuntimeError(f"{_NAME}: expected argument '{name}' to be at least 2-dimensional, "
+                               f"but got a {t.dim()}-d tensor")
+    for t, name in ((key, "key"), (value, "value")):
+        if t.dtype != query.dtype:
+            raise RuntimeError(f"{_NAME}: expected argument '{name}' to have the dtype of 'query' ({query.dtype}), "
+                               f"but got {t.dtype}")
+        if t.device != query.device:
+            raise RuntimeError(f"{_NAME}: expected argument '{name}' on the device of 'query' ({query.device}), "
+                               f"but it is on {t.device}")
+    if not query.is_floating_point():
+        raise RuntimeError(f"{_NAME}: expected argument 'query' to be a floating-point tensor, not {query.dtype}")
+    if key.shape[-1] != query.shape[-1]:
+        raise RuntimeError(f"{_NAME}: argument 'key' must have the embedding size of 'query' "
+                           f"({query.shape[-1]}) in its last dimension, but has {key.shape[-1]}")
+    if value.shape[-2] != key.shape[-2]:
+        raise RuntimeError(f"{_NAME}: argument 'value' must have the sequence length of 'key' "
+                           f"({key.shape[-2]}) in dimension -2, but has {value.shape[-2]}")
+    if enable_gqa:
+        if query.dim() < 3:
+            raise IndexError(f"{_NAME}: enable_gqa=True needs a heads dimension (-3) in 'query', "
+                             f"which is {query.dim()}-dimensional")
+        for t, name in ((key, "key"), (value, "value")):
+            if t.dim() < 3 or query.shape[-3] % t.shape[-3]:
+                heads = t.shape[-3] if t.dim() >= 3 else "no"
+                raise RuntimeError(f"{_NAME}: the number of heads in '{name}' ({heads}) must divide the number of "
+                                   f"heads in 'query' ({query.shape[-3]}) with enable_gqa=True")
+    if attn_mask is not None:
+        _check_tensor(attn_mask, "attn_mask")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in (torch.float32, query.dtype):
+            raise RuntimeError(f"{_NAME}: expected argument 'attn_mask' to be bool, float32 or the dtype of 'query' "
+                               f"({query.dtype}), but got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise RuntimeError(f"{_NAME}: expected argument 'attn_mask' on the device of 'query' ({query.device}), "
+                               f"but it is on {attn_mask.device}")
+        if attn_mask.dim() < 2:
+            raise IndexError(f"{_NAME}: argument 'attn_mask' must have at least 2 dimensions (L, S), "
+                             f"but has {attn_mask.dim()}")
+        if is_causal:
+            raise RuntimeError(f"{_NAME}: explicit 'attn_mask' should not be set when is_causal=True")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"{_NAME}: argument 'dropout_p' must be between 0 and 1, but got {dropout_p}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"{_NAME}: argument 'scale' must be float or None, not {type(scale).__name__}")
+
+
+def _lcm(a, b):
+    return a * b // math.gcd(a, b)
+
+
+def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                 seed=None):
+    """Validate and normalize a call: (op arguments, (batch shape, L, Ev)) with the op arguments
+    (q, k, v, attn_mask, dropout_p, is_causal, scale, seed) in the 4-D form of the contract.
+    `seed`: the dropout seed to use (drawn from torch's generator when None and dropout_p > 0)."""
+    check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    L, E, S, Ev = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
+    gqa = enable_gqa and (key.shape[-3] != query.shape[-3] or value.shape[-3] != query.shape[-3])
+    if gqa:
+        kv_heads = _lcm(key.shape[-3], value.shape[-3])
+        if key.shape[-3] != kv_heads:
+            key = key.repeat_interleave(kv_heads // key.shape[-3], -3)
+        if value.shape[-3] != kv_heads:
+            value = value.repeat_interleave(kv_heads // value.shape[-3], -3)
+        outer = _broadcast({"query": query.shape[:-3], "key": key.shape[:-3], "value": value.shape[:-3]},
+                           "batch dimensions")
+        batch_shape = outer + (query.shape[-3],)
+        kv_batch = outer + (kv_heads,)
+    else:
+        batch_shape = _broadcast({"query": query.shape[:-2], "key": key.shape[:-2], "value": value.shape[:-2]},
+                                 "batch dimensions")
+        kv_batch = batch_shape
+    heads = batch_shape[-1] if batch_shape else 1
+    batch = math.prod(batch_shape[:-1]) if batch_shape else 1
+    kv_heads = kv_batch[-1] if kv_batch else 1
+    q = query.expand(batch_shape + (L, E)).reshape(batch, heads, L, E)
+    k = key.expand(kv_batch + (S, E)).reshape(batch, kv_heads, S, E)
+    v = value.expand(kv_batch + (S, Ev)).reshape(batch, kv_heads, S, Ev)
+    mask = None
+    if attn_mask is not None:
+        try:
+            if attn_mask.dim() > len(batch_shape) + 2:
+                raise RuntimeError
+            mask = attn_mask.expand(batch_shape + (L, S))
+        except RuntimeError:
+            raise RuntimeError(f"{_NAME}: argument 'attn_mask' of shape {tuple(attn_mask.shape)} does not broadcast "
+                               f"to the attention weights' shape {batch_shape + (L, S)}") from None
+        mask = mask.reshape(batch, heads, L, S)
+    scale = float(scale) if scale is not None else (1.0 / math.sqrt(E) if E else 1.0)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0 and seed is None:
+        seed = draw_dropout_seed()
+    if dropout_p <= 0:
+        seed = None
+    return (q, k, v, mask, dropout_p, bool(is_causal), scale, seed), (batch_shape, L, Ev)
+
+
+def _prepare(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    # for explain(): never draws a seed, so asking does not move torch's generator
+    args, _ = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                           seed=torch.zeros(2, dtype=torch.int64))
+    return args, {}
+
+
+@dispatch.entry_point(SDPA_FORWARD, _prepare)
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention, fused: same signature, same results.
+
+    query (..., L, E), key (..., S, E), value (..., S, Ev); batch dims broadcast; masks bool
+    (True = attend) or float (added), broadcastable to (..., L, S); is_causal as torch aligns it
+    (query i sees keys j <= i); enable_gqa: key/value heads (dim -3) may divide the query's.
+    Dropout draws its seed from torch's default generator (torch.manual_seed reproduces it).
+    Memory O(L + S) per head: the (L, S) matrix is never stored (except a float mask's gradient).
+    """
+    args, (batch_shape, L, Ev) = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    out, _ = sdpa_forward_op(*args)
+    return out.reshape(batch_shape + (L, Ev))
+
+
+# ---------------------------------------------------------------------------------------------
+# Variable-length batches: sequences packed along the first dimension, delimited by cu_seqlens.
+#   q (Tq, Hq, E), k (Tk, Hkv, E), v (Tk, Hkv, Ev), cu_seq_q / cu_seq_k (N + 1,) cumulative lengths
+#   -> out (Tq, Hq, Ev), lse (Hq, Tq). Each sequence attends only to its own keys, as one
+#   scaled_dot_product_attention call per sequence would (is_causal aligned top-left per sequence).
+
+VARLEN_FORWARD = dispatch.Op("varlen_attention_forward")
+VARLEN_BACKWARD = dispatch.Op("varlen_attention_backward")
+
+
+def _as_4d(t: Tensor) -> Tensor:
+    """(T, H, D) -> the (1, H, T, D) view the kernels walk."""
+    return t.unsqueeze(0).transpose(1, 2)
+
+
+def _varlen_triton_unsupported(q, k, v, *rest):
+    return dispatch.triton_unsupported(q, k, v) or _kernel_reason(q, k, v, None)
+
+
+def _varlen_backward_triton_unsupported(grad_out, grad_lse, q, k, v, *rest):
+    return dispatch.triton_unsupported(grad_out, q, k, v) or _kernel_reason(q, k, v, None)
+
+
+def _cu32(cu, device):
+    return cu.to(device=device, dtype=torch.int32)
+
+
+@VARLEN_FORWARD.register("triton", _varlen_triton_unsupported)
+def _varlen_forward_triton(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, seed):
+    from bigkern.kernels import attention as kernels
+
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    out = memory.empty((q.shape[0], q.shape[1], v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = memory.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    kernels.attention_forward(_as_4d(q), _as_4d(k), _as_4d(v), None, _as_4d(out), lse.unsqueeze(0), scale=scale,
+                              is_causal=is_causal, dropout=_dropout_arg(dropout_p, seed), allow_tf32=_allow_tf32(),
+                              cu_seqlens_q=_cu32(cu_seq_q, q.device), cu_seqlens_k=_cu32(cu_seq_k, q.device),
+                              max_seqlen_q=max_q, max_seqlen_k=max_k)
+    return out, lse
+
+
+def _sequences(cu_seq_q, cu_seq_k):
+    bounds_q, bounds_k = cu_seq_q.tolist(), cu_seq_k.tolist()
+    return list(zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:]))
+
+
+@VARLEN_FORWARD.register("torch", _always)
+def _varlen_forward_torch(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, seed):
+    out = torch.zeros((q.shape[0], q.shape[1], v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    for b, (q0, q1, k0, k1) in enumerate(_sequences(cu_seq_q, cu_seq_k)):
+        o, l_ = torch_forward(_as_4d(q[q0:q1]), _as_4d(k[k0:k1]), _as_4d(v[k0:k1]), None, dropout_p, is_causal,
+                              scale, seed, first_stream=b * q.shape[1])
+        out[q0:q1] = o[0].transpose(0, 1)
+        lse[:, q0:q1] = l_[0]
+    return out, lse
+
+
+@VARLEN_BACKWARD.register("triton", _varlen_backward_triton_unsupported)
+def _varlen_backward_triton(grad_out, grad_lse, q, k, v, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p,
+                            is_causal, scale, seed):
+    from bigkern.kernels import attention as kernels
+
+    q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
+    lse = lse.contiguous()
+    grad_q, grad_k, grad_v = (memory.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    delta = memory.empty(lse.shape, dtype=torch.float32, device=q.device)
+    kernels.attention_backward(
+        _as_4d(grad_out), _as_4d(q), _as_4d(k), _as_4d(v), None, _as_4d(out), lse.unsqueeze(0),
+        None if grad_lse is None else grad_lse.contiguous().unsqueeze(0), delta.unsqueeze(0),
+        _as_4d(grad_q), _as_4d(grad_k), _as_4d(grad_v), None, scale=scale, is_causal=is_causal,
+        dropout=_dropout_arg(dropout_p, seed), allow_tf32=_allow_tf32(), cu_seqlens_q=_cu32(cu_seq_q, q.device),
+        cu_seqlens_k=_cu32(cu_seq_k, q.device), max_seqlen_q=max_q, max_seqlen_k=max_k)
+    return grad_q, grad_k, grad_v
+
+
+@VARLEN_BACKWARD.register("torch", _always)
+def _varlen_backward_torch(grad_out, grad_lse, q, k, v, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p,
+                           is_causal, scale, seed):
+    grad_q, grad_k, grad_v = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    for b, (q0, q1, k0, k1) in enumerate(_sequences(cu_seq_q, cu_seq_k)):
+        gl = None if grad_lse is None else grad_lse[:, q0:q1].unsqueeze(0)
+        dq, dk, dv, _ = torch_backward(_as_4d(grad_out[q0:q1]), gl, _as_4d(q[q0:q1]), _as_4d(k[k0:k1]),
+                                       _as_4d(v[k0:k1]), None, _as_4d(out[q0:q1]), lse[:, q0:q1].unsqueeze(0),
+                                       dropout_p, is_causal, scale, seed, False, first_stream=b * q.shape[1])
+        grad_q[q0:q1] = dq[0].transpose(0, 1)
+        grad_k[k0:k1] = dk[0].transpose(0, 1)
+        grad_v[k0:k1] = dv[0].transpose(0, 1)
+    return grad_q, grad_k, grad_v
+
+
+@torch.library.custom_op("bigkern::varlen_attention_forward", mutates_args=())
+def varlen_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int,
+                      dropout_p: float, is_causal: bool, scale: float,
+                      seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return VARLEN_FORWARD(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, seed)
+
+
+@varlen_forward_op.register_fake
+def _(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, seed):
+    return (q.new_empty((q.shape[0], q.shape[1], v.shape[-1])),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q.dtype)))
+
+
+@torch.library.custom_op("bigkern::varlen_attention_backward", mutates_args=())
+def varlen_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                       lse: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int, dropout_p: float,
+                       is_causal: bool, scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return VARLEN_BACKWARD(grad_out, grad_lse, q, k, v, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p,
+                           is_causal, scale, seed)
+
+
+@varlen_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, seed):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seq_q, cu_seq_k, seed)
+    ctx.args = (max_q, max_k, dropout_p, is_causal, scale)
+    ctx.set_materialize_grads(False)
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seq_q, cu_seq_k, seed = ctx.saved_tensors
+    max_q, max_k, dropout_p, is_causal, scale = ctx.args
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_q, grad_k, grad_v = varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_seq_q, cu_seq_k, max_q,
+                                                max_k, dropout_p, is_causal, scale, seed)
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None
+
+
+varlen_forward_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+_VARLEN = "varlen_attention()"
+
+
+def check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, enable_gqa):
+    for position, (t, name) in enumerate(((query, "query"), (key, "key"), (value, "value"),
+                                          (cu_seq_q, "cu_seq_q"), (cu_seq_k, "cu_seq_k")), 1):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{_VARLEN}: argument '{name}' (position {position}) must be Tensor, "
+                            f"not {type(t).__name__}")
+    for t, name in ((query, "query"), (key, "key"), (value, "value")):
+        if t.dim() != 3:
+            raise RuntimeError(f"{_VARLEN}: expected argument '{name}' to be 3-dimensional (total tokens, heads, "
+                               f"head dim), but got a {t.dim()}-d tensor")
+        if t.dtype != query.dtype:
+            raise RuntimeError(f"{_VARLEN}: expected argument '{name}' to have the dtype of 'query' ({query.dtype}), "
+                               f"but got {t.dtype}")
+        if t.device != query.device:
+            raise RuntimeError(f"{_VARLEN}: expected argument '{name}' on the device of 'query' ({query.device}), "
+                               f"but it is on {t.device}")
+    if not query.is_floating_point():
+        raise RuntimeError(f"{_VARLEN}: expected argument 'query' to be a floating-point tensor, not {query.dtype}")
+    if key.shape[2] != query.shape[2]:
+        raise RuntimeError(f"{_VARLEN}: argument 'key' must have the head dim of 'query' ({query.shape[2]}), "
+                           f"but has {key.shape[2]}")
+    if value.shape[:2] != key.shape[:2]:
+        raise RuntimeError(f"{_VARLEN}: argument 'value' must have the tokens and heads of 'key' "
+                           f"{tuple(key.shape[:2])}, but has {tuple(value.shape[:2])}")
+    if key.shape[1] != query.shape[1] and not (enable_gqa and key.shape[1] and query.shape[1] % key.shape[1] == 0):
+        raise RuntimeError(f"{_VARLEN}: argument 'key' has {key.shape[1]} heads and 'query' {query.shape[1]}: "
+                           f"they must be equal, or divide them with enable_gqa=True")
+    for t, name in ((cu_seq_q, "cu_seq_q"), (cu_seq_k, "cu_seq_k")):
+        if t.dim() != 1 or t.numel() < 1 or t.dtype not in (torch.int32, torch.int64):
+            raise RuntimeError(f"{_VARLEN}: argument '{name}' must be a 1-d int32 or int64 tensor of N + 1 cumulative "
+                               f"sequence lengths, but got shape {tuple(t.shape)} and dtype {t.dtype}")
+        if t.device != query.device:
+            raise RuntimeError(f"{_VARLEN}: expected argument '{name}' on the device of 'query' ({query.device}), "
+                               f"but it is on {t.device}")
+    if cu_seq_q.numel() != cu_seq_k.numel():
+        raise RuntimeError(f"{_VARLEN}: arguments 'cu_seq_q' and 'cu_seq_k' must describe the same number of "
+                           f"sequences, but have {cu_seq_q.numel()} and {cu_seq_k.numel()} entries")
+    for value_, name in ((max_q, "max_q"), (max_k, "max_k")):
+        if not isinstance(value_, int) or value_ < 0:
+            raise TypeError(f"{_VARLEN}: argument '{name}' must be a non-negative int, not {value_!r}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"{_VARLEN}: argument 'dropout_p' must be between 0 and 1, but got {dropout_p}")
+
+
+def prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, dropout_p=0.0, is_causal=False,
+                   scale=None, enable_gqa=False, seed=None):
+    check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, enable_gqa)
+    E = query.shape[2]
+    scale = float(scale) if scale is not None else (1.0 / math.sqrt(E) if E else 1.0)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0 and seed is None:
+        seed = draw_dropout_seed()
+    if dropout_p <= 0:
+        seed = None
+    return (query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k), dropout_p, bool(is_causal), scale, seed)
+
+
+def _prepare_varlen(*args, return_lse=False, **kwargs):
+    return prepare_varlen(*args, **kwargs, seed=torch.zeros(2, dtype=torch.int64)), {}
+
+
+@dispatch.entry_point(VARLEN_FORWARD, _prepare_varlen)
+def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int,
+                     max_k: int, *, dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                     enable_gqa: bool = False, return_lse: bool = False):
+    """Attention over a packed batch of unequal sequences, without padding (forward and backward).
+
+    query (Tq, Hq, E), key (Tk, Hkv, E), value (Tk, Hkv, Ev); cu_seq_q / cu_seq_k (N + 1,) int32
+    cumulative lengths (cu[0] = 0, cu[N] = total tokens); max_q / max_k the longest sequences.
+    Sequence b's queries attend to sequence b's keys only, exactly as a scaled_dot_product_attention
+    call per sequence would (is_causal top-left aligned within each sequence). Returns out
+    (Tq, Hq, Ev), and lse (Hq, Tq) float32 too with return_lse=True (differentiable).
+    """
+    args = prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p=dropout_p,
+                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    out, lse = varlen_forward_op(*args)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification against float64, shared by tests/test_attention.py and `bigkern verify`.
+
+def _replay_seed(rng_state_before, dropout_p):
+    """The dropout seed a call made with torch's generator in `rng_state_before` drew."""
+    if dropout_p <= 0:
+        return None
+    after = torch.get_rng_state()
+    torch.set_rng_state(rng_state_before)
+    seed = draw_dropout_seed()
+    torch.set_rng_state(after)
+    return seed
+
+
+def _gradient_term_scales(args64, out64, lse64, grad_out64, users):
+    """For each input, the largest sum of |terms| its gradient adds up (the floor's magnitude: the
+    gradients are sums whose terms cancel). `users` maps input name -> user tensor (for the
+    broadcast multiplicity: a broadcast input's gradient sums over the copies too)."""
+    q, k, v, mask, dropout_p, is_causal, scale, seed = args64
+    with torch.no_grad():
+        heads = q.shape[1]
+        ke, ve = _expand_kv_heads(k, heads), _expand_kv_heads(v, heads)
+        p = torch.exp(_masked_scores(q, k, mask, is_causal, scale) - lse64.unsqueeze(-1)).nan_to_num(0.0)
+        z = torch.ones_like(p)
+        if seed is not None:
+            z = dropout_multiplier(dropout_keep_mask(seed, *q.shape[:3], k.shape[2], dropout_p, q.device), dropout_p,
+                                   p.dtype)
+        go = grad_out64.nan_to_num(0.0)
+        dp = torch.matmul(go, ve.transpose(-1, -2)) * z
+        delta = (go * out64.nan_to_num(0.0)).sum(-1, keepdim=True)
+        terms = (p * (dp.abs() + delta.abs())).nan_to_num(0.0)
+        magnitudes = {
+            "query": (terms @ ke.abs()) * abs(scale),
+            "key": _sum_kv_heads((terms.transpose(-1, -2) @ q.abs()) * abs(scale), k.shape[1]),
+            "value": _sum_kv_heads((p * z).transpose(-1, -2) @ go.abs(), k.shape[1]),
+            "attn_mask": terms,
+        }
+    scales = {}
+    for name, tensor in magnitudes.items():
+        user = users.get(name)
+        if user is None or tensor.numel() == 0 or user.numel() == 0:
+            scales[name] = None
+            continue
+        copies = max(1, tensor.numel() // user.numel())
+        scales[name] = tensor.nan_to_num(0.0, posinf=0.0).max().item() * copies
+    return scales
+
+
+def compare_with_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                           enable_gqa=False):
+    """Run scaled_dot_product_attention forward and backward on leaf tensors with whatever backend
+    is requested; the Comparisons of the output and of every gradient against float64 (the
+    dropout pattern replayed from the seed the call drew)."""
+    from bigkern import testing
+
+    rng_before = torch.get_rng_state()
+    out = scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    seed = _replay_seed(rng_before, dropout_p)
+    grad_out = testing.make_tensor(out.shape, out.dtype, out.device)
+    if out.requires_grad:
+        out.backward(grad_out)
+
+    def reference(copy):
+        tensors = [copy(t) for t in (query, key, value)]
+        mask = attn_mask
+        if attn_mask is not None and attn_mask.is_floating_point():
+            mask = copy(attn_mask)
+        elif attn_mask is not None:
+            mask = attn_mask.to(tensors[0].device)
+        args, (batch_shape, L, Ev) = prepare_sdpa(*tensors, mask, dropout_p, is_causal, scale, enable_gqa,
+                                                  seed=seed)
+        q4, k4, v4, m4, p, causal, sc, sd = args
+        keep = dropout_keep_mask(sd, *q4.shape[:3], k4.shape[2], p, q4.device) if sd is not None else None
+        out4, lse4 = reference_attention(q4, k4, v4, m4, causal, sc, keep, p)
+        result = out4.reshape(batch_shape + (L, Ev))
+        if result.requires_grad:
+            result.backward(grad_out.to(device=result.device, dtype=result.dtype))
+        return result, tensors + [mask], args, out4, lse4
+
+    out64, leaves64, args64, out4_64, lse4_64 = reference(testing.fp64_copy)
+    out_t, leaves_t, *_ = reference(testing.same_dtype_copy)
+    results = [testing.compare(out, out64, out_t)]
+    names = ("query", "key", "value", "attn_mask")
+    users = {name: t for name, t in zip(names, (query, key, value, attn_mask)) if t is not None}
+    grad_out4 = grad_out.double().cpu().reshape(out4_64.shape)
+    scales = _gradient_term_scales(args64, out4_64.detach(), lse4_64.detach(), grad_out4, users)
+    for name, user, ref, same in zip(names, (query, key, value, attn_mask), leaves64, leaves_t):
+        if user is None or not user.requires_grad:
+            continue
+        results.append(testing.compare(user.grad, ref.grad, same.grad, name=f"grad {name}",
+                                       factor=testing.GRADIENT_FACTOR, scale=scales[name]))
+    return results
+
+
+# (B, Hq, Hkv, L, S, E, Ev, is_causal, mask kind, dropout_p, layout)
+_CPU_CASES = [
+    (2, 3, 3, 33, 65, 40, 40, False, None, 0.0, "contiguous"),
+    (1, 4, 2, 65, 33, 64, 16, True, None, 0.0, "fused_qkv"),
+    (2, 2, 2, 7, 33, 16, 16, False, "bool", 0.0, "contiguous"),
+    (1, 2, 1, 33, 7, 40, 64, False, "float", 0.0, "contiguous"),
+    (2, 2, 2, 1, 65, 64, 64, False, None, 0.0, "contiguous"),
+    (1, 2, 2, 33, 33, 16, 16, True, None, 0.25, "contiguous"),
+]
+_GPU_CASES = [
+    (2, 8, 8, 1024, 1024, 128, 128, False, None, 0.0, "fused_qkv"),
+    (2, 8, 2, 1000, 1000, 128, 128, True, None, 0.0, "contiguous"),
+    (1, 4, 4, 777, 1025, 80, 80, False, "bool", 0.0, "contiguous"),
+    (1, 4, 4, 513, 300, 256, 256, False, "float", 0.0, "contiguous"),
+    (2, 8, 8, 1, 4096, 64, 64, False, None, 0.0, "contiguous"),
+    (1, 4, 4, 512, 512, 96, 96, True, None, 0.1, "contiguous"),
+]
+
+
+def make_inputs(batch, heads, kv_heads, seq_q, seq_k, head_dim, head_dim_v, mask_kind, layout, dtype, device,
+                requires_grad=True):
+    """Random q, k, v (B, H, L, D) in `layout` ("contiguous" or "fused_qkv": views of one
+    (B, L, 3, H, D) projection, transposed) and a mask of `mask_kind` (None, "bool", "float")."""
+    from bigkern import testing
+
+    if layout == "fused_qkv" and seq_q == seq_k and heads == kv_heads and head_dim == head_dim_v:
+        qkv = testing.make_tensor((batch, seq_q, 3, heads, head_dim), dtype, device)
+        q, k, v = (qkv[:, :, i].transpose(1, 2).detach().requires_grad_(requires_grad) for i in range(3))
+    else:
+        q = testing.make_tensor((batch, heads, seq_q, head_dim), dtype, device, requires_grad=requires_grad)
+        k = testing.make_tensor((batch, kv_heads, seq_k, head_dim), dtype, device, requires_grad=requires_grad)
+        v = testing.make_tensor((batch, kv_heads, seq_k, head_dim_v), dtype, device, requires_grad=requires_grad)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(batch, 1, seq_q, seq_k, device=device) > 0.3
+    elif mask_kind == "float":
+        mask = testing.make_tensor((seq_q, seq_k), dtype, device, requires_grad=requires_grad)
+    return q, k, v, mask
+
+
+def verification_cases(device, dtype):
+    """(description, thunk returning Comparisons) on fresh random inputs: what `bigkern verify` runs."""
+    if device == "cpu" and dtype == torch.bfloat16 and dispatch.triton_interpreter_enabled():
+        return  # tl.dot on bf16 is broken in the Triton 3.8 interpreter: bf16 is verified on GPUs
+    for case in (_CPU_CASES if device == "cpu" else _GPU_CASES):
+        B, Hq, Hkv, L, S, E, Ev, causal, mask_kind, dropout_p, layout = case
+
+        def run(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, Ev=Ev, causal=causal, mask_kind=mask_kind,
+                dropout_p=dropout_p, layout=layout):
+            q, k, v, mask = make_inputs(B, Hq, Hkv, L, S, E, Ev, mask_kind, layout, dtype, device)
+            return compare_with_reference(q, k, v, mask, dropout_p, causal, enable_gqa=Hq != Hkv)
+        yield (f"B={B} H={Hq}/{Hkv} L={L} S={S} E={E} Ev={Ev}{' causal' if causal else ''}"
+               f"{' mask=' + mask_kind if mask_kind else ''}{f' dropout={dropout_p}' if dropout_p else ''} {layout}"), run

@@ -1,0 +1,727 @@
+"""Flash attention: softmax(scale * Q K^T + mask) V without ever storing the (L, S) matrix.
+
+Shapes (the op layer normalizes every call to these): q (B, Hq, L, D), k (B, Hkv, S, D),
+v (B, Hkv, S, Dv), out (B, Hq, L, Dv), lse (B, Hq, L) float32; any strides except a unit stride
+in the last dimension. Query head h reads kv head h // (Hq // Hkv) (grouped-query attention).
+A variable-length batch is the same walk with B = number of sequences, each sequence's rows
+starting at cu_seqlens[b] of a packed (total, H, D) tensor.
+
+Forward (one program per BLOCK_M query rows of one head), the online softmax of FlashAttention-2:
+for each key block, in base 2 so that one exp2 serves (log2(e) is folded into the scale),
+
+    s     = (q k^T) * scale * log2(e) + mask * log2(e)      masked entries are -inf
+    m_new = max(m, rowmax(s));  alpha = 2^(m - m_new);  p = 2^(s - m_new)
+    l     = l * alpha + rowsum(p);  acc = acc * alpha + (p * dropout) v
+
+and at the end out = acc / l, lse = (m + log2 l) * ln 2 (the natural-log logsumexp backward needs).
+A row whose every key is masked has l = 0: its output is 0 (what torch gives) and its lse is +inf,
+so that backward's exp(s - lse) is exactly 0 there (FlashAttention's convention).
+
+Backward (FlashAttention-2): delta = rowsum(dO * O) first; then one program per key block
+accumulates dK and dV over every query block (and, for GQA, over every query head of its group,
+so no atomics are needed), and one program per query block accumulates dQ over every key block:
+
+    p  = exp(s - lse)                 (recomputed, never stored)
+    dV += (p * Z)^T dO                Z = keep / (1 - dropout_p), 1 without dropout
+    dP = (dO V^T) * Z
+    dS = p * (dP - delta)             = d loss / d (scores + mask): also the float mask's gradient
+    dQ += scale * dS K;   dK += scale * dS^T Q
+
+Causal attention is torch's: query i sees keys j <= i (top-left aligned, also when L != S), so a
+query block stops at its last row and the key blocks past it are never visited. Explicit masks
+are added as 0 / -inf (booleans) or as values (floats), with any broadcast expressed by stride 0;
+adding keeps NaN in a masked score (NaN + -inf = NaN), as torch's math does.
+
+Dropout draws its numbers in the kernel: Philox4x32-10 keyed by a 62-bit seed, counter
+(key column, query row, batch * Hq + head, 0), kept when the 32-bit word >= dropout_p * 2^32.
+Forward and backward regenerate the same bits; `dropout_keep_mask` in bigkern/ops/attention.py
+computes them with torch ops, bit for bit.
+"""
+
+import functools
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) = log2(x) * LN2
+
+MASK_NONE = 0
+MASK_BOOL = 1
+MASK_FLOAT = 2
+
+# Philox4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11)
+_PHILOX_M0 = tl.constexpr(0xD2511F53)
+_PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+_PHILOX_W0 = tl.constexpr(0x9E3779B9)
+_PHILOX_W1 = tl.constexpr(0xBB67AE85)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces shared by the forward and backward kernels.
+
+@triton.jit
+def philox_word(c0, c1, c2, c3, k0, k1):
+    """The first 32-bit word of Philox4x32-10 for counters (c0..c3) and key (k0, k1), all uint32."""
+    for _ in tl.static_range(10):
+        prev0 = c0
+        prev2 = c2
+        c0 = tl.umulhi(prev2, _PHILOX_M1) ^ c1 ^ k0
+        c2 = tl.umulhi(prev0, _PHILOX_M0) ^ c3 ^ k1
+        c1 = prev2 * _PHILOX_M1
+        c3 = prev0 * _PHILOX_M0
+        k0 = k0 + _PHILOX_W0
+        k1 = k1 + _PHILOX_W1
+    return c0
+
+
+@triton.jit
+def dropout_keep(rows, cols, stream, seed_lo, seed_hi, threshold):
+    """Which (row, col) of the score tile dropout keeps; rows and cols are broadcastable 2-D
+    index tensors, in whichever orientation the caller's tile has."""
+    zero = (rows * 0 + cols * 0).to(tl.uint32)
+    c0 = cols.to(tl.uint32) + zero
+    c1 = rows.to(tl.uint32) + zero
+    c2 = zero + stream.to(tl.uint32)
+    k0 = zero + seed_lo.to(tl.uint32)
+    k1 = zero + seed_hi.to(tl.uint32)
+    word = philox_word(c0, c1, c2, zero, k0, k1)
+    return word.to(tl.int64) >= threshold
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, col_ok, MASKED: tl.constexpr, other):
+    """Load a 2-D tile, bounds-checked only where the caller says it may leave the tensor."""
+    if MASKED:
+        return tl.load(ptrs, mask=row_ok & col_ok, other=other)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _mask_scores(s, mask_ptrs, rows, cols, seq_q, seq_k, MASK_KIND: tl.constexpr):
+    """Add the explicit mask (in base-2 units) to a score tile; rows/cols broadcastable index tiles."""
+    if MASK_KIND == 1:
+        keep = tl.load(mask_ptrs, mask=(rows < seq_q) & (cols < seq_k), other=0) != 0
+        s = s + tl.where(keep, 0.0, float("-inf"))
+    elif MASK_KIND == 2:
+        bias = tl.load(mask_ptrs, mask=(rows < seq_q) & (cols < seq_k), other=0.0).to(tl.float32)
+        s = s + bias * LOG2E
+    return s
+
+
+@triton.jit
+def _sequence(CuSeq, b, fixed_len, VARLEN: tl.constexpr):
+    """(first row, length) of sequence b: a packed batch's from cu_seqlens, else (0, fixed_len)."""
+    if VARLEN:
+        start = tl.load(CuSeq + b)
+        return start, tl.load(CuSeq + b + 1) - start
+    else:
+        return b * 0, fixed_len
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+
+@triton.jit
+def _forward_block(acc, l_i, m_i, q, k_base, v_base, mask_base, n0, offs_m, offs_n, offs_d, offs_dv,
+                   seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
+                   dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BOUNDARY: tl.constexpr):
+    """One key block of the online softmax. BOUNDARY blocks may hold keys past seq_k or past the
+    causal diagonal; the others are read without any bounds check."""
+    cols = n0 + offs_n
+    col_ok = cols < seq_k
+    # K^T tile (BLOCK_D, BLOCK_N) and V tile (BLOCK_N, BLOCK_DV)
+    k_t = _load_tile(k_base + cols[None, :] * stride_kn + offs_d[:, None], (offs_d < HEAD_DIM)[:, None],
+                     col_ok[None, :], BOUNDARY or HEAD_DIM != BLOCK_D, 0.0)
+    v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
+                   (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY or HEAD_DIM_V != BLOCK_DV, 0.0)
+    s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+    rows2 = offs_m[:, None]
+    cols2 = cols[None, :]
+    if MASK_KIND != 0:
+        s = _mask_scores(s, mask_base + rows2.to(tl.int64) * stride_mm + cols2.to(tl.int64) * stride_mn,
+                         rows2, cols2, seq_q, seq_k, MASK_KIND)
+    if BOUNDARY:
+        visible = cols2 < seq_k
+        if IS_CAUSAL:
+            visible = visible & (cols2 <= rows2)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row that has seen only masked keys so far keeps m = -inf: subtract 0 instead (no inf - inf)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DROPOUT:
+        keep = dropout_keep(rows2, cols2, stream, seed_lo, seed_hi, dropout_threshold)
+        p = tl.where(keep, p * dropout_scale, 0.0)
+    acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def attention_forward_kernel(
+    Q, K, V, Mask, Out, Lse, CuSeqQ, CuSeqK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    n_heads, group_size, seq_q, seq_k,
+    qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi,
+    q_bucket, k_bucket,  # autotuning keys only
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seq_q = _sequence(CuSeqQ, b, seq_q, VARLEN)
+    k_start, seq_k = _sequence(CuSeqK, b, seq_k, VARLEN)
+    if IS_CAUSAL:
+        # the longest query blocks (the last ones) first: they finish with the rest
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seq_q:
+        return
+    kv_head = h // group_size
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
+    k_base = K + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    mask_base = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh
+    stream = b * n_heads + h
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < seq_q
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+
+    # Key blocks [0, full_end) are whole and (causal) entirely at or below the diagonal of every
+    # row of this block; [full_end, end) need the bounds / diagonal masks.
+    if IS_CAUSAL:
+        end = tl.minimum(seq_k, m0 + BLOCK_M)
+        full_end = (tl.minimum(m0 + 1, seq_k) // BLOCK_N) * BLOCK_N
+    else:
+        end = seq_k
+        full_end = (seq_k // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _forward_block(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, n0, offs_m, offs_n, offs_d, offs_dv,
+            seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
+            dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, False)
+    for n0 in range(full_end, end, BLOCK_N):
+        acc, l_i, m_i = _forward_block(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, n0, offs_m, offs_n, offs_d, offs_dv,
+            seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
+            dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, True)
+
+    # l = 0: every key masked -> output 0 (acc * 0 keeps a NaN that reached acc, as torch's does)
+    empty_row = l_i == 0.0
+    l_safe = tl.where(empty_row, 1.0, l_i)
+    inv_l = tl.where(empty_row, 0.0, 1.0 / l_safe)
+    out = acc * inv_l[:, None]
+    lse = tl.where(empty_row, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    o_base = Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+    lse_base = Lse + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64)
+    tl.store(lse_base + offs_m, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+
+@triton.jit
+def attention_backward_delta_kernel(
+    Out, GradOut, GradLse, Delta, CuSeqQ,
+    stride_ob, stride_oh, stride_om, stride_gb, stride_gh, stride_gm, stride_lb, stride_lh,
+    seq_q,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - d loss / d lse, in fp32 (the gradient through lse enters here:
+    d lse / d s = p, so it shifts delta and nothing else)."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seq_q = _sequence(CuSeqQ, b, seq_q, VARLEN)
+    m0 = tl.program_id(0) * BLOCK_M
+    if m0 >= seq_q:
+        return
+    b64 = b.to(tl.int64)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (rows < seq_q)[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
+    o = tl.load(Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + (q_start + rows).to(tl.int64)[:, None] * stride_om
+                + offs_dv[None, :], mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(GradOut + b64 * stride_gb + h.to(tl.int64) * stride_gh
+                + (q_start + rows).to(tl.int64)[:, None] * stride_gm + offs_dv[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o * g.to(tl.float32), 1)
+    lse_offsets = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64) + rows
+    if HAS_GRAD_LSE:
+        delta -= tl.load(GradLse + lse_offsets, mask=rows < seq_q, other=0.0)
+    tl.store(Delta + lse_offsets, delta, mask=rows < seq_q)
+
+
+@triton.jit
+def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, m0, cols,
+                         offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_dom, stride_mm, stride_mn,
+                         qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DIAGONAL: tl.constexpr):
+    """dK, dV contributions of one query block, in transposed tiles (keys along rows). Query rows
+    past seq_q read lse = +inf, so their p is 0 without a mask; DIAGONAL blocks apply causality."""
+    rows = m0 + offs_m
+    row_ok = rows < seq_q
+    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+    lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+    rows2 = rows[None, :]
+    cols2 = cols[:, None]
+    if MASK_KIND != 0:
+        s_t = _mask_scores(s_t, mask_base + rows2.to(tl.int64) * stride_mm + cols2.to(tl.int64) * stride_mn,
+                           rows2, cols2, seq_q, seq_k, MASK_KIND)
+    p_t = tl.math.exp2(s_t - lse2[None, :])
+    if DIAGONAL:
+        if IS_CAUSAL:
+            p_t = tl.where(cols2 <= rows2, p_t, 0.0)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+    if DROPOUT:
+        keep = dropout_keep(rows2, cols2, stream, seed_lo, seed_hi, dropout_threshold)
+        dv += tl.dot(tl.where(keep, p_t * dropout_scale, 0.0).to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+    else:
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attention_backward_dkdv_kernel(
+    Q, K, V, Mask, GradOut, Lse, Delta, GradK, GradV, CuSeqQ, CuSeqK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm,
+    stride_lb, stride_lh,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    n_heads, group_size, seq_q, seq_k,
+    sm_scale, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi,
+    q_bucket, k_bucket,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per BLOCK_N keys of one kv head: dK and dV summed over every query row of every
+    query head that reads this kv head."""
+    kv_head = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seq_q = _sequence(CuSeqQ, b, seq_q, VARLEN)
+    k_start, seq_k = _sequence(CuSeqK, b, seq_k, VARLEN)
+    n0 = tl.program_id(0) * BLOCK_N
+    if n0 >= seq_k:
+        return
+    b64 = b.to(tl.int64)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = cols < seq_k
+    k_rows = (k_start + cols).to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_rows[:, None] * stride_kn
+                + offs_d[None, :], mask=col_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    v = tl.load(V + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vn
+                + offs_dv[None, :], mask=col_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+
+    # Causal: rows before n0 see none of these keys; rows from diag_end on see all of them.
+    if IS_CAUSAL:
+        start = (n0 // BLOCK_M) * BLOCK_M
+        diag_end = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, seq_q)
+    else:
+        start = 0
+        diag_end = 0
+    for g in range(0, group_size):
+        h = kv_head * group_size + g
+        stream = b * n_heads + h
+        h64 = h.to(tl.int64)
+        q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qm
+        do_base = GradOut + b64 * stride_gb + h64 * stride_gh + q_start.to(tl.int64) * stride_gm
+        lse_offset = b64 * stride_lb + h64 * stride_lh + q_start.to(tl.int64)
+        mask_base = Mask + b64 * stride_mb + h64 * stride_mh
+        for m0 in range(start, diag_end, BLOCK_M):
+            dk, dv = _backward_dkdv_block(
+                dk, dv, k, v, q_base, do_base, Lse + lse_offset, Delta + lse_offset, mask_base, m0, cols,
+                offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_gm, stride_mm, stride_mn,
+                qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, True)
+        for m0 in range(tl.maximum(start, diag_end), seq_q, BLOCK_M):
+            dk, dv = _backward_dkdv_block(
+                dk, dv, k, v, q_base, do_base, Lse + lse_offset, Delta + lse_offset, mask_base, m0, cols,
+                offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_gm, stride_mm, stride_mn,
+                qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, False)
+
+    dk = dk * sm_scale
+    tl.store(GradK + b64 * stride_dkb + kv_head.to(tl.int64) * stride_dkh + k_rows[:, None] * stride_dkn
+             + offs_d[None, :], dk.to(GradK.dtype.element_ty), mask=col_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(GradV + b64 * stride_dvb + kv_head.to(tl.int64) * stride_dvh + k_rows[:, None] * stride_dvn
+             + offs_dv[None, :], dv.to(GradV.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+
+
+@triton.jit
+def _backward_dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, grad_mask_base, n0, rows, offs_n,
+                       offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn,
+                       stride_gmm, stride_gmn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                       DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                       BOUNDARY: tl.constexpr):
+    """dQ contribution of one key block (and, with MASK_GRAD, that block of the mask's gradient)."""
+    cols = n0 + offs_n
+    col_ok = cols < seq_k
+    k = _load_tile(k_base + cols[:, None] * stride_kn + offs_d[None, :], col_ok[:, None],
+                   (offs_d < HEAD_DIM)[None, :], BOUNDARY or HEAD_DIM != BLOCK_D, 0.0)
+    v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
+                   (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY or HEAD_DIM_V != BLOCK_DV, 0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    rows2 = rows[:, None]
+    cols2 = cols[None, :]
+    if MASK_KIND != 0:
+        s = _mask_scores(s, mask_base + rows2.to(tl.int64) * stride_mm + cols2.to(tl.int64) * stride_mn,
+                         rows2, cols2, seq_q, seq_k, MASK_KIND)
+    p = tl.math.exp2(s - lse2[:, None])
+    if BOUNDARY:
+        # keys past seq_k must not count: with a very negative lse their p would overflow
+        visible = cols2 < seq_k
+        if IS_CAUSAL:
+            visible = visible & (cols2 <= rows2)
+        p = tl.where(visible, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if DROPOUT:
+        keep = dropout_keep(rows2, cols2, stream, seed_lo, seed_hi, dropout_threshold)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    if MASK_GRAD:
+        tl.store(grad_mask_base + rows2.to(tl.int64) * stride_gmm + cols2.to(tl.int64) * stride_gmn,
+                 ds.to(grad_mask_base.dtype.element_ty), mask=(rows2 < seq_q) & (cols2 < seq_k))
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def attention_backward_dq_kernel(
+    Q, K, V, Mask, GradOut, Lse, Delta, GradQ, GradMask, CuSeqQ, CuSeqK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm,
+    stride_lb, stride_lh,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_gmb, stride_gmh, stride_gmm, stride_gmn,
+    n_heads, group_size, seq_q, seq_k,
+    sm_scale, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi,
+    q_bucket, k_bucket,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per BLOCK_M query rows of one head: dQ over every key block it sees."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seq_q = _sequence(CuSeqQ, b, seq_q, VARLEN)
+    k_start, seq_k = _sequence(CuSeqK, b, seq_k, VARLEN)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seq_q:
+        return
+    kv_head = h // group_size
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < seq_q
+    q_rows = (q_start + rows).to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + q_rows[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    do = tl.load(GradOut + b64 * stride_gb + h64 * stride_gh + q_rows[:, None] * stride_gm + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+    lse_offsets = b64 * stride_lb + h64 * stride_lh + q_rows
+    lse2 = tl.load(Lse + lse_offsets, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(Delta + lse_offsets, mask=row_ok, other=0.0)
+    k_base = K + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    mask_base = Mask + b64 * stride_mb + h64 * stride_mh
+    grad_mask_base = GradMask + b64 * stride_gmb + h64 * stride_gmh
+    stream = b * n_heads + h
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    if IS_CAUSAL:
+        end = tl.minimum(seq_k, m0 + BLOCK_M)
+        full_end = (tl.minimum(m0 + 1, seq_k) // BLOCK_N) * BLOCK_N
+    else:
+        end = seq_k
+        full_end = (seq_k // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        dq = _backward_dq_block(
+            dq, q, do, lse2, delta, k_base, v_base, mask_base, grad_mask_base, n0, rows, offs_n, offs_d, offs_dv,
+            seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm, stride_gmn, qk_scale,
+            dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION, False)
+    for n0 in range(full_end, end, BLOCK_N):
+        dq = _backward_dq_block(
+            dq, q, do, lse2, delta, k_base, v_base, mask_base, grad_mask_base, n0, rows, offs_n, offs_d, offs_dv,
+            seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm, stride_gmn, qk_scale,
+            dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION, True)
+    dq = dq * sm_scale
+    tl.store(GradQ + b64 * stride_dqb + h64 * stride_dqh + q_rows[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(GradQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile configurations: few, chosen per head dim and architecture, autotuned per (head dims,
+# mask, causal, dropout, power-of-two sequence lengths). The interpreter runs one small tile.
+
+def _config(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def _capability():
+    import torch
+
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+
+
+def _head_dim_class(kwargs):
+    d = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
+    return 64 if d <= 64 else 128 if d <= 128 else 256
+
+
+def _forward_prune(configs, named_args, **kwargs):
+    """(BLOCK_M, BLOCK_N, warps, stages) for the forward kernel. Hopper: 128-row tiles of 8 warps
+    (two warpgroups of wgmma) with 3-4 stage pipelines; Ampere: shallower pipelines, and half the
+    key tile at head dim 256 to stay within its 164 KB of shared memory."""
+    args = {**named_args, **kwargs}
+    hopper = _capability()[0] >= 9
+    d = _head_dim_class(args)
+    if args["q_bucket"] <= 16:  # decoding-like: few query rows, long key walks
+        chosen = [(16, 128, 4, 3), (16, 64, 4, 3)] if d <= 128 else [(16, 64, 4, 2), (16, 32, 4, 2)]
+    elif args["q_bucket"] <= 64:
+        chosen = [(64, 64, 4, 3), (64, 128, 4, 3)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 4, 2)]
+    elif d == 64:
+        chosen = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)] if hopper else \
+                 [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
+    elif d == 128:
+        chosen = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 2)] if hopper else \
+                 [(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2)]
+    else:
+        chosen = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)] if hopper else \
+                 [(64, 32, 4, 2), (64, 64, 4, 2)]
+    return [_config(*c) for c in chosen]
+
+
+def _dkdv_prune(configs, named_args, **kwargs):
+    """dK/dV: a tall key tile (it accumulates two (BLOCK_N, D) fp32 tiles) walking short query tiles."""
+    d = _head_dim_class({**named_args, **kwargs})
+    hopper = _capability()[0] >= 9
+    if d == 64:
+        chosen = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)] if hopper else [(32, 128, 4, 2), (32, 64, 4, 2)]
+    elif d == 128:
+        chosen = [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)] if hopper else [(32, 64, 4, 2), (32, 128, 8, 1)]
+    else:
+        chosen = [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)] if hopper else [(16, 64, 4, 1), (32, 32, 4, 1)]
+    return [_config(*c) for c in chosen]
+
+
+def _dq_prune(configs, named_args, **kwargs):
+    """dQ: a tall query tile walking short key tiles."""
+    d = _head_dim_class({**named_args, **kwargs})
+    hopper = _capability()[0] >= 9
+    if d == 64:
+        chosen = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)] if hopper else [(128, 32, 4, 2), (64, 32, 4, 2)]
+    elif d == 128:
+        chosen = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)] if hopper else [(64, 32, 4, 2), (128, 32, 8, 1)]
+    else:
+        chosen = [(64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2)] if hopper else [(64, 16, 4, 1), (32, 32, 4, 1)]
+    return [_config(*c) for c in chosen]
+
+
+_TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "DROPOUT", "q_bucket", "k_bucket"]
+_PLACEHOLDER = [_config(64, 64, 4, 2)]  # replaced by the prune functions above
+# Unequal tiles on purpose: the tests then see query and key blocks that do not line up.
+_INTERPRETER_TILES = {"forward": {"BLOCK_M": 32, "BLOCK_N": 16}, "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
+                      "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32}}
+
+
+def _interpreting():
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(name):
+    kernel, prune = {
+        "forward": (attention_forward_kernel, _forward_prune),
+        "dkdv": (attention_backward_dkdv_kernel, _dkdv_prune),
+        "dq": (attention_backward_dq_kernel, _dq_prune),
+    }[name]
+    return triton.autotune(configs=_PLACEHOLDER, key=_TUNING_KEY,
+                           prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+def _launch(name, raw_kernel, grid, args, meta):
+    """Run a kernel: autotuned on a GPU, with the one small interpreter tile on the CPU."""
+    if _interpreting():
+        meta = {**meta, **_INTERPRETER_TILES[name]}
+        raw_kernel[grid(meta)](*args, **meta)
+    else:
+        _tuned(name)[grid](*args, **meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers. Tensors arrive as 4-D views (B, H, rows, dim) with unit last stride and outputs
+# allocated by the caller. A packed variable-length batch passes (1, H, total, dim) views plus
+# cu_seqlens (int32, batch + 1): the batch strides are then unused and the batch is len(cu) - 1.
+
+def _strides(t, n):
+    return tuple(t.stride())[:n] if t is not None else (0,) * n
+
+
+def _bucket(n):
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _block_dim(d):
+    return max(16, triton.next_power_of_2(max(int(d), 1)))
+
+
+def _precision(dtype, allow_tf32):
+    import torch
+
+    return "tf32" if (dtype != torch.float32 or allow_tf32) else "ieee"
+
+
+def _geometry(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+    seq_q = q.shape[2] if cu_seqlens_q is None else max_seqlen_q
+    seq_k = k.shape[2] if cu_seqlens_q is None else max_seqlen_k
+    return batch, q.shape[1], k.shape[1], seq_q, seq_k
+
+
+def _batch_strides(t, n, varlen):
+    strides = _strides(t, n)
+    return (0,) + strides[1:] if varlen else strides
+
+
+def _constexprs(q, k, v, mask, is_causal, dropout, allow_tf32, varlen):
+    return dict(HEAD_DIM=q.shape[3], HEAD_DIM_V=v.shape[3], BLOCK_D=_block_dim(q.shape[3]),
+                BLOCK_DV=_block_dim(v.shape[3]),
+                MASK_KIND=MASK_NONE if mask is None else MASK_FLOAT if mask.dtype.is_floating_point else MASK_BOOL,
+                IS_CAUSAL=bool(is_causal), VARLEN=varlen, DROPOUT=dropout is not None,
+                PRECISION=_precision(q.dtype, allow_tf32))
+
+
+def _dropout_args(dropout):
+    """(threshold, scale, seed_lo, seed_hi): `dropout` is (p, seed_lo, seed_hi) or None."""
+    if dropout is None:
+        return 0, 1.0, 0, 0
+    p, seed_lo, seed_hi = dropout
+    threshold = min(int(round(p * 2.0**32)), 2**32)
+    return threshold, (0.0 if p >= 1.0 else 1.0 / (1.0 - p)), seed_lo, seed_hi
+
+
+def attention_forward(q, k, v, mask, out, lse, *, scale, is_causal, dropout=None, allow_tf32=False,
+                      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    """out, lse <- attention(q, k, v). mask: None or a (B, Hq, L, S) view (bool or float, strides
+    0 where broadcast). dropout: None or (p, seed_lo, seed_hi)."""
+    varlen = cu_seqlens_q is not None
+    batch, heads, kv_heads, seq_q, seq_k = _geometry(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    if batch == 0 or heads == 0 or seq_q == 0:
+        return
+    meta = _constexprs(q, k, v, mask, is_causal, dropout, allow_tf32, varlen)
+    threshold, dropout_scale, seed_lo, seed_hi = _dropout_args(dropout)
+    cu_q = cu_seqlens_q if varlen else q
+    cu_k = cu_seqlens_k if varlen else q
+    args = (q, k, v, mask if mask is not None else q, out, lse, cu_q, cu_k,
+            *_batch_strides(q, 3, varlen), *_batch_strides(k, 3, varlen), *_batch_strides(v, 3, varlen),
+            *_strides(mask, 4), *_batch_strides(out, 3, varlen), *_batch_strides(lse, 2, varlen),
+            heads, heads // kv_heads, seq_q, seq_k,
+            scale * 1.4426950408889634, threshold, dropout_scale, seed_lo, seed_hi,
+            _bucket(seq_q), _bucket(seq_k))
+
+    def grid(meta):
+        return (triton.cdiv(seq_q, meta["BLOCK_M"]), heads, batch)
+    _launch("forward", attention_forward_kernel, grid, args, meta)
+
+
+def attention_backward(grad_out, q, k, v, mask, out, lse, grad_lse, delta, grad_q, grad_k, grad_v, grad_mask, *,
+                       scale, is_causal, dropout=None, allow_tf32=False,
+                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    """grad_q, grad_k, grad_v (and grad_mask, a (B, Hq, L, S) tensor, when not None) <- the
+    gradients of attention(q, k, v); delta is fp32 scratch shaped like lse."""
+    varlen = cu_seqlens_q is not None
+    batch, heads, kv_heads, seq_q, seq_k = _geometry(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    if batch == 0 or heads == 0:
+        return
+    meta = _constexprs(q, k, v, mask, is_causal, dropout, allow_tf32, varlen)
+    threshold, dropout_scale, seed_lo, seed_hi = _dropout_args(dropout)
+    cu_q = cu_seqlens_q if varlen else q
+    cu_k = cu_seqlens_k if varlen else q
+    if seq_q > 0:
+        block_m = 16 if _interpreting() else 32
+        attention_backward_delta_kernel[(triton.cdiv(seq_q, block_m), heads, batch)](
+            out, grad_out, grad_lse if grad_lse is not None else lse, delta, cu_q,
+            *_batch_strides(out, 3, varlen), *_batch_strides(grad_out, 3, varlen), *_batch_strides(lse, 2, varlen),
+            seq_q, HEAD_DIM_V=meta["HEAD_DIM_V"], BLOCK_DV=meta["BLOCK_DV"], VARLEN=varlen,
+            HAS_GRAD_LSE=grad_lse is not None, BLOCK_M=block_m)
+    common = (*_batch_strides(q, 3, varlen), *_batch_strides(k, 3, varlen), *_batch_strides(v, 3, varlen),
+              *_strides(mask, 4), *_batch_strides(grad_out, 3, varlen), *_batch_strides(lse, 2, varlen))
+    scalars = (heads, heads // kv_heads, seq_q, seq_k, scale, scale * 1.4426950408889634,
+               threshold, dropout_scale, seed_lo, seed_hi, _bucket(seq_q), _bucket(seq_k))
+    mask_arg = mask if mask is not None else q
+    if seq_k > 0:
+        _launch("dkdv", attention_backward_dkdv_kernel,
+                lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), kv_heads, batch),
+                (q, k, v, mask_arg, grad_out, lse, delta, grad_k, grad_v, cu_q, cu_k, *common,
+                 *_batch_strides(grad_k, 3, varlen), *_batch_strides(grad_v, 3, varlen), *scalars), meta)
+    if seq_q > 0:
+        _launch("dq", attention_backward_dq_kernel,
+                lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), heads, batch),
+                (q, k, v, mask_arg, grad_out, lse, delta, grad_q, grad_mask if grad_mask is not None else q,
+                 cu_q, cu_k, *common, *_batch_strides(grad_q, 3, varlen), *_strides(grad_mask, 4), *scalars),
+                {**meta, "MASK_GRAD": grad_mask is not None})

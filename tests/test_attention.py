@@ -1,0 +1,580 @@
+"""scaled_dot_product_attention and varlen_attention (bigkern/ops/attention.py): every backend
+against a float64 reference, forward and every gradient; torch's semantics and errors; dropout."""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as torch_F
+
+import bigkern
+from bigkern import memory, testing
+from bigkern.nn import functional as F
+from bigkern.ops import attention
+from bigkern.testing import make_tensor
+from conftest import DEVICE, backend_skip_reason
+
+GPU = DEVICE == "cuda"
+
+
+def check(results):
+    for result in results:
+        assert result.ok, str(result)
+
+
+def skip_unless_served(*args, **kwargs):
+    """Skip when the forced backend cannot serve this call (e.g. the CUDA kernels and masks)."""
+    explanation = bigkern.explain(F.scaled_dot_product_attention, *args, **kwargs)
+    if explanation.backend is None:
+        pytest.skip(explanation.reasons[explanation.requested])
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomized shapes: a fixed sample (stable test ids) of sizes, masks, GQA ratios, layouts.
+
+def _sample_cases(count, seed):
+    rng = random.Random(seed)
+    cases = []
+    for i in range(count):
+        L, S = rng.choice([1, 7, 33, 65]), rng.choice([1, 7, 33, 65])
+        E = rng.choice([16, 40, 64, 3, 80])
+        Ev = E if rng.random() < 0.6 else rng.choice([16, 24, 64])
+        kv_heads = rng.choice([1, 2])
+        heads = kv_heads * rng.choice([1, 2, 3])
+        mask = rng.choice([None, None, "bool", "bool_rows", "float", "float_bcast", "float_full"])
+        causal = mask is None and rng.random() < 0.5
+        layout = rng.choice(["contiguous", "contiguous", "fused_qkv", "transposed", "strided", "blhd"])
+        cases.append(dict(batch=rng.choice([1, 2]), heads=heads, kv_heads=kv_heads, L=L, S=S, E=E, Ev=Ev,
+                          mask=mask, causal=causal, layout=layout,
+                          dtype=[torch.float32, torch.float16][i % 2],
+                          # dropout's Philox costs ~100 interpreter ops a tile: keep those cases small
+                          dropout=rng.choice([0.0, 0.0, 0.2]) if max(L, S) <= 33 else 0.0,
+                          scale=rng.choice([None, None, 0.3])))
+    return cases
+
+
+CASES = _sample_cases(14, seed=4)
+if GPU:  # real sizes, 16-bit
+    CASES += [dict(batch=2, heads=8, kv_heads=2, L=L, S=S, E=E, Ev=E, mask=mask, causal=causal, layout=layout,
+                   dtype=dtype, dropout=0.0, scale=None)
+              for (L, S, E, mask, causal, layout), dtype in zip(
+                  [(1024, 1024, 128, None, True, "contiguous"), (777, 1500, 64, "bool", False, "contiguous"),
+                   (2048, 2048, 96, None, False, "blhd"), (513, 513, 256, "float", False, "contiguous"),
+                   (1, 4097, 128, None, False, "contiguous"), (1000, 333, 40, None, True, "strided")],
+                  [torch.bfloat16, torch.float16, torch.bfloat16, torch.float16, torch.bfloat16, torch.bfloat16])]
+
+
+def case_id(case):
+    return (f"{str(case['dtype'])[6:]}-B{case['batch']}H{case['heads']}/{case['kv_heads']}-L{case['L']}S{case['S']}"
+            f"-E{case['E']}v{case['Ev']}-{case['mask'] or 'nomask'}{'-causal' if case['causal'] else ''}"
+            f"-{case['layout']}{'-drop' if case['dropout'] else ''}{'-scale' if case['scale'] else ''}")
+
+
+def build(case, device=DEVICE, requires_grad=True):
+    """q, k, v, mask for a case: q (B, H, L, E) in the case's layout."""
+    B, H, Hkv, L, S, E, Ev, dtype = (case[n] for n in ("batch", "heads", "kv_heads", "L", "S", "E", "Ev", "dtype"))
+    layout = case["layout"]
+    if layout == "fused_qkv" and not (L == S and H == Hkv and E == Ev):
+        layout = "blhd"
+    if layout == "fused_qkv":
+        q, k, v, _ = attention.make_inputs(B, H, Hkv, L, S, E, Ev, None, "fused_qkv", dtype, device, requires_grad)
+    elif layout == "blhd":  # (B, L, H, E) projections viewed as (B, H, L, E)
+        q, k, v = (make_tensor((B, n, h, d), dtype, device).transpose(1, 2).detach().requires_grad_(requires_grad)
+                   for n, h, d in ((L, H, E), (S, Hkv, E), (S, Hkv, Ev)))
+    else:
+        q, k, v = (make_tensor(shape, dtype, device, layout=layout, requires_grad=requires_grad)
+                   for shape in ((B, H, L, E), (B, Hkv, S, E), (B, Hkv, S, Ev)))
+    mask = None
+    kind = case["mask"]
+    if kind == "bool":
+        mask = torch.rand(B, 1, L, S, device=device) > 0.3
+    elif kind == "bool_rows":  # some rows with every key masked
+        mask = torch.rand(L, S, device=device) > 0.4
+        mask[::3] = False
+    elif kind == "float":
+        mask = make_tensor((L, S), dtype, device, requires_grad=requires_grad)
+    elif kind == "float_bcast":  # (B, 1, 1, S) padding-style additive mask, fp32 with 16-bit inputs
+        mask = make_tensor((B, 1, 1, S), torch.float32, device)
+        mask[..., -1:] = float("-inf")
+        mask.requires_grad_(requires_grad)
+    elif kind == "float_full":  # (B, H, L, S) with -inf entries and whole -inf rows
+        mask = make_tensor((B, H, L, S), dtype, device)
+        mask[torch.rand_like(mask, dtype=torch.float32) < 0.3] = float("-inf")
+        mask[:, :, ::4] = float("-inf")
+        mask.requires_grad_(requires_grad)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_fp64(backend, case):
+    q, k, v, mask = build(case)
+    args = (q, k, v, mask, case["dropout"], case["causal"], case["scale"], case["heads"] != case["kv_heads"])
+    skip_unless_served(*args)
+    check(attention.compare_with_reference(*args))
+
+
+@pytest.mark.parametrize("E,Ev", [(1, 1), (80, 112), (256, 160), (192, 8)])
+def test_head_dims(backend, E, Ev):
+    q = make_tensor((1, 2, 9, E), torch.float32, DEVICE, requires_grad=True)
+    k = make_tensor((1, 2, 17, E), torch.float32, DEVICE, requires_grad=True)
+    v = make_tensor((1, 2, 17, Ev), torch.float32, DEVICE, requires_grad=True)
+    skip_unless_served(q, k, v, is_causal=True)
+    check(attention.compare_with_reference(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("shapes", [
+    ((7, 16), (9, 16), (9, 8)),  # 2-D: no batch
+    ((3, 7, 16), (3, 9, 16), (3, 9, 16)),  # 3-D
+    ((2, 2, 3, 7, 16), (2, 1, 3, 9, 16), (1, 2, 3, 9, 16)),  # 5-D, broadcast batch dims
+    ((2, 3, 7, 16), (9, 16), (1, 9, 16)),  # key and value broadcast over every batch dim
+], ids=["2d", "3d", "5d-broadcast", "kv-broadcast"])
+def test_batch_dims_broadcast(backend, shapes):
+    q, k, v = (make_tensor(shape, torch.float32, DEVICE, requires_grad=True) for shape in shapes)
+    mask = torch.rand(7, 9, device=DEVICE) > 0.2
+    skip_unless_served(q, k, v, mask)
+    check(attention.compare_with_reference(q, k, v, mask))
+
+
+def test_gqa_key_and_value_heads_differ(backend):
+    q = make_tensor((2, 4, 7, 16), torch.float32, DEVICE, requires_grad=True)
+    k = make_tensor((2, 2, 9, 16), torch.float32, DEVICE, requires_grad=True)
+    v = make_tensor((2, 1, 9, 16), torch.float32, DEVICE, requires_grad=True)
+    skip_unless_served(q, k, v, enable_gqa=True)
+    check(attention.compare_with_reference(q, k, v, enable_gqa=True))
+
+
+@pytest.mark.parametrize("L,S,E", [(0, 5, 16), (5, 0, 16), (4, 6, 0), (1, 1, 16)])
+def test_empty_and_single(backend, L, S, E):
+    q = make_tensor((2, 3, L, E), torch.float32, DEVICE, requires_grad=True)
+    k = make_tensor((2, 3, S, E), torch.float32, DEVICE, requires_grad=True)
+    v = make_tensor((2, 3, S, 8), torch.float32, DEVICE, requires_grad=True)
+    skip_unless_served(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v)
+    expected = torch_F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    grad = make_tensor(out.shape, torch.float32, DEVICE)
+    out.backward(grad)
+    qd, kd, vd = (testing.fp64_copy(t) for t in (q, k, v))
+    torch_F.scaled_dot_product_attention(qd, kd, vd).backward(grad.double().cpu())
+    for mine, ref in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        torch.testing.assert_close(mine.double().cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's semantics: the reference is torch's own SDPA where torch has no randomness.
+
+@pytest.mark.parametrize("what", ["causal_L<S", "causal_L>S", "masked_rows_bool", "masked_rows_float", "gqa",
+                                  "broadcast_mask", "float_mask_grad"])
+def test_torch_implementation_is_torch_sdpa(what):
+    """The pure-PyTorch implementation (and so the float64 reference) is torch's SDPA, in float64:
+    causal alignment, fully masked rows (output and gradients 0), GQA, broadcasting."""
+    L, S = {"causal_L<S": (5, 9), "causal_L>S": (9, 4)}.get(what, (6, 7))
+    hkv = 1 if what == "gqa" else 2
+    q = make_tensor((2, 2, L, 8), torch.float64, requires_grad=True)
+    k = make_tensor((2, hkv, S, 8), torch.float64, requires_grad=True)
+    v = make_tensor((2, hkv, S, 5), torch.float64, requires_grad=True)
+    kwargs = {}
+    if what.startswith("causal"):
+        kwargs["is_causal"] = True
+    elif what == "masked_rows_bool":
+        mask = torch.rand(2, 1, L, S) > 0.3
+        mask[:, :, 1] = False
+        kwargs["attn_mask"] = mask
+    elif what == "masked_rows_float":
+        mask = torch.randn(L, S, dtype=torch.float64)
+        mask[2] = float("-inf")
+        kwargs["attn_mask"] = mask
+    elif what == "gqa":
+        kwargs["enable_gqa"] = True
+    elif what == "broadcast_mask":
+        kwargs["attn_mask"] = torch.rand(S) .reshape(1, S) > 0.5
+    elif what == "float_mask_grad":
+        kwargs["attn_mask"] = make_tensor((2, 1, 1, S), torch.float64, requires_grad=True)
+    leaves = [q, k, v] + ([kwargs["attn_mask"]] if what == "float_mask_grad" else [])
+    copies = [t.detach().clone().requires_grad_() for t in leaves]
+    ref_kwargs = dict(kwargs, attn_mask=copies[3]) if what == "float_mask_grad" else kwargs
+    with bigkern.use_backend("torch"):
+        out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    expected = torch_F.scaled_dot_product_attention(*copies[:3], **ref_kwargs)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for mine, theirs in zip(leaves, copies):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+def test_fully_masked_rows_give_zero_output_gradients_and_inf_lse(backend):
+    q = make_tensor((1, 2, 5, 16), torch.float32, DEVICE, requires_grad=True)
+    k = make_tensor((1, 2, 6, 16), torch.float32, DEVICE, requires_grad=True)
+    v = make_tensor((1, 2, 6, 16), torch.float32, DEVICE, requires_grad=True)
+    mask = torch.rand(5, 6, device=DEVICE) > 0.3
+    mask[1] = False
+    skip_unless_served(q, k, v, mask)
+    out = F.scaled_dot_product_attention(q, k, v, mask)
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+    out.sum().backward()
+    assert torch.equal(q.grad[:, :, 1], torch.zeros_like(q.grad[:, :, 1]))
+    args, _ = attention.prepare_sdpa(q, k, v, mask)
+    _, lse = attention.sdpa_forward_op(*args)
+    assert torch.isinf(lse[:, :, 1]).all() and (lse[:, :, 1] > 0).all()
+    scores = (q.double() @ k.double().transpose(-1, -2)) / 4 + torch.zeros(5, 6).masked_fill(~mask, -math.inf)
+    expected = torch.logsumexp(scores, -1)
+    keep = torch.ones(5, dtype=torch.bool)
+    keep[1] = False
+    torch.testing.assert_close(lse[:, :, keep].double(), expected[:, :, keep])
+
+
+@pytest.mark.parametrize("where", ["query_row", "visible_key", "masked_key", "value", "inf_value"])
+def test_nan_and_inf_propagate_as_in_torch(backend, where):
+    q = make_tensor((1, 2, 7, 16), torch.float32, DEVICE)
+    k = make_tensor((1, 2, 9, 16), torch.float32, DEVICE)
+    v = make_tensor((1, 2, 9, 16), torch.float32, DEVICE)
+    mask = torch.ones(7, 9, dtype=torch.bool, device=DEVICE)
+    mask[:, 4] = False
+    if where == "query_row":
+        q[0, 1, 3, 2] = float("nan")
+    elif where == "visible_key":
+        k[0, 0, 2, 5] = float("nan")
+    elif where == "masked_key":  # masked, still NaN: torch adds the mask (NaN + -inf = NaN)
+        k[0, 0, 4, 5] = float("nan")
+    elif where == "value":
+        v[0, 1, 6, 0] = float("nan")
+    else:
+        v[0, 1, 6, 0] = float("inf")
+    for t in (q, k, v):
+        t.requires_grad_()
+    skip_unless_served(q, k, v, mask)
+    with torch.no_grad():
+        expected = torch_F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    out = F.scaled_dot_product_attention(q, k, v, mask)
+    assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())
+    check(attention.compare_with_reference(q, k, v, mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+def _dropout_pattern(p, batch=1, heads=2, L=64, S=64):
+    """Read the keep pattern back through the public API: with q = 0 every weight is 1/S, and with
+    v = I the output is the dropped weights themselves: out * S * (1 - p) = keep."""
+    q = torch.zeros(batch, heads, L, 16, device=DEVICE)
+    k = make_tensor((batch, heads, S, 16), torch.float32, DEVICE)
+    v = torch.eye(S, device=DEVICE).expand(batch, heads, S, S)
+    state = torch.get_rng_state()
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    seed = attention._replay_seed(state, p)
+    return (out * S * (1 - p)).round().to(torch.bool), seed
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate_and_pattern(backend, p):
+    if backend == "cuda":
+        pytest.skip("the CUDA kernels have no dropout")
+    keep, seed = _dropout_pattern(p)
+    expected = attention.dropout_keep_mask(seed, 1, 2, 64, 64, p, DEVICE)
+    assert torch.equal(keep, expected), "the kernel's dropout pattern is not the documented Philox pattern"
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), f"keep rate {rate} for p={p}"
+    assert not torch.equal(keep[0, 0], keep[0, 1])
+    # rows and columns are not correlated: each row keeps about the same fraction
+    assert (keep.float().mean(-1) - (1 - p)).abs().max() < 6 * math.sqrt(p * (1 - p) / 64)
+
+
+def test_dropout_reproducible_under_manual_seed(backend):
+    if backend == "cuda":
+        pytest.skip("the CUDA kernels have no dropout")
+    q, k, v = (make_tensor((1, 2, 33, 16), torch.float32, DEVICE) for _ in range(3))
+    torch.manual_seed(123)
+    first = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(123)
+    again = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    other = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    before = torch.get_rng_state()
+    F.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+    assert torch.equal(before, torch.get_rng_state()), "no dropout must not consume random numbers"
+
+
+def test_dropout_same_pattern_in_every_implementation():
+    if backend_skip_reason("triton"):
+        pytest.skip(backend_skip_reason("triton"))
+    q, k, v = (make_tensor((2, 2, 17, 16), torch.float32, DEVICE, requires_grad=True) for _ in range(3))
+    results = {}
+    for name in ("triton", "torch"):
+        torch.manual_seed(7)
+        with bigkern.use_backend(name):
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.4)
+            out.sum().backward()
+        results[name] = (out.detach(), q.grad.clone())
+        q.grad = None
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results["triton"][1], results["torch"][1], atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_one_gives_zeros_like_torch(backend):
+    if backend == "cuda":
+        pytest.skip("the CUDA kernels have no dropout")
+    q, k, v = (make_tensor((1, 2, 7, 16), torch.float32, DEVICE, requires_grad=True) for _ in range(3))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(v.grad, torch.zeros_like(v.grad))
+    assert torch.equal(torch_F.scaled_dot_product_attention(q, k, v, dropout_p=1.0), out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variable-length batches
+
+def varlen_reference(q, k, v, lens_q, lens_k, causal, scale, seed, p):
+    """Per-sequence reference attention on packed tensors (differentiable), with the same dropout."""
+    outs, lses = [], []
+    q0 = k0 = 0
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        q4, k4, v4 = (attention._as_4d(t) for t in (q[q0:q0 + lq], k[k0:k0 + lk], v[k0:k0 + lk]))
+        keep = None
+        if seed is not None:
+            keep = attention.dropout_keep_mask(seed, 1, q.shape[1], lq, lk, p, q.device, first_stream=b * q.shape[1])
+        o, lse = attention.reference_attention(q4, k4, v4, None, causal, scale, keep, p)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+        q0, k0 = q0 + lq, k0 + lk
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+@pytest.mark.parametrize("causal,gqa,p", [(False, False, 0.0), (True, True, 0.0), (True, False, 0.3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_varlen_matches_fp64(backend, causal, gqa, p, dtype):
+    if backend == "cuda":
+        pytest.skip("no CUDA varlen kernel")
+    lens_q, lens_k = [5, 0, 33, 1, 20], [9, 3, 17, 1, 0]
+    if GPU:
+        lens_q, lens_k = [1000, 1, 517, 2048], [1000, 700, 1, 2048]
+    heads, kv_heads = (4, 2) if gqa else (2, 2)
+    cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)
+    q = make_tensor((sum(lens_q), heads, 40), dtype, DEVICE, requires_grad=True)
+    k = make_tensor((sum(lens_k), kv_heads, 40), dtype, DEVICE, requires_grad=True)
+    v = make_tensor((sum(lens_k), kv_heads, 24), dtype, DEVICE, requires_grad=True)
+    state = torch.get_rng_state()
+    out, lse = F.varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), dropout_p=p, is_causal=causal,
+                                  enable_gqa=gqa, return_lse=True)
+    seed = attention._replay_seed(state, p)
+    grad_out = make_tensor(out.shape, dtype, DEVICE)
+    grad_lse = make_tensor(lse.shape, torch.float32, DEVICE)
+    torch.autograd.backward([out, lse], [grad_out, grad_lse])
+    results = {}
+    for name, copy in (("fp64", testing.fp64_copy), ("same", testing.same_dtype_copy)):
+        leaves = [copy(t) for t in (q, k, v)]
+        o, l_ = varlen_reference(*leaves, lens_q, lens_k, causal, 1 / math.sqrt(40), seed, p)
+        torch.autograd.backward([o, l_], [grad_out.to(o), grad_lse.to(l_)])
+        results[name] = (o, l_, leaves)
+    (o64, l64, leaves64), (ot, lt, leaves_t) = results["fp64"], results["same"]
+    check([testing.compare(out, o64, ot), testing.compare(lse, l64, lt.float(), name="lse")])
+    for name, mine, ref, same in zip("qkv", (q, k, v), leaves64, leaves_t):
+        scale = 2 * ref.grad.abs().max().item() + 1e-3
+        check([testing.compare(mine.grad, ref.grad, same.grad, name=f"grad {name}", factor=testing.GRADIENT_FACTOR,
+                               scale=scale)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration, compile, dispatch
+
+@pytest.mark.parametrize("op_backend", ["triton", "torch"])
+def test_opcheck(op_backend):
+    if backend_skip_reason(op_backend):
+        pytest.skip(backend_skip_reason(op_backend))
+    q = make_tensor((1, 2, 5, 16), torch.float32, DEVICE, requires_grad=True)
+    k = make_tensor((1, 2, 6, 16), torch.float32, DEVICE, requires_grad=True)
+    v = make_tensor((1, 2, 6, 8), torch.float32, DEVICE, requires_grad=True)
+    mask = make_tensor((1, 2, 5, 6), torch.float32, DEVICE, requires_grad=True)
+    seed = attention.draw_dropout_seed()
+    with bigkern.use_backend(op_backend), memory.poisoned_outputs(False):
+        ops = torch.ops.bigkern
+        torch.library.opcheck(ops.sdpa_forward.default, (q, k, v, mask, 0.0, False, 0.25, None))
+        if op_backend == "torch":  # the seed input's handling does not depend on the backend
+            torch.library.opcheck(ops.sdpa_forward.default, (q, k, v, None, 0.2, True, 0.25, seed))
+        out, lse = ops.sdpa_forward(q, k, v, mask, 0.0, False, 0.25, None)
+        grad = make_tensor(out.shape, torch.float32, DEVICE)
+        torch.library.opcheck(ops.sdpa_backward.default,
+                              (grad, None, q.detach(), k.detach(), v.detach(), mask.detach(), out.detach(),
+                               lse.detach(), 0.0, False, 0.25, None, True))
+        cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=DEVICE)
+        packed = [make_tensor((7, 2, 16), torch.float32, DEVICE, requires_grad=True) for _ in range(3)]
+        torch.library.opcheck(ops.varlen_attention_forward.default, (*packed, cu, cu, 4, 4, 0.0, True, 0.25, None))
+        out, lse = ops.varlen_attention_forward(*packed, cu, cu, 4, 4, 0.0, True, 0.25, None)
+        torch.library.opcheck(ops.varlen_attention_backward.default,
+                              (torch.randn_like(out), torch.randn_like(lse), *(t.detach() for t in packed),
+                               out.detach(), lse.detach(), cu, cu, 4, 4, 0.0, True, 0.25, None))
+
+
+class TinyTransformerBlock(torch.nn.Module):
+    """A fused QKV projection, causal attention with dropout, an output projection."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).unbind(2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           dropout_p=0.1 if self.training else 0.0)
+        return self.proj(o.transpose(1, 2).reshape(B, L, D))
+
+
+def test_torch_compile_fullgraph_and_export():
+    model = TinyTransformerBlock().eval()
+    x = make_tensor((2, 9, 32))
+    expected = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected)
+    model.train()
+    compiled(x).sum().backward()  # dropout draws its seed inside the graph, backward runs the op
+    assert model.qkv.weight.grad is not None and model.qkv.weight.grad.isfinite().all()
+    exported = torch.export.export(model.eval(), (x,))
+    assert any("bigkern.sdpa_forward" in str(node.target) for node in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), expected)
+
+
+def test_dispatch_and_explain():
+    q, k, v = (make_tensor((1, 2, 5, 16)) for _ in range(3))
+    explanation = bigkern.explain(F.scaled_dot_product_attention, q, k, v)
+    assert explanation.backend == "torch"  # CPU tensors under auto: the reference is the fast path
+    assert explanation.reasons["cuda"]
+    with bigkern.use_backend("cuda"), pytest.raises(bigkern.UnsupportedError, match="cuda"):
+        F.scaled_dot_product_attention(q, k, v)
+    q64 = q.double()
+    with bigkern.use_backend("triton"), pytest.raises(bigkern.UnsupportedError, match="float64"):
+        F.scaled_dot_product_attention(q64, q64, q64)
+    big = make_tensor((1, 1, 2, 300))
+    with bigkern.use_backend("triton"), pytest.raises(bigkern.UnsupportedError, match="head dims"):
+        F.scaled_dot_product_attention(big, big, big)
+    state = torch.get_rng_state()
+    bigkern.explain(F.scaled_dot_product_attention, q, k, v, dropout_p=0.5)
+    assert torch.equal(state, torch.get_rng_state()), "explain() must not draw a dropout seed"
+
+
+def test_fused_qkv_output_is_laid_out_like_the_projection():
+    if backend_skip_reason("triton"):
+        pytest.skip(backend_skip_reason("triton"))
+    q, k, v, _ = attention.make_inputs(2, 3, 3, 7, 7, 16, 16, None, "fused_qkv", torch.float32, DEVICE)
+    with bigkern.use_backend("triton"):
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous(), "the (B, L, H, D) reshape after attention should be free"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: torch's exception types, naming the argument.
+
+def _bad_calls():
+    t = lambda *shape, dtype=torch.float32: make_tensor(shape, dtype)  # noqa: E731
+    q, k, v = t(2, 2, 3, 4), t(2, 2, 5, 4), t(2, 2, 5, 6)
+    return [
+        (TypeError, "'query'", lambda: F.scaled_dot_product_attention([1.0], k, v)),
+        (TypeError, "'attn_mask'", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=[1.0])),
+        (RuntimeError, "'query'", lambda: F.scaled_dot_product_attention(t(4), t(4), t(6))),
+        (RuntimeError, "'key'", lambda: F.scaled_dot_product_attention(q, k.half(), v)),
+        (RuntimeError, "'value'", lambda: F.scaled_dot_product_attention(q, k, torch.empty(2, 2, 5, 6, device="meta"))),
+        (RuntimeError, "'query'", lambda: F.scaled_dot_product_attention(q.long(), k.long(), v.long())),
+        (RuntimeError, "'key'", lambda: F.scaled_dot_product_attention(q, t(2, 2, 5, 5), v)),
+        (RuntimeError, "'value'", lambda: F.scaled_dot_product_attention(q, k, t(2, 2, 6, 6))),
+        (RuntimeError, "'key'", lambda: F.scaled_dot_product_attention(q, t(3, 2, 5, 4), t(3, 2, 5, 6))),
+        (RuntimeError, "'key'", lambda: F.scaled_dot_product_attention(t(2, 4, 3, 4), t(2, 2, 5, 4), t(2, 2, 5, 6))),
+        (RuntimeError, "'key'", lambda: F.scaled_dot_product_attention(t(2, 4, 3, 4), t(2, 3, 5, 4), t(2, 3, 5, 6),
+                                                                      enable_gqa=True)),
+        (IndexError, "'query'", lambda: F.scaled_dot_product_attention(t(3, 4), t(5, 4), t(5, 6), enable_gqa=True)),
+        (RuntimeError, "'attn_mask'", lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(3, 4, dtype=torch.bool))),
+        (RuntimeError, "'attn_mask'", lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.int32))),
+        (RuntimeError, "'attn_mask'", lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.float64))),
+        (RuntimeError, "'attn_mask'", lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(1, 1, 1, 3, 5, dtype=torch.bool))),
+        (IndexError, "'attn_mask'", lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(5, dtype=torch.bool))),
+        (RuntimeError, "'attn_mask'", lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.bool), is_causal=True)),
+        (RuntimeError, "'dropout_p'", lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=1.5)),
+        (RuntimeError, "'dropout_p'", lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=-0.1)),
+        (RuntimeError, "'key'", lambda: F.varlen_attention(t(9, 4, 8), t(9, 3, 8), t(9, 3, 8), _cu(), _cu(), 5, 5,
+                                                           enable_gqa=True)),
+        (RuntimeError, "'cu_seq_k'", lambda: F.varlen_attention(t(9, 2, 8), t(9, 2, 8), t(9, 2, 8), _cu(),
+                                                                _cu().float(), 5, 5)),
+        (RuntimeError, "'query'", lambda: F.varlen_attention(t(9, 8), t(9, 2, 8), t(9, 2, 8), _cu(), _cu(), 5, 5)),
+        (TypeError, "'max_q'", lambda: F.varlen_attention(t(9, 2, 8), t(9, 2, 8), t(9, 2, 8), _cu(), _cu(), -1, 5)),
+    ]
+
+
+def _cu():
+    return torch.tensor([0, 4, 9], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls())))
+def test_bad_input(index):
+    error, name, call = _bad_calls()[index]
+    with pytest.raises(error, match=name):
+        call()
+
+
+def test_torch_raises_the_same_types():
+    """The exception types above are torch's own for the same calls."""
+    t = lambda *shape: make_tensor(shape)  # noqa: E731
+    q, k, v = t(2, 2, 3, 4), t(2, 2, 5, 4), t(2, 2, 5, 6)
+    for error, call in [
+        (TypeError, lambda: torch_F.scaled_dot_product_attention([1.0], k, v)),
+        (RuntimeError, lambda: torch_F.scaled_dot_product_attention(q, k.half(), v)),
+        (RuntimeError, lambda: torch_F.scaled_dot_product_attention(q, t(3, 2, 5, 4), t(3, 2, 5, 6))),
+        (RuntimeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 4) > 0)),
+        (RuntimeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 5).int())),
+        (IndexError, lambda: torch_F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(5) > 0)),
+        (RuntimeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 5) > 0,
+                                                                    is_causal=True)),
+        (RuntimeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, dropout_p=1.5)),
+        (IndexError, lambda: torch_F.scaled_dot_product_attention(t(3, 4), t(5, 4), t(5, 6), enable_gqa=True)),
+    ]:
+        with pytest.raises(error):
+            call()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: real sizes, and memory linear in sequence length.
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_verification_cases(dtype):
+    with bigkern.use_backend("triton"):
+        for description, run in attention.verification_cases("cuda", dtype):
+            for result in run():
+                assert result.ok, f"{description}: {result}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_sequence_64k_memory_is_linear(causal):
+    """64k tokens, 8 heads, hd 64, bf16: the (L, S) matrix alone would be 64 GiB; forward and
+    backward must stay within a few times the inputs' size."""
+    L, heads, dim = 65536, 8, 64
+    q, k, v = (torch.randn(1, heads, L, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    inputs_bytes = 3 * q.numel() * q.element_size()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with bigkern.use_backend("triton"):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 4 * inputs_bytes, f"peak {peak / 2**20:.0f} MiB for {inputs_bytes / 2**20:.0f} MiB of inputs"
+    assert out.isfinite().all() and q.grad.isfinite().all()
+    # spot-check one head's first rows against float64
+    rows = 64
+    ref = torch_F.scaled_dot_product_attention(
+        q[:, :1, :rows].double(), k[:, :1].double(), v[:, :1].double(),
+        attn_mask=torch.ones(rows, L, dtype=torch.bool, device="cuda").tril() if causal else None)
+    torch.testing.assert_close(out[:, :1, :rows].double(), ref, atol=2e-2, rtol=2e-2)

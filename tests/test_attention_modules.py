@@ -1,0 +1,200 @@
+"""bigkern.nn.MultiheadAttention / TransformerEncoderLayer / TransformerDecoderLayer against torch's
+modules: same state_dict, same outputs and gradients (float64 reference, FlashAttention's rule)."""
+
+import copy
+from unittest import mock
+
+import pytest
+import torch
+
+import bigkern
+from bigkern import testing
+from bigkern.nn import attention as nn_attention
+from bigkern.testing import make_tensor
+from conftest import DEVICE
+
+
+def run_against_torch(torch_module, bigkern_class, inputs, kwargs, check_params=True):
+    """torch_module in float64 (reference) and fp32 (torch's error), and the same weights in
+    bigkern_class at fp32: compare outputs, input gradients and parameter gradients."""
+    reference = copy.deepcopy(torch_module).double()
+    same_dtype = copy.deepcopy(torch_module).float()
+    mine = copy.deepcopy(torch_module).float()
+    mine.__class__ = bigkern_class  # the class-swap protocol: same parameters and state
+    mine.load_state_dict(same_dtype.state_dict())
+    xs = [make_tensor(shape, torch.float32, DEVICE, requires_grad=True) for shape in inputs]
+    xs64 = [testing.fp64_copy(x) for x in xs]
+    xst = [testing.same_dtype_copy(x) for x in xs]
+
+    def call(module, args):
+        out = module(*args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    for module in (reference, same_dtype, mine):
+        module.to(DEVICE if module is not reference else "cpu")
+    out = call(mine, xs)
+    out64 = call(reference, xs64)
+    out_t = call(same_dtype, xst)
+    results = [testing.compare(out, out64, out_t)]
+    grad = make_tensor(out.shape, torch.float32, DEVICE)
+    out.backward(grad)
+    out64.backward(grad.double().cpu())
+    out_t.backward(grad)
+    for i, (x, x64, xt) in enumerate(zip(xs, xs64, xst)):
+        results.append(testing.compare(x.grad, x64.grad, xt.grad, name=f"grad input {i}",
+                                       factor=testing.GRADIENT_FACTOR))
+    if check_params:
+        params64 = dict(reference.named_parameters())
+        params_t = dict(same_dtype.named_parameters())
+        for name, p in mine.named_parameters():
+            if p.grad is None:
+                assert params64[name].grad is None, f"{name}: gradient missing"
+                continue
+            results.append(testing.compare(p.grad, params64[name].grad, params_t[name].grad, name=f"grad {name}",
+                                           factor=testing.GRADIENT_FACTOR))
+    for result in results:
+        assert result.ok, str(result)
+
+
+def bool_mask(*shape, p=0.3):
+    mask = torch.rand(*shape, device=DEVICE) < p
+    mask[..., 0] = False  # never a row with every key masked
+    return mask
+
+
+def float_mask(*shape):
+    return torch.zeros(*shape, device=DEVICE).masked_fill(bool_mask(*shape), float("-inf"))
+
+
+# (constructor kwargs, input shapes, call kwargs builder)
+MHA_CASES = {
+    "self-float-mask": (dict(embed_dim=16, num_heads=2), [(5, 2, 16)] * 3,
+                        lambda: dict(attn_mask=float_mask(5, 5), need_weights=False)),
+    "batch-first-kpm-bool-mask": (dict(embed_dim=16, num_heads=2, batch_first=True), [(2, 5, 16), (2, 7, 16), (2, 7, 16)],
+                                  lambda: dict(key_padding_mask=bool_mask(2, 7), attn_mask=bool_mask(5, 7),
+                                               need_weights=False)),
+    "kdim-vdim-bias-kv-float-kpm": (dict(embed_dim=24, num_heads=3, kdim=12, vdim=20, add_bias_kv=True),
+                                    [(5, 2, 24), (7, 2, 12), (7, 2, 20)],
+                                    lambda: dict(key_padding_mask=float_mask(2, 7), need_weights=False)),
+    "zero-attn-no-bias-3d-mask": (dict(embed_dim=16, num_heads=2, add_zero_attn=True, bias=False),
+                                  [(5, 3, 16), (6, 3, 16), (6, 3, 16)],
+                                  lambda: dict(attn_mask=bool_mask(3 * 2, 5, 6), need_weights=False)),
+    "causal-hint": (dict(embed_dim=16, num_heads=4, batch_first=True), [(2, 9, 16)] * 3,
+                    lambda: dict(attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(9, device=DEVICE),
+                                 is_causal=True, need_weights=False)),
+    "causal-hint-with-kpm": (dict(embed_dim=16, num_heads=2), [(6, 2, 16)] * 3,
+                             lambda: dict(attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(6, device=DEVICE),
+                                          is_causal=True, key_padding_mask=float_mask(2, 6), need_weights=False)),
+    "unbatched": (dict(embed_dim=16, num_heads=2), [(5, 16), (7, 16), (7, 16)],
+                  lambda: dict(key_padding_mask=bool_mask(7), need_weights=False)),
+}
+
+
+@pytest.mark.parametrize("name", list(MHA_CASES))
+def test_multihead_attention_matches_torch(backend, name):
+    ctor, shapes, call_kwargs = MHA_CASES[name]
+    torch_module = torch.nn.MultiheadAttention(**ctor, device=DEVICE)
+    run_against_torch(torch_module, bigkern.nn.MultiheadAttention, shapes, call_kwargs())
+
+
+def test_need_weights_takes_torch_path_under_auto_and_raises_when_forced():
+    module = bigkern.nn.MultiheadAttention(16, 2)
+    reference = torch.nn.MultiheadAttention(16, 2)
+    reference.load_state_dict(module.state_dict())
+    x = make_tensor((5, 2, 16))
+    out, weights = module(x, x, x)  # need_weights=True is torch's default
+    expected, expected_weights = reference(x, x, x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(weights, expected_weights)
+    for backend in ("triton", "cuda"):
+        with bigkern.use_backend(backend), pytest.raises(bigkern.UnsupportedError, match="need_weights"):
+            module(x, x, x)
+    assert bigkern.explain(module, x, x, x).backend == "torch"
+    assert bigkern.explain(module, x, x, x, need_weights=False).backend == "torch"  # CPU tensors under auto
+
+
+def test_same_constructor_parameters_and_state_dict():
+    for ctor in (dict(embed_dim=16, num_heads=2, kdim=8, vdim=4, add_bias_kv=True, bias=False),
+                 dict(embed_dim=16, num_heads=4, batch_first=True, dropout=0.2)):
+        torch.manual_seed(0)
+        theirs = torch.nn.MultiheadAttention(**ctor)
+        torch.manual_seed(0)
+        mine = bigkern.nn.MultiheadAttention(**ctor)
+        assert list(mine.state_dict()) == list(theirs.state_dict())
+        for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()):
+            assert torch.equal(a, b)
+    for torch_class, bigkern_class in ((torch.nn.TransformerEncoderLayer, bigkern.nn.TransformerEncoderLayer),
+                                       (torch.nn.TransformerDecoderLayer, bigkern.nn.TransformerDecoderLayer)):
+        torch.manual_seed(0)
+        theirs = torch_class(16, 2, 32, norm_first=True, batch_first=True)
+        torch.manual_seed(0)
+        mine = bigkern_class(16, 2, 32, norm_first=True, batch_first=True)
+        assert list(mine.state_dict()) == list(theirs.state_dict())
+        assert isinstance(mine, torch_class) and bigkern.nn.DROP_INS[torch_class] is bigkern_class
+    assert isinstance(bigkern.nn.TransformerEncoderLayer(16, 2).self_attn, bigkern.nn.MultiheadAttention)
+
+
+ENCODER_CASES = {
+    "post-norm-seq-first-causal": (dict(norm_first=False, batch_first=False), (9, 2, 16),
+                                   lambda: dict(src_mask=torch.nn.Transformer.generate_square_subsequent_mask(9),
+                                                is_causal=True)),
+    "pre-norm-batch-first-kpm-gelu": (dict(norm_first=True, batch_first=True, activation="gelu"), (2, 7, 16),
+                                      lambda: dict(src_key_padding_mask=bool_mask(2, 7))),
+}
+
+
+@pytest.mark.parametrize("name", list(ENCODER_CASES))
+def test_transformer_encoder_layer_matches_torch(backend, name):
+    ctor, shape, call_kwargs = ENCODER_CASES[name]
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, device=DEVICE, **ctor)
+    kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in call_kwargs().items()}
+    run_against_torch(layer.eval(), bigkern.nn.TransformerEncoderLayer, [shape], kwargs)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_decoder_layer_matches_torch(backend, norm_first):
+    layer = torch.nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True, norm_first=norm_first,
+                                             device=DEVICE)
+    kwargs = dict(tgt_mask=torch.nn.Transformer.generate_square_subsequent_mask(6, device=DEVICE), tgt_is_causal=True,
+                  memory_key_padding_mask=bool_mask(2, 9))
+    run_against_torch(layer, bigkern.nn.TransformerDecoderLayer, [(2, 6, 16), (2, 9, 16)], kwargs)
+
+
+def test_swapped_layer_runs_torch_children_through_bigkern():
+    """A torch layer whose class alone is swapped (its attention child still torch's class)."""
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0).eval()
+    expected = layer(make_tensor((5, 2, 16)) * 0 + 1)
+    layer.__class__ = bigkern.nn.TransformerEncoderLayer
+    assert type(layer.self_attn) is torch.nn.MultiheadAttention
+    calls = []
+    real = nn_attention.ops.scaled_dot_product_attention
+    with mock.patch.object(nn_attention.ops, "scaled_dot_product_attention",
+                           side_effect=lambda *a, **k: calls.append(1) or real(*a, **k)):
+        out = layer(make_tensor((5, 2, 16)) * 0 + 1)
+    assert calls, "the attention did not go through bigkern"
+    torch.testing.assert_close(out, expected)
+
+
+def test_training_with_dropout_is_reproducible():
+    layer = bigkern.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.3, batch_first=True).train()
+    x = make_tensor((2, 7, 16))
+    torch.manual_seed(3)
+    first = layer(x)
+    torch.manual_seed(3)
+    again = layer(x)
+    assert torch.equal(first, again)
+    first.sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in layer.parameters())
+
+
+def test_torch_compile_fullgraph_encoder():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16),
+                                bigkern.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=True))
+    x = make_tensor((2, 7, 8))
+    model.eval()
+    expected = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected)
+    model.train()
+    compiled(x).sum().backward()
+    assert model[0].weight.grad is not None
