@@ -15,3 +15,6 @@ def register_drop_in(torch_class, bigkern_class):
         raise TypeError(f"{bigkern_class.__name__} must subclass {torch_class.__name__}")
     DROP_INS[torch_class] = bigkern_class
     return bigkern_class
+
+
+from bigkern.nn.rnn import LSTM, LSTMCell  # noqa: E402,F401  (registers the drop-ins)

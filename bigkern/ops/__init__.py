@@ -2,6 +2,7 @@
 implementations with the reasons each cannot serve a call. Importing this package registers them."""
 
 from bigkern.ops import epilogue
+from bigkern.ops import lstm
 
 # family name -> module with verification_cases(device, dtype), for `bigkern verify`
-FAMILIES = {"epilogue": epilogue}
+FAMILIES = {"epilogue": epilogue, "lstm": lstm}
