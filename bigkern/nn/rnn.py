@@ -28,7 +28,7 @@ class LSTM(torch.nn.LSTM):
         return self._flat_weights
 
     def _check_packed(self, data, batch_sizes, hx, weights):
-        # torch checks packed input in C++, raising RuntimeError for every mismatch
+        # torch checks packed input in C++ (RuntimeError for every mismatch), after permuting hx
         if data.dtype != weights[0].dtype:
             raise RuntimeError(f"LSTM: input dtype ({data.dtype}) does not match weight dtype ({weights[0].dtype})")
         self.check_input(data, batch_sizes)
@@ -42,9 +42,9 @@ class LSTM(torch.nn.LSTM):
         weights = self._weights()
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
-            self._check_packed(data, batch_sizes, hx, weights)
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
+            self._check_packed(data, batch_sizes, hx, weights)
             output, h_n, c_n = ops.lstm(data, batch_sizes, hx, weights, self.bias, self.num_layers,
                                         float(self.dropout), self.training, self.bidirectional)
             packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)

@@ -76,14 +76,19 @@ def _previous_hidden(out, h0, batch_sizes, reverse):
 # ---------------------------------------------------------------------------------------------
 # Outputs and the parts of backward every backend shares.
 
+def state_dtype(dtype):
+    """The dtype c and the saved gates are kept in: fp32, or float64 for float64 input."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _allocate_forward(gx, w_hh, h0, c0, save):
     N, B, H, P = gx.shape[0], h0.shape[0], c0.shape[1], h0.shape[1]
     dev, dt = gx.device, gx.dtype
     out = memory.empty((N, P), dtype=dt, device=dev)
     hn = memory.empty((B, P), dtype=dt, device=dev)
     cn = memory.empty((B, H), dtype=dt, device=dev)
-    gates = memory.empty((N, 4 * H) if save else (0,), dtype=torch.float32, device=dev)
-    cells = memory.empty((N, H), dtype=torch.float32, device=dev)
+    gates = memory.empty((N, 4 * H) if save else (0,), dtype=state_dtype(dt), device=dev)
+    cells = memory.empty((N, H), dtype=state_dtype(dt), device=dev)
     return out, hn, cn, gates, cells
 
 
@@ -92,7 +97,7 @@ def _weight_grads(dz, dh, dc, out, gates, cells, w_hh, w_hr, h0, batch_sizes, re
     gradients, each one large GEMM or reduction."""
     B, H = h0.shape[0], cells.shape[1]
     grad_w_hh = dz.t().mm(_previous_hidden(out, h0, batch_sizes, reverse))
-    grad_bias = dz.sum(0, dtype=torch.float32)
+    grad_bias = dz.sum(0, dtype=state_dtype(dz.dtype))
     _, start_rows = schedule(_batch_sizes(batch_sizes, dz.shape[0], B), reverse)
     if not batch_sizes:
         first = dz[:B] if not reverse else dz[dz.shape[0] - B:]
@@ -115,29 +120,30 @@ def _rows(source, start, count):
     return source[start:start + count]
 
 
-def _state_rows(seq, h_init, prev_row, n_prev, n_rows):
+def _state_rows(seq, h_init, prev_row, n_prev, n_rows, dtype):
     """Rows 0..n_rows-1 of the recurrent state: from the previous step where it goes on, else from
     the initial state."""
     carried = min(n_prev, n_rows)
-    return torch.cat([_rows(seq, prev_row, carried).float(), h_init[carried:n_rows].float()])
+    return torch.cat([_rows(seq, prev_row, carried).to(dtype), h_init[carried:n_rows].to(dtype)])
 
 
 def _lstm_layer_torch(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save):
     out, hn, cn, gates, cells = _allocate_forward(gx, w_hh, h0, c0, save)
     B, H, N = h0.shape[0], c0.shape[1], gx.shape[0]
     steps, _ = schedule(_batch_sizes(batch_sizes, N, B), reverse)
-    w = w_hh.float().t()
-    bias = sum(b.float() for b in (b_ih, b_hh) if b is not None)
+    acc = state_dtype(gx.dtype)
+    w = w_hh.to(acc).t()
+    bias = sum(b.to(acc) for b in (b_ih, b_hh) if b is not None)
     for row, n, prev_row, n_prev, _, n_next in steps:
-        h_prev = _state_rows(out, h0, prev_row, n_prev, n)
-        c_prev = _state_rows(cells, c0, prev_row, n_prev, n)
-        z = _rows(gx, row, n).float() + h_prev.mm(w) + bias
+        h_prev = _state_rows(out, h0, prev_row, n_prev, n, acc)
+        c_prev = _state_rows(cells, c0, prev_row, n_prev, n, acc)
+        z = _rows(gx, row, n).to(acc) + h_prev.mm(w) + bias
         i, f, g, o = z.chunk(4, 1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         c = f * c_prev + i * g
         h = (o * torch.tanh(c)).to(gx.dtype)
         if w_hr is not None:  # the kernels round r to the input dtype before projecting too
-            h = h.float().mm(w_hr.float().t()).to(gx.dtype)
+            h = h.to(acc).mm(w_hr.to(acc).t()).to(gx.dtype)
         cells[row:row + n] = c
         out[row:row + n] = h
         if save:
@@ -155,19 +161,20 @@ def _lstm_layer_backward_torch(grad_out, grad_hn, grad_cn, out, gates, cells, w_
     steps, _ = schedule(_batch_sizes(batch_sizes, N, B), reverse)
     dz = memory.empty((N, 4 * H), dtype=dt, device=out.device)
     dh_all = memory.empty((N, P), dtype=dt, device=out.device) if w_hr is not None else None
-    dc = memory.empty((B, H), dtype=torch.float32, device=out.device)
-    w = w_hh.float()
+    acc = state_dtype(dt)
+    dc = memory.empty((B, H), dtype=acc, device=out.device)
+    w = w_hh.to(acc)
     for row, n, prev_row, n_prev, next_row, n_next in reversed(steps):
         goes_on = min(n_next, n)
-        dh = _rows(grad_out, row, n).float() + torch.cat(
-            [_rows(dz, next_row, goes_on).float().mm(w), grad_hn[goes_on:n].float()])
+        dh = _rows(grad_out, row, n).to(acc) + torch.cat(
+            [_rows(dz, next_row, goes_on).to(acc).mm(w), grad_hn[goes_on:n].to(acc)])
         if w_hr is not None:
             dh_all[row:row + n] = dh.to(dt)
-            dh = dh_all[row:row + n].float().mm(w_hr.float())
-        dc_next = torch.cat([dc[:goes_on], grad_cn[goes_on:n].float()])
+            dh = dh_all[row:row + n].to(acc).mm(w_hr.to(acc))
+        dc_next = torch.cat([dc[:goes_on], grad_cn[goes_on:n].to(acc)])
         i, f, g, o = _rows(gates, row, n).chunk(4, 1)
         c = _rows(cells, row, n)
-        c_prev = _state_rows(cells, c0, prev_row, n_prev, n)
+        c_prev = _state_rows(cells, c0, prev_row, n_prev, n, acc)
         tanh_c = torch.tanh(c)
         dcc = dc_next + dh * o * (1 - tanh_c * tanh_c)
         dz[row:row + n] = torch.cat([dcc * g * i * (1 - i), dcc * c_prev * f * (1 - f), dcc * i * (1 - g * g),
@@ -317,16 +324,17 @@ LSTM_LAYER_BACKWARD.register("torch", _always)(_lstm_layer_backward_torch)
 def lstm_layer_op(gates_x: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
                   w_hr: Optional[Tensor], h0: Tensor, c0: Tensor, batch_sizes: list[int], reverse: bool,
                   save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out (N, P), h_n (B, P), c_n (B, H), gates (N, 4H) fp32 when `save` else empty, cells (N, H) fp32)."""
+    """(out (N, P), h_n (B, P), c_n (B, H), and in the state dtype (fp32, or float64): gates (N, 4H) when
+    `save` else empty, cells (N, H))."""
     return LSTM_LAYER(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save)
 
 
 @lstm_layer_op.register_fake
 def _(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save):
     N, B, H, P = gates_x.shape[0], h0.shape[0], c0.shape[1], h0.shape[1]
-    f32 = torch.float32
+    acc = state_dtype(gates_x.dtype)
     return (gates_x.new_empty((N, P)), gates_x.new_empty((B, P)), gates_x.new_empty((B, H)),
-            gates_x.new_empty((N, 4 * H) if save else (0,), dtype=f32), gates_x.new_empty((N, H), dtype=f32))
+            gates_x.new_empty((N, 4 * H) if save else (0,), dtype=acc), gates_x.new_empty((N, H), dtype=acc))
 
 
 @torch.library.custom_op("bigkern::lstm_layer_backward", mutates_args=())
@@ -334,7 +342,7 @@ def lstm_layer_backward_op(grad_out: Tensor, grad_hn: Tensor, grad_cn: Tensor, o
                            cells: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor,
                            batch_sizes: list[int], reverse: bool
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(grad gates_x, grad W_hh, grad bias (fp32), grad W_hr (empty without), grad h0, grad c0)."""
+    """(grad gates_x, grad W_hh, grad bias (in the state dtype), grad W_hr (empty without), grad h0, grad c0)."""
     return LSTM_LAYER_BACKWARD(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0, batch_sizes,
                                reverse)
 
@@ -342,7 +350,7 @@ def lstm_layer_backward_op(grad_out: Tensor, grad_hn: Tensor, grad_cn: Tensor, o
 @lstm_layer_backward_op.register_fake
 def _(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0, batch_sizes, reverse):
     N, H = out.shape[0], cells.shape[1]
-    return (out.new_empty((N, 4 * H)), w_hh.new_empty(w_hh.shape), out.new_empty((4 * H,), dtype=torch.float32),
+    return (out.new_empty((N, 4 * H)), w_hh.new_empty(w_hh.shape), out.new_empty((4 * H,), dtype=cells.dtype),
             out.new_empty(w_hr.shape if w_hr is not None else (0,)), h0.new_empty(h0.shape), c0.new_empty(c0.shape))
 
 
@@ -464,6 +472,8 @@ def lstm_layer(input: Tensor, hx: Optional[tuple] = None, weight_ih: Tensor = No
         if input.dim() != 3:
             raise RuntimeError(f"{fn}(): 'input' must have 3 dimensions (seq_len, batch, input_size), "
                                f"got {input.dim()}")
+        if input.shape[0] == 0:
+            raise RuntimeError(f"{fn}(): expected sequence length to be larger than 0 in RNN (argument 'input')")
         sizes, B = [], input.shape[1]
         x2d = input.reshape(-1, input.shape[-1])
     h0, c0 = _initial_state(hx, input, (B, P), (B, H), fn)
@@ -530,6 +540,8 @@ def lstm(input: Tensor, hx, params, has_biases: bool, num_layers: int, dropout: 
         raise RuntimeError(f"{fn}(): 'input' must have 3 dimensions, got {input.dim()}")
     x = input.transpose(0, 1) if batch_first else input
     T, B = x.shape[0], x.shape[1]
+    if T == 0:
+        raise RuntimeError(f"{fn}(): expected sequence length to be larger than 0 in RNN (argument 'input')")
     out, hn, cn = _lstm_layers(x.reshape(T * B, x.shape[2]), [], hx, params, has_biases, num_layers, dropout,
                                train, bidirectional, fn, batch=B)
     out = out.view(T, B, out.shape[-1])
@@ -617,6 +629,7 @@ def compare_with_reference(module, x, hx=None, grad_seed=None):
     for mod in (reference, same_dtype):
         mod.train(module.training)
 
+    module.zero_grad(set_to_none=True)
     x_ours, hx_ours = leaves(x), leaves(hx)
     x_64, hx_64 = leaves(x, torch.float64, "cpu"), leaves(hx, torch.float64, "cpu")
     x_t, hx_t = leaves(x), leaves(hx)
