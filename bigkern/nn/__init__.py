@@ -18,3 +18,4 @@ def register_drop_in(torch_class, bigkern_class):
 
 
 from bigkern.nn.attention import MultiheadAttention, TransformerDecoderLayer, TransformerEncoderLayer  # noqa: E402
+from bigkern.nn.rnn import LSTM, LSTMCell  # noqa: E402,F401  (registers the drop-ins)

@@ -2,5 +2,6 @@
 
 from bigkern.ops.attention import scaled_dot_product_attention, varlen_attention
 from bigkern.ops.epilogue import bias_act
+from bigkern.ops.lstm import lstm, lstm_cell, lstm_layer
 
-__all__ = ["bias_act", "scaled_dot_product_attention", "varlen_attention"]
+__all__ = ["bias_act", "lstm", "lstm_cell", "lstm_layer", "scaled_dot_product_attention", "varlen_attention"]

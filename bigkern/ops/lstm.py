@@ -1,0 +1,714 @@
+"""LSTM: one layer, one direction, over a whole sequence -- the recurrence as a registered op.
+
+    gates_x = X @ W_ih^T                         one large GEMM over every timestep (torch)
+    out, h_n, c_n = bigkern::lstm_layer(gates_x, W_hh, b_ih, b_hh, W_hr, h0, c0, ...)
+
+`bigkern::lstm_layer` runs the recurrence (kernels/lstm.py: one fused kernel per timestep; or the
+persistent CUDA kernel of csrc/lstm/, or a pure-PyTorch loop), saving c (fp32) and the activated
+gates (fp32) for `bigkern::lstm_layer_backward`, which sweeps back through time with one fused
+kernel per step and then forms every weight gradient as one large GEMM. Gate order is torch's
+(i, f, g, o); biases are added in fp32 inside the kernel.
+
+Rows: a batch of sequences is an (N, .) matrix of rows in time order -- dense (T*B rows, B per
+step) or packed exactly like PackedSequence.data (batch_sizes[t] rows at step t, decreasing).
+`batch_sizes=[]` means dense. The layers above (multi-layer, bidirectional, dropout, batch_first,
+unbatched input, PackedSequence) are plain Python here and in bigkern/nn/rnn.py.
+"""
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bigkern import dispatch, memory
+
+# ---------------------------------------------------------------------------------------------
+# The schedule: which rows each processing step owns and where its recurrent state comes from.
+
+
+@functools.lru_cache(maxsize=256)
+def schedule(batch_sizes: tuple, reverse: bool):
+    """Steps in processing order, each (row, n_rows, prev_row, n_prev, next_row, n_next): the step
+    owns rows [row, row + n_rows) (sequence b is row + b); its sequences b < n_prev continue from
+    the previous processed step's rows (the others start from h0/c0), and those b >= n_next end
+    here (they write h_n/c_n). Also returns, per sequence, the row of its first processed step."""
+    offsets = [0]
+    for size in batch_sizes:
+        offsets.append(offsets[-1] + size)
+    order = list(range(len(batch_sizes)))[::-1] if reverse else list(range(len(batch_sizes)))
+    steps = []
+    start_rows = [0] * (batch_sizes[0] if batch_sizes else 0)
+    for s, t in enumerate(order):
+        prev_t = order[s - 1] if s > 0 else None
+        next_t = order[s + 1] if s + 1 < len(order) else None
+        n_prev = batch_sizes[prev_t] if prev_t is not None else 0
+        for b in range(n_prev, batch_sizes[t]):
+            start_rows[b] = offsets[t] + b
+        steps.append((offsets[t], batch_sizes[t],
+                      offsets[prev_t] if prev_t is not None else 0, n_prev,
+                      offsets[next_t] if next_t is not None else 0,
+                      batch_sizes[next_t] if next_t is not None else 0))
+    return tuple(steps), tuple(start_rows)
+
+
+def _batch_sizes(batch_sizes, n_rows, batch):
+    """The per-step batch sizes as a tuple; [] means dense (every step has the whole batch)."""
+    if batch_sizes:
+        return tuple(int(b) for b in batch_sizes)
+    return (batch,) * (n_rows // batch if batch else 0)
+
+
+def _previous_hidden(out, h0, batch_sizes, reverse):
+    """(N, P): row n holds the h its step read (the previous processed step's row, or h0): the
+    right operand of grad W_hh = dZ^T @ H_prev."""
+    B, N = h0.shape[0], out.shape[0]
+    if not batch_sizes:  # dense: a shift by one step
+        return torch.cat([h0, out[:N - B]]) if not reverse else torch.cat([out[B:], h0])
+    steps, _ = schedule(_batch_sizes(batch_sizes, N, B), reverse)
+    index = [0] * N
+    for row, n_rows, prev_row, n_prev, _, _ in steps:
+        for b in range(n_rows):
+            index[row + b] = prev_row + b if b < n_prev else N + b
+    return torch.cat([out, h0])[torch.tensor(index, device=out.device)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs and the parts of backward every backend shares.
+
+def state_dtype(dtype):
+    """The dtype c and the saved gates are kept in: fp32, or float64 for float64 input."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _allocate_forward(gx, w_hh, h0, c0, save):
+    N, B, H, P = gx.shape[0], h0.shape[0], c0.shape[1], h0.shape[1]
+    dev, dt = gx.device, gx.dtype
+    out = memory.empty((N, P), dtype=dt, device=dev)
+    hn = memory.empty((B, P), dtype=dt, device=dev)
+    cn = memory.empty((B, H), dtype=dt, device=dev)
+    gates = memory.empty((N, 4 * H) if save else (0,), dtype=state_dtype(dt), device=dev)
+    cells = memory.empty((N, H), dtype=state_dtype(dt), device=dev)
+    return out, hn, cn, gates, cells
+
+
+def _weight_grads(dz, dh, dc, out, gates, cells, w_hh, w_hr, h0, batch_sizes, reverse):
+    """From the gate gradients dz (N, 4H) of every row: the weight, bias and initial-state
+    gradients, each one large GEMM or reduction."""
+    B, H = h0.shape[0], cells.shape[1]
+    grad_w_hh = dz.t().mm(_previous_hidden(out, h0, batch_sizes, reverse))
+    grad_bias = dz.sum(0, dtype=state_dtype(dz.dtype))
+    _, start_rows = schedule(_batch_sizes(batch_sizes, dz.shape[0], B), reverse)
+    if not batch_sizes:
+        first = dz[:B] if not reverse else dz[dz.shape[0] - B:]
+    else:
+        first = dz[torch.tensor(start_rows, device=dz.device)]
+    grad_h0 = first.mm(w_hh)
+    grad_c0 = dc.to(dz.dtype)
+    if w_hr is None:
+        grad_w_hr = dz.new_empty((0,))
+    else:  # h = r @ W_hr^T with r = o * tanh(c): grad W_hr = dh^T @ r
+        r = (gates[:, 3 * H:] * torch.tanh(cells)).to(dz.dtype)
+        grad_w_hr = dh.t().mm(r)
+    return grad_w_hh, grad_bias, grad_w_hr, grad_h0, grad_c0
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure-PyTorch reference: the same rows, schedule and saved tensors as the kernels.
+
+def _rows(source, start, count):
+    return source[start:start + count]
+
+
+def _state_rows(seq, h_init, prev_row, n_prev, n_rows, dtype):
+    """Rows 0..n_rows-1 of the recurrent state: from the previous step where it goes on, else from
+    the initial state."""
+    carried = min(n_prev, n_rows)
+    return torch.cat([_rows(seq, prev_row, carried).to(dtype), h_init[carried:n_rows].to(dtype)])
+
+
+def _lstm_layer_torch(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save):
+    out, hn, cn, gates, cells = _allocate_forward(gx, w_hh, h0, c0, save)
+    B, H, N = h0.shape[0], c0.shape[1], gx.shape[0]
+    steps, _ = schedule(_batch_sizes(batch_sizes, N, B), reverse)
+    acc = state_dtype(gx.dtype)
+    w = w_hh.to(acc).t()
+    bias = sum(b.to(acc) for b in (b_ih, b_hh) if b is not None)
+    for row, n, prev_row, n_prev, _, n_next in steps:
+        h_prev = _state_rows(out, h0, prev_row, n_prev, n, acc)
+        c_prev = _state_rows(cells, c0, prev_row, n_prev, n, acc)
+        z = _rows(gx, row, n).to(acc) + h_prev.mm(w) + bias
+        i, f, g, o = z.chunk(4, 1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * c_prev + i * g
+        h = (o * torch.tanh(c)).to(gx.dtype)
+        if w_hr is not None:  # the kernels round r to the input dtype before projecting too
+            h = h.to(acc).mm(w_hr.to(acc).t()).to(gx.dtype)
+        cells[row:row + n] = c
+        out[row:row + n] = h
+        if save:
+            gates[row:row + n] = torch.cat([i, f, g, o], 1)
+        if n_next < n:
+            hn[n_next:n] = h[n_next:]
+            cn[n_next:n] = c[n_next:].to(cn.dtype)
+    return out, hn, cn, gates, cells
+
+
+def _lstm_layer_backward_torch(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0,
+                               batch_sizes, reverse):
+    B, H, P, N = h0.shape[0], cells.shape[1], h0.shape[1], out.shape[0]
+    dt = out.dtype
+    steps, _ = schedule(_batch_sizes(batch_sizes, N, B), reverse)
+    dz = memory.empty((N, 4 * H), dtype=dt, device=out.device)
+    dh_all = memory.empty((N, P), dtype=dt, device=out.device) if w_hr is not None else None
+    acc = state_dtype(dt)
+    dc = memory.empty((B, H), dtype=acc, device=out.device)
+    w = w_hh.to(acc)
+    for row, n, prev_row, n_prev, next_row, n_next in reversed(steps):
+        goes_on = min(n_next, n)
+        dh = _rows(grad_out, row, n).to(acc) + torch.cat(
+            [_rows(dz, next_row, goes_on).to(acc).mm(w), grad_hn[goes_on:n].to(acc)])
+        if w_hr is not None:
+            dh_all[row:row + n] = dh.to(dt)
+            dh = dh_all[row:row + n].to(acc).mm(w_hr.to(acc))
+        dc_next = torch.cat([dc[:goes_on], grad_cn[goes_on:n].to(acc)])
+        i, f, g, o = _rows(gates, row, n).chunk(4, 1)
+        c = _rows(cells, row, n)
+        c_prev = _state_rows(cells, c0, prev_row, n_prev, n, acc)
+        tanh_c = torch.tanh(c)
+        dcc = dc_next + dh * o * (1 - tanh_c * tanh_c)
+        dz[row:row + n] = torch.cat([dcc * g * i * (1 - i), dcc * c_prev * f * (1 - f), dcc * i * (1 - g * g),
+                                     dh * tanh_c * o * (1 - o)], 1).to(dt)
+        dc[:n] = dcc * f
+    return (dz,) + _weight_grads(dz, dh_all, dc, out, gates, cells, w_hh, w_hr, h0, batch_sizes, reverse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations and the reasons each cannot serve a call.
+
+def _dtype_reason(gx):
+    if gx.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the kernels take float16, bfloat16 or float32, not {gx.dtype}"
+    return None
+
+
+def _triton_unsupported(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, *rest):
+    return dispatch.triton_unsupported(gx, w_hh, h0, c0) or _dtype_reason(gx)
+
+
+def _backward_triton_unsupported(grad_out, grad_hn, grad_cn, out, gates, *rest):
+    return dispatch.triton_unsupported(grad_out, out, gates) or _dtype_reason(out)
+
+
+def _always(*args):
+    return None
+
+
+def _kernel_layout(gx, w_hh, b_ih, b_hh, w_hr, h0, c0):
+    """What the kernels index: gates_x rows of unit column stride; everything else contiguous."""
+    if gx.shape[1] and gx.stride(1) != 1:
+        gx = gx.contiguous()
+    return (gx, w_hh.contiguous(), None if b_ih is None else b_ih.contiguous(),
+            None if b_hh is None else b_hh.contiguous(), None if w_hr is None else w_hr.contiguous(),
+            h0.contiguous(), c0.contiguous())
+
+
+def _combined_bias(b_ih, b_hh):
+    if b_ih is None and b_hh is None:
+        return None
+    return sum(b.float() for b in (b_ih, b_hh) if b is not None)
+
+
+LSTM_LAYER = dispatch.Op("lstm_layer")
+LSTM_LAYER_BACKWARD = dispatch.Op("lstm_layer_backward")
+
+
+@LSTM_LAYER.register("triton", _triton_unsupported)
+def _lstm_layer_triton(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save):
+    from bigkern.kernels import lstm as kernels
+
+    gx, w_hh, b_ih, b_hh, w_hr, h0, c0 = _kernel_layout(gx, w_hh, b_ih, b_hh, w_hr, h0, c0)
+    out, hn, cn, gates, cells = _allocate_forward(gx, w_hh, h0, c0, save)
+    B, H, N = h0.shape[0], c0.shape[1], gx.shape[0]
+    steps, _ = schedule(_batch_sizes(batch_sizes, N, B), reverse)
+    r = memory.empty((B, H), dtype=gx.dtype, device=gx.device) if w_hr is not None else None
+    if steps and H:
+        kernels.forward(gx, w_hh, _combined_bias(b_ih, b_hh), w_hr, h0, c0, steps, out, cells, gates, r, hn, cn)
+    return out, hn, cn, gates, cells
+
+
+@LSTM_LAYER_BACKWARD.register("triton", _backward_triton_unsupported)
+def _lstm_layer_backward_triton(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0,
+                                batch_sizes, reverse):
+    from bigkern.kernels import lstm as kernels
+
+    B, H, P, N = h0.shape[0], cells.shape[1], h0.shape[1], out.shape[0]
+    w_hh, w_hr, h0, c0 = w_hh.contiguous(), None if w_hr is None else w_hr.contiguous(), h0.contiguous(), c0.contiguous()
+    grad_out, grad_hn, grad_cn = grad_out.contiguous(), grad_hn.contiguous(), grad_cn.contiguous()
+    steps, _ = schedule(_batch_sizes(batch_sizes, N, B), reverse)
+    dz = memory.empty((N, 4 * H), dtype=out.dtype, device=out.device)
+    dh = memory.empty((N, P), dtype=out.dtype, device=out.device) if w_hr is not None else None
+    dc = memory.empty((B, H), dtype=torch.float32, device=out.device)
+    if steps and H:
+        kernels.backward(grad_out, grad_hn, grad_cn, w_hh, w_hr, gates, cells, c0, steps, dz, dh, dc)
+    else:
+        dc.zero_()
+    return (dz,) + _weight_grads(dz, dh, dc, out, gates, cells, w_hh, w_hr, h0, batch_sizes, reverse)
+
+
+# The persistent CUDA kernel (csrc/lstm/): W_hh resident on chip for the whole sequence.
+
+def _cuda_unsupported(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save):
+    reason = dispatch.cuda_unsupported(gx, w_hh, h0, c0) or _dtype_reason(gx)
+    if reason:
+        return reason
+    if w_hr is not None:
+        return "the persistent kernel has no proj_size projection (it would need a second grid barrier a step)"
+    if batch_sizes:
+        return "the persistent kernel takes dense batches, not variable lengths (PackedSequence)"
+    return persistent_plan_reason(w_hh, h0.shape[0], backward=save)
+
+
+def _backward_cuda_unsupported(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0, batch_sizes,
+                               reverse):
+    reason = dispatch.cuda_unsupported(grad_out, out, gates) or _dtype_reason(out)
+    if reason:
+        return reason
+    if w_hr is not None:
+        return "the persistent kernel has no proj_size projection"
+    if batch_sizes:
+        return "the persistent kernel takes dense batches, not variable lengths (PackedSequence)"
+    return persistent_plan_reason(w_hh, h0.shape[0], backward=True)
+
+
+def persistent_plan_reason(w_hh, batch, backward=False):
+    """Why the persistent kernel cannot hold this W_hh (and batch) on chip, or None. The binding
+    asks the device: SM count, opt-in shared memory per block, cooperative launch support."""
+    reason = torch.ops.bigkern.lstm_persistent_plan_cuda(w_hh, batch, backward)
+    return reason or None
+
+
+@LSTM_LAYER.register("cuda", _cuda_unsupported, auto=False)
+def _lstm_layer_cuda(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save):
+    gx, w_hh, b_ih, b_hh, w_hr, h0, c0 = _kernel_layout(gx, w_hh, b_ih, b_hh, w_hr, h0, c0)
+    out, hn, cn, gates, cells = _allocate_forward(gx, w_hh, h0, c0, save)
+    if gx.shape[0] and c0.shape[1]:
+        torch.ops.bigkern.lstm_persistent_forward_cuda(gx, w_hh, _combined_bias(b_ih, b_hh), h0, c0, out, cells,
+                                                       gates if save else None, hn, cn, reverse)
+    return out, hn, cn, gates, cells
+
+
+@LSTM_LAYER_BACKWARD.register("cuda", _backward_cuda_unsupported, auto=False)
+def _lstm_layer_backward_cuda(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0, batch_sizes,
+                              reverse):
+    B, H, N = h0.shape[0], cells.shape[1], out.shape[0]
+    w_hh, c0 = w_hh.contiguous(), c0.contiguous()
+    dz = memory.empty((N, 4 * H), dtype=out.dtype, device=out.device)
+    dc = memory.empty((B, H), dtype=torch.float32, device=out.device)
+    if N and H:
+        torch.ops.bigkern.lstm_persistent_backward_cuda(grad_out.contiguous(), grad_hn.contiguous(),
+                                                        grad_cn.contiguous(), w_hh, gates, cells, c0, dz, dc, reverse)
+    else:
+        dc.zero_()
+    return (dz,) + _weight_grads(dz, None, dc, out, gates, cells, w_hh, None, h0, batch_sizes, reverse)
+
+
+LSTM_LAYER.register("torch", _always)(_lstm_layer_torch)
+LSTM_LAYER_BACKWARD.register("torch", _always)(_lstm_layer_backward_torch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops: what torch.compile, torch.export and autograd see.
+
+@torch.library.custom_op("bigkern::lstm_layer", mutates_args=())
+def lstm_layer_op(gates_x: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+                  w_hr: Optional[Tensor], h0: Tensor, c0: Tensor, batch_sizes: list[int], reverse: bool,
+                  save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out (N, P), h_n (B, P), c_n (B, H), and in the state dtype (fp32, or float64): gates (N, 4H) when
+    `save` else empty, cells (N, H))."""
+    return LSTM_LAYER(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save)
+
+
+@lstm_layer_op.register_fake
+def _(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save):
+    N, B, H, P = gates_x.shape[0], h0.shape[0], c0.shape[1], h0.shape[1]
+    acc = state_dtype(gates_x.dtype)
+    return (gates_x.new_empty((N, P)), gates_x.new_empty((B, P)), gates_x.new_empty((B, H)),
+            gates_x.new_empty((N, 4 * H) if save else (0,), dtype=acc), gates_x.new_empty((N, H), dtype=acc))
+
+
+@torch.library.custom_op("bigkern::lstm_layer_backward", mutates_args=())
+def lstm_layer_backward_op(grad_out: Tensor, grad_hn: Tensor, grad_cn: Tensor, out: Tensor, gates: Tensor,
+                           cells: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor,
+                           batch_sizes: list[int], reverse: bool
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad gates_x, grad W_hh, grad bias (in the state dtype), grad W_hr (empty without), grad h0, grad c0)."""
+    return LSTM_LAYER_BACKWARD(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0, batch_sizes,
+                               reverse)
+
+
+@lstm_layer_backward_op.register_fake
+def _(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0, batch_sizes, reverse):
+    N, H = out.shape[0], cells.shape[1]
+    return (out.new_empty((N, 4 * H)), w_hh.new_empty(w_hh.shape), out.new_empty((4 * H,), dtype=cells.dtype),
+            out.new_empty(w_hr.shape if w_hr is not None else (0,)), h0.new_empty(h0.shape), c0.new_empty(c0.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save = inputs
+    out, _, _, gates, cells = output
+    ctx.save_for_backward(out, gates, cells, w_hh, w_hr, h0, c0)
+    ctx.args = (batch_sizes, reverse, save)
+    ctx.bias_dtypes = (None if b_ih is None else b_ih.dtype, None if b_hh is None else b_hh.dtype)
+
+
+def _backward(ctx, grad_out, grad_hn, grad_cn, _grad_gates, _grad_cells):
+    out, gates, cells, w_hh, w_hr, h0, c0 = ctx.saved_tensors
+    batch_sizes, reverse, save = ctx.args
+    if not save:
+        raise RuntimeError("bigkern::lstm_layer was called with save=False, so it kept nothing for backward")
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn
+    grad_cn = torch.zeros_like(c0) if grad_cn is None else grad_cn
+    dz, grad_w_hh, grad_bias, grad_w_hr, grad_h0, grad_c0 = lstm_layer_backward_op(
+        grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0, batch_sizes, reverse)
+    grad_b_ih, grad_b_hh = (None if dtype is None else grad_bias.to(dtype) for dtype in ctx.bias_dtypes)
+    return (dz, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr if w_hr is not None else None, grad_h0, grad_c0,
+            None, None, None)
+
+
+lstm_layer_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python entry points: validate like torch, naming the argument, then call the registered op.
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_tensor(t, name, fn, optional=False):
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}(): argument '{name}' must be Tensor, not {type(t).__name__}")
+
+
+def _check_like(t, name, ref, ref_name, fn):
+    """Same device and dtype as the reference tensor, else torch's RuntimeError naming both."""
+    if t is None:
+        return
+    if t.device != ref.device:
+        raise RuntimeError(f"{fn}(): expected argument '{name}' on the device of '{ref_name}' ({ref.device}), "
+                           f"but it is on {t.device}")
+    if t.dtype != ref.dtype:
+        raise RuntimeError(f"{fn}(): expected argument '{name}' to have the dtype of '{ref_name}' ({ref.dtype}), "
+                           f"but got {t.dtype}")
+
+
+def _check_shape(t, name, expected, fn):
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise RuntimeError(f"{fn}(): argument '{name}' must have shape {tuple(expected)}, but got {tuple(t.shape)}")
+
+
+def _check_weights(input, w_ih, w_hh, b_ih, b_hh, w_hr, fn, suffix=""):
+    """Shapes of one layer's parameters against each other and the input; returns (H, P)."""
+    for name, t, optional in (("weight_ih", w_ih, False), ("weight_hh", w_hh, False), ("bias_ih", b_ih, True),
+                              ("bias_hh", b_hh, True), ("weight_hr", w_hr, True)):
+        _check_tensor(t, name + suffix, fn, optional)
+        _check_like(t, name + suffix, input, "input", fn)
+    if w_ih.dim() != 2 or w_ih.shape[0] % 4:
+        raise RuntimeError(f"{fn}(): argument 'weight_ih{suffix}' must be (4*hidden_size, input_size), "
+                           f"but got {tuple(w_ih.shape)}")
+    H = w_ih.shape[0] // 4
+    P = w_hr.shape[0] if w_hr is not None else H
+    if w_ih.shape[1] != input.shape[-1]:
+        raise RuntimeError(f"{fn}(): input has inconsistent input_size: got {input.shape[-1]}, expected "
+                           f"{w_ih.shape[1]} (the width of 'weight_ih{suffix}')")
+    _check_shape(w_hh, "weight_hh" + suffix, (4 * H, P), fn)
+    _check_shape(b_ih, "bias_ih" + suffix, (4 * H,), fn)
+    _check_shape(b_hh, "bias_hh" + suffix, (4 * H,), fn)
+    if w_hr is not None:
+        _check_shape(w_hr, "weight_hr" + suffix, (P, H), fn)
+    return H, P
+
+
+def _check_input(input, fn):
+    _check_tensor(input, "input", fn)
+    if not input.is_floating_point():
+        raise RuntimeError(f"{fn}(): argument 'input' must be a floating-point tensor, not {input.dtype}")
+
+
+def _run_layer(x2d, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse):
+    """One layer, one direction over rows x2d (N, I): the input projection as one GEMM, then the
+    recurrence op. Returns (out (N, P), h_n, c_n)."""
+    gates_x = torch.nn.functional.linear(x2d, w_ih)
+    save = _needs_grad(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0)
+    out, hn, cn, _, _ = lstm_layer_op(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save)
+    return out, hn, cn
+
+
+def lstm_layer(input: Tensor, hx: Optional[tuple] = None, weight_ih: Tensor = None, weight_hh: Tensor = None,
+               bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
+               weight_hr: Optional[Tensor] = None, *, reverse: bool = False,
+               batch_sizes: Optional[Tensor] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One LSTM layer in one direction over a whole sequence, fused forward and backward.
+
+    input: (T, B, input_size), or PackedSequence data (N, input_size) with its `batch_sizes`.
+    hx: (h0 (B, P), c0 (B, hidden_size)) or None for zeros; P = proj_size (weight_hr's rows) or
+    hidden_size. Returns (output (T, B, P) or (N, P), (h_n (B, P), c_n (B, hidden_size))); with
+    batch_sizes, h_n/c_n are each sequence's state at its own last step.
+    """
+    fn = "lstm_layer"
+    _check_input(input, fn)
+    H, P = _check_weights(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, fn)
+    if batch_sizes is not None:
+        if input.dim() != 2:
+            raise RuntimeError(f"{fn}(): packed 'input' must have 2 dimensions, got {input.dim()}")
+        sizes = [int(b) for b in batch_sizes]
+        B = sizes[0] if sizes else 0
+        x2d = input
+    else:
+        if input.dim() != 3:
+            raise RuntimeError(f"{fn}(): 'input' must have 3 dimensions (seq_len, batch, input_size), "
+                               f"got {input.dim()}")
+        if input.shape[0] == 0:
+            raise RuntimeError(f"{fn}(): expected sequence length to be larger than 0 in RNN (argument 'input')")
+        sizes, B = [], input.shape[1]
+        x2d = input.reshape(-1, input.shape[-1])
+    h0, c0 = _initial_state(hx, input, (B, P), (B, H), fn)
+    out, hn, cn = _run_layer(x2d, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, h0, c0, sizes, reverse)
+    if batch_sizes is None:
+        out = out.view(input.shape[0], B, P)
+    return out, (hn, cn)
+
+
+def _initial_state(hx, input, h_shape, c_shape, fn, names=("hx[0]", "hx[1]")):
+    if hx is None:
+        zeros = dict(dtype=input.dtype, device=input.device)
+        return torch.zeros(h_shape, **zeros), torch.zeros(c_shape, **zeros)
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError(f"{fn}(): argument 'hx' must be a pair (h_0, c_0) of Tensors")
+    h0, c0 = hx
+    for t, name, shape in ((h0, names[0], h_shape), (c0, names[1], c_shape)):
+        _check_tensor(t, name, fn)
+        _check_like(t, name, input, "input", fn)
+        _check_shape(t, name, shape, fn)
+    return h0, c0
+
+
+def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+              b_hh: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """One LSTM step, torch.lstm_cell's signature: input (B, input_size), hx (h (B, H), c (B, H))
+    or None for zeros; returns (h_1, c_1)."""
+    fn = "lstm_cell"
+    _check_input(input, fn)
+    if input.dim() != 2:
+        raise RuntimeError(f"{fn}(): 'input' must have 2 dimensions (batch, input_size), got {input.dim()}")
+    H, _ = _check_weights(input, w_ih, w_hh, b_ih, b_hh, None, fn)
+    B = input.shape[0]
+    if hx is not None and isinstance(hx, (tuple, list)) and len(hx) == 2:
+        for t, name in ((hx[0], "hx[0]"), (hx[1], "hx[1]")):
+            if isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] != B:
+                raise RuntimeError(f"{fn}(): input batch size {B} doesn't match {name} batch size {t.shape[0]}")
+            if isinstance(t, Tensor) and t.dim() == 2 and t.shape[1] != H:
+                raise RuntimeError(f"{fn}(): {name} has inconsistent hidden_size: got {t.shape[1]}, expected {H}")
+    h0, c0 = _initial_state(hx, input, (B, H), (B, H), fn)
+    out, _, cn = _run_layer(input, w_ih, w_hh, b_ih, b_hh, None, h0, c0, [], False)
+    return out, cn
+
+
+def lstm(input: Tensor, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
+         bidirectional: bool, batch_first=False):
+    """torch.lstm (what torch.nn.LSTM calls), both overloads:
+
+        lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        lstm(data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional)
+
+    params: per layer and direction, w_ih, w_hh[, b_ih, b_hh][, w_hr], as nn.LSTM._flat_weights.
+    Returns (output, h_n, c_n). Dropout between layers uses torch's dropout (and RNG).
+    """
+    fn = "lstm"
+    if isinstance(hx, Tensor):  # the packed overload: (data, batch_sizes, hx, params, ...)
+        data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional = (
+            input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        _check_input(data, fn)
+        sizes = [int(b) for b in batch_sizes]
+        return _lstm_layers(data, sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional, fn)
+    _check_input(input, fn)
+    if input.dim() != 3:
+        raise RuntimeError(f"{fn}(): 'input' must have 3 dimensions, got {input.dim()}")
+    x = input.transpose(0, 1) if batch_first else input
+    T, B = x.shape[0], x.shape[1]
+    if T == 0:
+        raise RuntimeError(f"{fn}(): expected sequence length to be larger than 0 in RNN (argument 'input')")
+    out, hn, cn = _lstm_layers(x.reshape(T * B, x.shape[2]), [], hx, params, has_biases, num_layers, dropout,
+                               train, bidirectional, fn, batch=B)
+    out = out.view(T, B, out.shape[-1])
+    return (out.transpose(0, 1) if batch_first else out), hn, cn
+
+
+def _lstm_layers(x2d, sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional, fn, batch=None):
+    """Stacked (and bidirectional) layers over rows x2d; sizes=[] means dense with `batch` per step."""
+    directions = 2 if bidirectional else 1
+    per_layer = len(params) // (num_layers * directions) if num_layers * directions else 0
+    has_proj = per_layer == (5 if has_biases else 3)
+    if per_layer not in ((4, 5) if has_biases else (2, 3)) or per_layer * num_layers * directions != len(params):
+        raise RuntimeError(f"{fn}(): got an incorrect number of LSTM parameters ({len(params)} for "
+                           f"num_layers={num_layers}, bidirectional={bidirectional}, has_biases={has_biases})")
+    B = sizes[0] if sizes else batch
+    H = params[0].shape[0] // 4
+    P = params[per_layer - 1].shape[0] if has_proj else H
+    shape_h, shape_c = (num_layers * directions, B, P), (num_layers * directions, B, H)
+    h0, c0 = _initial_state(hx, x2d, shape_h, shape_c, fn)
+    layer_input, h_n, c_n = x2d, [], []
+    for layer in range(num_layers):
+        if layer and dropout and train:
+            layer_input = torch.nn.functional.dropout(layer_input, dropout, True)
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            weights = list(params[index * per_layer:(index + 1) * per_layer])
+            w_ih, w_hh = weights[0], weights[1]
+            b_ih, b_hh = (weights[2], weights[3]) if has_biases else (None, None)
+            w_hr = weights[-1] if has_proj else None
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            _check_weights(layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, fn, suffix)
+            out, hn, cn = _run_layer(layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, h0[index], c0[index], sizes,
+                                     bool(direction))
+            outputs.append(out)
+            h_n.append(hn)
+            c_n.append(cn)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, 1)
+    return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification against float64, shared by tests/test_lstm.py and `bigkern verify`.
+
+def compare_with_reference(module, x, hx=None, grad_seed=None):
+    """Run bigkern's LSTM/LSTMCell `module` (any backend requested) forward and backward on `x`
+    (Tensor or PackedSequence) and `hx`, and torch's module of the same configuration with the same
+    state_dict in float64 (the reference) and in the module's dtype (torch's own error); returns
+    the Comparisons of every output and of the gradients of every parameter, the input and hx."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    from bigkern import testing
+
+    def leaves(value, dtype=None, device=None):
+        """Detached copies requiring grad (the input and hx), cast when asked."""
+        if value is None:
+            return None
+        if isinstance(value, PackedSequence):
+            return PackedSequence(leaves(value.data, dtype, device), value.batch_sizes, value.sorted_indices,
+                                  value.unsorted_indices)
+        if isinstance(value, (tuple, list)):
+            return type(value)(leaves(v, dtype, device) for v in value)
+        return value.detach().to(dtype=dtype or value.dtype, device=device or value.device).requires_grad_(True)
+
+    def tensors_of(value):
+        if value is None:
+            return []
+        if isinstance(value, PackedSequence):
+            return [value.data]
+        if isinstance(value, (tuple, list)):
+            return [t for v in value for t in tensors_of(v)]
+        return [value]
+
+    def run(mod, inputs, state):
+        result = mod(inputs, state) if state is not None else mod(inputs)
+        outs = tensors_of(result)
+        return outs
+
+    torch_class = type(module).__mro__[1]  # the torch class bigkern's drop-in subclasses
+    config = _module_config(module)
+    reference = torch_class(**config, dtype=torch.float64)
+    reference.load_state_dict({k: v.double().cpu() for k, v in module.state_dict().items()})
+    same_dtype = torch_class(**config, device=next(module.parameters()).device, dtype=next(module.parameters()).dtype)
+    same_dtype.load_state_dict(module.state_dict())
+    for mod in (reference, same_dtype):
+        mod.train(module.training)
+
+    module.zero_grad(set_to_none=True)
+    x_ours, hx_ours = leaves(x), leaves(hx)
+    x_64, hx_64 = leaves(x, torch.float64, "cpu"), leaves(hx, torch.float64, "cpu")
+    x_t, hx_t = leaves(x), leaves(hx)
+    seed = testing.seed_everything(grad_seed)
+    ours = run(module, x_ours, hx_ours)
+    testing.seed_everything(seed)  # the same dropout masks for every run
+    ref = run(reference, x_64, hx_64)
+    testing.seed_everything(seed)
+    theirs = run(same_dtype, x_t, hx_t)
+
+    names = ["output", "h_n", "c_n"] if len(ours) == 3 else ["h", "c"]
+    results = [testing.compare(a, r, t, name=n) for a, r, t, n in zip(ours, ref, theirs, names)]
+    grads = [testing.make_tensor(o.shape, o.dtype, o.device) for o in ours]
+    for outs, mod in ((ours, module), (ref, reference), (theirs, same_dtype)):
+        device = outs[0].device
+        torch.autograd.backward(outs, [g.to(dtype=outs[0].dtype, device=device) for g in grads])
+    named = [("input", tensors_of(x_ours), tensors_of(x_64), tensors_of(x_t)),
+             ("hx", tensors_of(hx_ours), tensors_of(hx_64), tensors_of(hx_t))]
+    for (name, p), (_, p64), (_, pt) in zip(module.named_parameters(), reference.named_parameters(),
+                                             same_dtype.named_parameters()):
+        named.append((name, [p], [p64], [pt]))
+    for name, a_list, r_list, t_list in named:
+        for k, (a, r, t) in enumerate(zip(a_list, r_list, t_list)):
+            label = f"grad {name}" + (f"[{k}]" if len(a_list) > 1 else "")
+            if r.grad is None:
+                if a.grad is not None and a.grad.abs().max() > 0:
+                    results.append(testing.Comparison(label, float("inf"), 0, 0, False, "expected no gradient"))
+                continue
+            if a.grad is None:
+                results.append(testing.Comparison(label, float("inf"), 0, 0, False, "gradient missing"))
+                continue
+            results.append(testing.compare(a.grad, r.grad, t.grad, name=label, factor=testing.GRADIENT_FACTOR))
+    return results
+
+
+def _module_config(module):
+    if isinstance(module, torch.nn.LSTMCell):
+        return dict(input_size=module.input_size, hidden_size=module.hidden_size, bias=module.bias)
+    return dict(input_size=module.input_size, hidden_size=module.hidden_size, num_layers=module.num_layers,
+                bias=module.bias, batch_first=module.batch_first, dropout=module.dropout,
+                bidirectional=module.bidirectional, proj_size=module.proj_size)
+
+
+def verification_cases(device, dtype):
+    """(description, thunk returning Comparisons) on fresh random inputs: what `bigkern verify` runs."""
+    from torch.nn.utils.rnn import pack_sequence
+
+    from bigkern import testing
+    from bigkern.nn import rnn
+
+    def lstm_case(config, T, B, packed=False):
+        def run():
+            module = rnn.LSTM(**config, device=device, dtype=dtype)
+            I = config["input_size"]
+            if packed:
+                lengths = [max(1, T - 2 * k) for k in range(B)][::-1]  # unsorted: shortest first
+                x = pack_sequence([testing.make_tensor((n, I), dtype, device) for n in lengths],
+                                  enforce_sorted=False)
+                return compare_with_reference(module, x)
+            shape = (B, T, I) if config.get("batch_first") else (T, B, I)
+            return compare_with_reference(module, testing.make_tensor(shape, dtype, device))
+        return run
+
+    def cell_case(I, H, B):
+        def run():
+            module = rnn.LSTMCell(I, H, device=device, dtype=dtype)
+            x = testing.make_tensor((B, I), dtype, device)
+            hx = (testing.make_tensor((B, H), dtype, device), testing.make_tensor((B, H), dtype, device))
+            return compare_with_reference(module, x, hx)
+        return run
+
+    big = device != "cpu"
+    yield "LSTMCell 7->33 batch 5", cell_case(7, 33, 5)
+    yield "LSTM 7->16 T=5 B=3", lstm_case(dict(input_size=7, hidden_size=16), 5, 3)
+    yield "LSTM 2 layers bidirectional batch_first", lstm_case(
+        dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True, batch_first=True), 4, 3)
+    yield "LSTM proj_size", lstm_case(dict(input_size=6, hidden_size=9, proj_size=4), 4, 2)
+    yield "LSTM packed unsorted bidirectional", lstm_case(
+        dict(input_size=5, hidden_size=7, bidirectional=True), 6, 3, packed=True)
+    if big:
+        yield "LSTM 256->512 T=50 B=4", lstm_case(dict(input_size=256, hidden_size=512), 50, 4)
+        yield "LSTM 129->129 2 layers T=20 B=33", lstm_case(dict(input_size=129, hidden_size=129, num_layers=2), 20, 33)

@@ -1,0 +1,506 @@
+"""LSTM (bigkern/ops/lstm.py, bigkern/nn/rnn.py): every backend against torch.nn.LSTM / LSTMCell run
+in float64 with the same state_dict -- outputs, h_n, c_n and the gradient of every parameter, the
+input and (h0, c0) -- plus the module protocol, opcheck, torch.compile and torch's errors."""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pack_sequence
+
+import bigkern
+from bigkern import memory
+from bigkern.nn import functional as F
+from bigkern.nn import rnn
+from bigkern.ops import lstm as ops
+from bigkern.testing import make_tensor
+from conftest import DEVICE, backend_skip_reason
+
+GPU = DEVICE == "cuda"
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+
+
+def check(results):
+    bad = [str(r) for r in results if not r.ok]
+    assert not bad, "\n".join(bad)
+
+
+def compare(backend, module, x, hx=None):
+    """compare_with_reference, skipping configurations a forced `cuda` cannot serve (with why)."""
+    try:
+        return ops.compare_with_reference(module, x, hx)
+    except bigkern.UnsupportedError as reason:
+        if backend == "cuda":
+            pytest.skip(str(reason))
+        raise
+
+
+def random_hx(config, batch, dtype, unbatched=False):
+    layers = config.get("num_layers", 1) * (2 if config.get("bidirectional") else 1)
+    P = config.get("proj_size") or config["hidden_size"]
+    lead = (layers,) if unbatched else (layers, batch)
+    return (make_tensor(lead + (P,), dtype, DEVICE), make_tensor(lead + (config["hidden_size"],), dtype, DEVICE))
+
+
+# (config, T, B): odd sizes, every feature, small enough for the interpreter.
+LSTM_CASES = [
+    (dict(input_size=7, hidden_size=16), 5, 3),
+    (dict(input_size=1, hidden_size=7, bias=False), 3, 1),
+    (dict(input_size=5, hidden_size=33, num_layers=2), 4, 2),
+    (dict(input_size=4, hidden_size=7, num_layers=3, bidirectional=True, batch_first=True), 3, 2),
+    (dict(input_size=6, hidden_size=9, proj_size=4, num_layers=2, bidirectional=True), 4, 3),
+    (dict(input_size=3, hidden_size=16, proj_size=7, batch_first=True), 5, 1),
+    (dict(input_size=8, hidden_size=17, bidirectional=True), 1, 5),
+]
+if GPU:
+    LSTM_CASES += [
+        (dict(input_size=129, hidden_size=129, num_layers=2), 20, 33),
+        (dict(input_size=256, hidden_size=512), 50, 4),
+        (dict(input_size=64, hidden_size=256, proj_size=96, bidirectional=True, batch_first=True), 30, 17),
+        (dict(input_size=512, hidden_size=512, num_layers=2, bidirectional=True), 25, 64),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config,T,B", LSTM_CASES, ids=lambda c: str(c).replace(" ", ""))
+def test_lstm_matches_fp64(backend, dtype, config, T, B):
+    module = rnn.LSTM(**config, device=DEVICE, dtype=dtype)
+    shape = (B, T, config["input_size"]) if config.get("batch_first") else (T, B, config["input_size"])
+    x = make_tensor(shape, dtype, DEVICE)
+    hx = random_hx(config, B, dtype) if T % 2 else None  # odd T with (h0, c0), even T with zeros
+    check(compare(backend, module, x, hx))
+
+
+def test_lstm_non_contiguous_input_and_state(backend):
+    config = dict(input_size=5, hidden_size=7, num_layers=2)
+    module = rnn.LSTM(**config, device=DEVICE)
+    x = make_tensor((4, 3, 5), torch.float32, DEVICE, layout="strided")
+    h0 = make_tensor((3, 2, 7), device=DEVICE).transpose(0, 1)  # (layers, batch, hidden), not contiguous
+    c0 = make_tensor((2, 3, 14), device=DEVICE)[..., ::2]
+    assert not (x.is_contiguous() or h0.is_contiguous() or c0.is_contiguous())
+    check(compare(backend, module, x, (h0, c0)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+@pytest.mark.parametrize("config", [
+    dict(input_size=5, hidden_size=7, bidirectional=True),
+    dict(input_size=3, hidden_size=16, num_layers=2, proj_size=5),
+], ids=["bidirectional", "2-layer-proj"])
+def test_packed_sequence(backend, dtype, enforce_sorted, config):
+    lengths = [3, 5, 1, 4] if not enforce_sorted else [5, 4, 4, 1]
+    sequences = [make_tensor((n, config["input_size"]), dtype, DEVICE) for n in lengths]
+    x = pack_sequence(sequences, enforce_sorted=enforce_sorted)
+    module = rnn.LSTM(**config, device=DEVICE, dtype=dtype)
+    check(compare(backend, module, x, random_hx(config, len(lengths), dtype)))
+
+
+def test_packed_padded_without_state(backend):
+    config = dict(input_size=4, hidden_size=9, num_layers=2, bidirectional=True, batch_first=True)
+    padded = make_tensor((3, 6, 4), device=DEVICE)
+    x = pack_padded_sequence(padded, torch.tensor([2, 6, 3]), batch_first=True, enforce_sorted=False)
+    check(compare(backend, rnn.LSTM(**config, device=DEVICE), x))
+
+
+@pytest.mark.parametrize("with_hx", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_input(backend, with_hx, batch_first):
+    config = dict(input_size=6, hidden_size=7, num_layers=2, bidirectional=True, batch_first=batch_first)
+    module = rnn.LSTM(**config, device=DEVICE)
+    hx = random_hx(config, 1, torch.float32, unbatched=True) if with_hx else None
+    check(compare(backend, module, make_tensor((5, 6), device=DEVICE), hx))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_dropout_between_layers(backend, train):
+    if GPU:
+        pytest.skip("torch's LSTM on CUDA draws dropout masks from cuDNN's own RNG state, not torch's")
+    module = rnn.LSTM(5, 7, num_layers=3, dropout=0.4, bidirectional=True, device=DEVICE).train(train)
+    # compare_with_reference reseeds before each run: torch's native LSTM and bigkern draw the same masks
+    check(compare(backend, module, make_tensor((4, 3, 5), device=DEVICE)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 7, 33), (1, 1, 7), (3, 16, 16)], ids=str)  # (batch, input, hidden)
+@pytest.mark.parametrize("bias", [True, False])
+def test_lstm_cell_matches_fp64(backend, dtype, shape, bias):
+    B, I, H = shape
+    module = rnn.LSTMCell(I, H, bias=bias, device=DEVICE, dtype=dtype)
+    hx = (make_tensor((B, H), dtype, DEVICE), make_tensor((B, H), dtype, DEVICE)) if bias else None
+    check(compare(backend, module, make_tensor((B, I), dtype, DEVICE), hx))
+
+
+def test_lstm_cell_unbatched(backend):
+    module = rnn.LSTMCell(4, 9, device=DEVICE)
+    check(compare(backend, module, make_tensor((4,), device=DEVICE)))
+    check(compare(backend, module, make_tensor((4,), device=DEVICE),
+                  (make_tensor((9,), device=DEVICE), make_tensor((9,), device=DEVICE))))
+
+
+def test_nan_and_inf_propagate_as_in_torch(backend):
+    module = rnn.LSTM(4, 7, bidirectional=True, device=DEVICE)
+    x = make_tensor((5, 3, 4), device=DEVICE)
+    x[1, 0, 2] = float("nan")  # poisons sequence 0 from step 1 on (both directions meet it)
+    x[3, 2, 1] = float("inf")
+    check(compare(backend, module, x))
+
+
+def test_functional_layer_and_cell_match_torch(backend):
+    """The functional entry points alone: one layer one direction, and one step."""
+    torch_layer = torch.nn.LSTM(5, 9, proj_size=4, dtype=torch.float64)
+    params = [p.detach().to(DEVICE, torch.float32).requires_grad_() for p in torch_layer._flat_weights]
+    x = make_tensor((6, 3, 5), device=DEVICE, requires_grad=True)
+    h0, c0 = make_tensor((3, 4), device=DEVICE), make_tensor((3, 9), device=DEVICE)
+    for reverse in (False, True):
+        out, (hn, cn) = F.lstm_layer(x, (h0, c0), *params, reverse=reverse)
+        xr = x.detach().double().cpu().flip(0) if reverse else x.detach().double().cpu()
+        ref, (ref_h, ref_c) = torch_layer(xr, (h0.double().cpu()[None], c0.double().cpu()[None]))
+        ref = ref.flip(0) if reverse else ref
+        for a, b in ((out, ref), (hn, ref_h[0]), (cn, ref_c[0])):
+            torch.testing.assert_close(a.double().cpu(), b.detach(), rtol=1e-4, atol=1e-5)
+    cell = torch.nn.LSTMCell(5, 9, dtype=torch.float64)
+    weights = [p.detach().to(DEVICE, torch.float32) for p in cell.parameters()]
+    h, c = F.lstm_cell(x[0], None, *weights)
+    ref_h, ref_c = cell(x[0].detach().double().cpu())
+    torch.testing.assert_close(h.double().cpu(), ref_h.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c.double().cpu(), ref_c.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_functional_lstm_packed_overload(backend):
+    module = torch.nn.LSTM(3, 5, num_layers=2, device=DEVICE)
+    x = pack_sequence([make_tensor((n, 3), device=DEVICE) for n in (4, 2, 2)])
+    hx = (make_tensor((2, 3, 5), device=DEVICE), make_tensor((2, 3, 5), device=DEVICE))
+    out, h_n, c_n = F.lstm(x.data, x.batch_sizes, hx, module._flat_weights, True, 2, 0.0, False, False)
+    ref, (ref_h, ref_c) = module(x, hx)
+    for a, b in ((out, ref.data), (h_n, ref_h), (c_n, ref_c)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_float64_runs_on_the_reference():
+    """float64 is a torch dtype the kernels do not take: auto serves it with the torch backend."""
+    module = rnn.LSTM(3, 5, device=DEVICE, dtype=torch.float64)
+    x = make_tensor((4, 2, 3), torch.float64, DEVICE)
+    explanation = bigkern.explain(module, x)
+    assert explanation.backend == "torch" and "float64" in explanation.reasons["triton"]
+    check(ops.compare_with_reference(module, x))
+
+
+def test_empty_batch(backend):
+    module = rnn.LSTM(3, 5, bidirectional=True, device=DEVICE)
+    x = torch.empty(4, 0, 3, device=DEVICE, requires_grad=True)
+    out, (h, c) = module(x)
+    assert out.shape == (4, 0, 10) and h.shape == c.shape == (2, 0, 5)
+    (out.sum() + h.sum() + c.sum()).backward()
+    assert module.weight_hh_l0.grad is not None and torch.all(module.weight_hh_l0.grad == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule of rows behind every variable-length batch.
+
+def test_schedule_of_a_packed_batch():
+    steps, start_rows = ops.schedule((3, 2, 2, 1), False)
+    assert steps == ((0, 3, 0, 0, 3, 2), (3, 2, 0, 3, 5, 2), (5, 2, 3, 2, 7, 1), (7, 1, 5, 2, 0, 0))
+    assert start_rows == (0, 1, 2)
+    steps, start_rows = ops.schedule((3, 2, 2, 1), True)
+    assert steps == ((7, 1, 0, 0, 5, 2), (5, 2, 7, 1, 3, 2), (3, 2, 5, 2, 0, 3), (0, 3, 3, 2, 0, 0))
+    assert start_rows == (7, 6, 2)  # each sequence starts (in reverse) at its own last step
+
+
+# ---------------------------------------------------------------------------------------------
+# The module protocol: state_dict, class swap, registry, explain.
+
+MODULE_CONFIGS = [dict(input_size=5, hidden_size=7), dict(input_size=4, hidden_size=6, num_layers=2, bias=False),
+                  dict(input_size=3, hidden_size=8, proj_size=3, bidirectional=True, batch_first=True)]
+
+
+@pytest.mark.parametrize("config", MODULE_CONFIGS, ids=str)
+def test_state_dict_round_trips_with_torch(config):
+    theirs = torch.nn.LSTM(**config)
+    ours = rnn.LSTM(**config)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
+    ours.load_state_dict(theirs.state_dict())
+    shape = (2, 4, config["input_size"]) if config.get("batch_first") else (4, 2, config["input_size"])
+    x = make_tensor(shape)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+    back = torch.nn.LSTM(**config)
+    back.load_state_dict(ours.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), theirs.state_dict().values()))
+    cell_theirs, cell_ours = torch.nn.LSTMCell(5, 7, bias=config.get("bias", True)), rnn.LSTMCell(5, 7)
+    if not config.get("bias", True):
+        cell_ours = rnn.LSTMCell(5, 7, bias=False)
+    assert list(cell_ours.state_dict()) == list(cell_theirs.state_dict())
+    cell_ours.load_state_dict(cell_theirs.state_dict())
+    x = make_tensor((3, 5))
+    torch.testing.assert_close(cell_ours(x), cell_theirs(x), rtol=1e-4, atol=1e-5)
+
+
+def test_class_swap_of_torch_instances():
+    """bigkern.patch swaps __class__: a torch instance must work at once, with its own parameters."""
+    from bigkern.nn import DROP_INS
+
+    assert DROP_INS[torch.nn.LSTM] is rnn.LSTM and DROP_INS[torch.nn.LSTMCell] is rnn.LSTMCell
+    model = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3)
+    x = make_tensor((5, 2, 4))
+    expected = model(x)
+    model.__class__ = rnn.LSTM
+    got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # parameters swapped in after construction are what forward uses
+        model.weight_hh_l0.mul_(0.5)
+    model.__class__ = torch.nn.LSTM
+    expected = model(x)
+    model.__class__ = rnn.LSTM
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    cell = torch.nn.LSTMCell(4, 6)
+    expected = cell(x[0])
+    cell.__class__ = rnn.LSTMCell
+    torch.testing.assert_close(cell(x[0]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_functional_call_sees_swapped_parameters():
+    module = rnn.LSTM(3, 4)
+    params = {name: torch.zeros_like(p) for name, p in module.named_parameters()}
+    out, (h, c) = torch.func.functional_call(module, params, (make_tensor((2, 1, 3)),))
+    assert torch.all(out == 0) and torch.all(c == 0)
+
+
+def test_forced_backend_runs_forward_and_backward(backend):
+    module = rnn.LSTM(3, 5, device=DEVICE)
+    x = make_tensor((2, 2, 3), device=DEVICE)
+    assert bigkern.explain(module, x).backend == backend or backend == "cuda"
+    args = (make_tensor((4, 20), device=DEVICE), module.weight_hh_l0, None, None, None,
+            make_tensor((2, 5), device=DEVICE), make_tensor((2, 5), device=DEVICE), [], False, True)
+    explanation = bigkern.explain(ops.LSTM_LAYER, *args)
+    if backend != "cuda":
+        assert explanation.backend == backend
+
+
+def test_forcing_cuda_on_cpu_tensors_says_why():
+    if GPU:
+        pytest.skip("CPU-only check")
+    module = rnn.LSTM(3, 5)
+    with bigkern.use_backend("cuda"), pytest.raises(bigkern.UnsupportedError, match="CUDA tensors|extension"):
+        module(make_tensor((2, 2, 3)))
+
+
+def test_cuda_ops_are_registered():
+    from bigkern import _ext
+
+    if _ext.extension() is None:
+        pytest.skip(f"bigkern._C: {_ext.unavailable_reason()}")
+    for name in ("lstm_persistent_plan_cuda", "lstm_persistent_forward_cuda", "lstm_persistent_backward_cuda"):
+        assert hasattr(torch.ops.bigkern, name), name
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+
+@pytest.mark.parametrize("op_backend", ["triton", "torch"])
+@pytest.mark.parametrize("variant", ["dense", "packed-reverse-proj"])
+def test_opcheck(op_backend, variant):
+    if backend_skip_reason(op_backend):
+        pytest.skip(backend_skip_reason(op_backend))
+    H, P, I = 5, (3 if variant != "dense" else 5), 4
+    sizes = [] if variant == "dense" else [3, 2, 2, 1]
+    N, B = (6, 2) if variant == "dense" else (8, 3)
+    gx = make_tensor((N, 4 * H), device=DEVICE, requires_grad=True)
+    w_hh = make_tensor((4 * H, P), device=DEVICE, requires_grad=True)
+    b_ih, b_hh = (make_tensor((4 * H,), device=DEVICE, requires_grad=True) for _ in range(2))
+    w_hr = make_tensor((P, H), device=DEVICE, requires_grad=True) if P != H else None
+    h0 = make_tensor((B, P), device=DEVICE, requires_grad=True)
+    c0 = make_tensor((B, H), device=DEVICE, requires_grad=True)
+    reverse = variant != "dense"
+    del I
+    with bigkern.use_backend(op_backend), memory.poisoned_outputs(False):
+        args = (gx, w_hh, b_ih, b_hh, w_hr, h0, c0, sizes, reverse, True)
+        torch.library.opcheck(torch.ops.bigkern.lstm_layer.default, args)
+        out, hn, cn, gates, cells = torch.ops.bigkern.lstm_layer(*args)
+        grads = [make_tensor(t.shape, device=DEVICE) for t in (out, hn, cn)]
+        torch.library.opcheck(torch.ops.bigkern.lstm_layer_backward.default,
+                              (*grads, out.detach(), gates.detach(), cells.detach(), w_hh.detach(),
+                               None if w_hr is None else w_hr.detach(), h0.detach(), c0.detach(), sizes, reverse))
+
+
+class Tagger(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = rnn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True)
+        self.cell = rnn.LSTMCell(14, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        out, (h, c) = self.lstm(x)
+        h2, _ = self.cell(out[:, -1], (h[-1, :, :6], c[-1, :, :6]))
+        return self.head(h2) + h.sum()
+
+
+def test_torch_compile_fullgraph():
+    model = Tagger()
+    x = make_tensor((3, 4, 5), requires_grad=True)
+    expected = model(x)
+    expected.sum().backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    model.zero_grad()
+    x.grad = None
+    # Dynamo refuses every torch.nn.LSTM instance (subclasses too) unless allow_rnn is set
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        got = compiled(x)
+    torch.testing.assert_close(got, expected)
+    got.sum().backward()
+    for a, b in zip([p.grad for p in model.parameters()] + [x.grad], expected_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_functional_compiles_without_configuration_and_exports():
+    weights = [make_tensor(s) * 0.3 for s in ((28, 5), (28, 7), (28,), (28,))]
+    cell_weights = [make_tensor(s) * 0.3 for s in ((28, 7), (28, 7))]
+
+    def step(x):
+        out, (h, c) = F.lstm_layer(x, None, *weights)
+        h2, c2 = F.lstm_cell(out[-1], (h, c), *cell_weights)
+        return out.sum(0) + h2 + c2
+
+    x = make_tensor((4, 3, 5))
+    expected = step(x)
+    torch.testing.assert_close(torch.compile(step, backend="aot_eager", fullgraph=True)(x), expected)
+
+    class Step(torch.nn.Module):
+        def forward(self, x):
+            return step(x)
+
+    exported = torch.export.export(Step(), (x,))
+    assert any("bigkern.lstm_layer" in str(node.target) for node in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: torch's exception type, naming the argument.
+
+def _raises_like_torch(torch_call, our_call, name):
+    with pytest.raises(Exception) as theirs:
+        torch_call()
+    with pytest.raises(type(theirs.value), match=name):
+        our_call()
+
+
+def test_bad_input_to_lstm():
+    theirs = torch.nn.LSTM(4, 5, num_layers=2)
+    ours = rnn.LSTM(4, 5, num_layers=2)
+    ours.load_state_dict(theirs.state_dict())
+    x = make_tensor((3, 2, 4))
+    good = (make_tensor((2, 2, 5)), make_tensor((2, 2, 5)))
+    cases = [
+        ((make_tensor((3, 2, 3)),), "input_size"),
+        ((make_tensor((3, 2, 4, 1)),), "Expected input"),
+        ((x, (good[0], make_tensor((2, 2, 4)))), r"hidden\[1\]"),
+        ((x, (make_tensor((2, 3, 5)), good[1])), r"hidden\[0\]"),
+        ((x, (good[0], make_tensor((2, 2))),), "hx and cx"),
+        ((x.half(),), "dtype"),
+        ((make_tensor((0, 2, 4)),), "sequence length"),
+    ]
+    for args, name in cases:
+        _raises_like_torch(lambda: theirs(*args), lambda: ours(*args), name)
+    # dtype mismatches between input and hx: torch's CPU path fails deep inside (RuntimeError)
+    bad_state = (good[0].double(), good[1])
+    _raises_like_torch(lambda: theirs(x, bad_state), lambda: ours(x, bad_state), r"hx\[0\]")
+
+
+def test_bad_input_to_packed_lstm():
+    theirs = torch.nn.LSTM(4, 5)
+    ours = rnn.LSTM(4, 5)
+    ours.load_state_dict(theirs.state_dict())
+    x = pack_sequence([make_tensor((n, 4)) for n in (2, 3)], enforce_sorted=False)
+    wrong_width = pack_sequence([make_tensor((n, 3)) for n in (2, 3)], enforce_sorted=False)
+    half = PackedSequence(x.data.half(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+    cases = [
+        ((x, (make_tensor((1, 2, 4)), make_tensor((1, 2, 5)))), r"hidden\[0\]"),
+        ((x, (make_tensor((1, 2, 5)), make_tensor((1, 2, 6)))), r"hidden\[1\]"),
+        ((wrong_width,), "input_size"),
+        ((half,), "dtype"),
+    ]
+    for args, name in cases:
+        _raises_like_torch(lambda: theirs(*args), lambda: ours(*args), name)
+
+
+def test_bad_input_to_lstm_cell():
+    theirs = torch.nn.LSTMCell(4, 5)
+    ours = rnn.LSTMCell(4, 5)
+    ours.load_state_dict(theirs.state_dict())
+    x = make_tensor((2, 4))
+    cases = [
+        ((make_tensor((2, 3)),), "input_size"),
+        ((x, (make_tensor((3, 5)), make_tensor((2, 5)))), "batch size"),
+        ((x, (make_tensor((2, 5)), make_tensor((2, 6)))), "hidden_size"),
+        ((make_tensor((2, 3, 4)),), "1D or 2D"),
+        ((x, (make_tensor((1, 2, 5)), make_tensor((2, 5)))), r"hx\[0\]"),
+        ((x.half(),), "dtype"),
+        ((x, (make_tensor((2, 5)).double(), make_tensor((2, 5)))), r"hx\[0\]"),
+    ]
+    for args, name in cases:
+        _raises_like_torch(lambda: theirs(*args), lambda: ours(*args), name)
+
+
+def test_bad_input_to_functional():
+    w_ih, w_hh = make_tensor((20, 3)), make_tensor((20, 5))
+    with pytest.raises(TypeError, match="'input'"):
+        F.lstm_layer([1.0], None, w_ih, w_hh)
+    with pytest.raises(RuntimeError, match="'weight_hh'"):
+        F.lstm_layer(make_tensor((2, 1, 3)), None, w_ih, make_tensor((20, 4)))
+    with pytest.raises(RuntimeError, match="'bias_ih'"):
+        F.lstm_layer(make_tensor((2, 1, 3)), None, w_ih, w_hh, make_tensor((19,)))
+    with pytest.raises(RuntimeError, match="'weight_hh'"):
+        F.lstm_layer(make_tensor((2, 1, 3)), None, w_ih, w_hh.double())
+    with pytest.raises(RuntimeError, match=r"'hx\[1\]'"):
+        F.lstm_layer(make_tensor((2, 1, 3)), (make_tensor((1, 5)), make_tensor((2, 5))), w_ih, w_hh)
+    with pytest.raises(RuntimeError, match="'input'"):
+        F.lstm_layer(torch.ones(2, 1, 3, dtype=torch.int64), None, w_ih, w_hh)
+    with pytest.raises(RuntimeError, match="parameters"):
+        F.lstm(make_tensor((2, 1, 3)), None, [w_ih, w_hh, w_ih, w_hh, w_ih], False, 1, 0.0, False, False, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The persistent CUDA kernel (GPU only).
+
+PERSISTENT_CASES = [(512, 1, 50), (1024, 4, 50), (768, 2, 13), (129, 3, 7)]  # (hidden, batch, steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden,batch,steps", PERSISTENT_CASES)
+@pytest.mark.parametrize("training", [False, True])
+def test_persistent_cuda_kernel_matches_fp64(dtype, hidden, batch, steps, training):
+    module = rnn.LSTM(hidden, hidden, bidirectional=True, device="cuda", dtype=dtype)
+    x = make_tensor((steps, batch, hidden), dtype, "cuda")
+    hx = random_hx(dict(hidden_size=hidden, bidirectional=True), batch, dtype)
+    with bigkern.use_backend("cuda"):
+        if not training:
+            reason = ops._cuda_unsupported(make_tensor((steps * batch, 4 * hidden), dtype, "cuda"),
+                                           module.weight_hh_l0, None, None, None, hx[0][0], hx[1][0], [], False,
+                                           False)
+            assert reason is None, reason
+            with torch.no_grad():
+                out, (h, c) = module(x, hx)
+            module.train(False)
+            ref = torch.nn.LSTM(hidden, hidden, bidirectional=True, dtype=torch.float64)
+            ref.load_state_dict({k: v.double().cpu() for k, v in module.state_dict().items()})
+            same = torch.nn.LSTM(hidden, hidden, bidirectional=True, device="cuda", dtype=dtype)
+            same.load_state_dict(module.state_dict())
+            with torch.no_grad():
+                r_out, (r_h, r_c) = ref(x.double().cpu(), tuple(t.double().cpu() for t in hx))
+                t_out, (t_h, t_c) = same(x, hx)
+            from bigkern import testing
+
+            check([testing.compare(out, r_out, t_out), testing.compare(h, r_h, t_h, name="h_n"),
+                   testing.compare(c, r_c, t_c, name="c_n")])
+        else:
+            check(compare("cuda", module, x, hx))
+
+
+@pytest.mark.gpu
+def test_persistent_plan_reasons():
+    big = torch.empty(4 * 4096, 4096, device="cuda", dtype=torch.float32)
+    reason = ops.persistent_plan_reason(big, 1)
+    assert reason and "shared memory" in reason
+    small = torch.empty(4 * 256, 256, device="cuda", dtype=torch.float16)
+    assert ops.persistent_plan_reason(small, 2) is None
+    assert "batch" in ops.persistent_plan_reason(small, 4096)
