@@ -5,3 +5,7 @@ from bigkern.ops import epilogue
 
 # family name -> module with verification_cases(device, dtype), for `bigkern verify`
 FAMILIES = {"epilogue": epilogue}
+
+from bigkern.ops import conv  # noqa: E402
+
+FAMILIES["conv"] = conv
