@@ -15,5 +15,6 @@ _ext.extension()
 
 from bigkern import ops  # noqa: E402,F401
 from bigkern import nn  # noqa: E402,F401
+from bigkern.fuse import fuse  # noqa: E402,F401
 
 __all__ = ["BACKENDS", "UnsupportedError", "explain", "nn", "ops", "requested_backend", "use_backend"]

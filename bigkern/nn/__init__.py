@@ -15,3 +15,5 @@ def register_drop_in(torch_class, bigkern_class):
         raise TypeError(f"{bigkern_class.__name__} must subclass {torch_class.__name__}")
     DROP_INS[torch_class] = bigkern_class
     return bigkern_class
+
+from bigkern.nn.conv import Conv2d, FusedConv2d  # noqa: E402,F401

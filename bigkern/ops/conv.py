@@ -380,6 +380,7 @@ def _backward(ctx, grad_y, _grad_z_output):
     activation, negative_slope = ctx.activation
     need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
     need_bias = need_bias and bias is not None
+    bias = None if bias is None else bias.contiguous()
     grad_bias = None
     if activation != 0:
         if not ctx.saved_z:
@@ -422,8 +423,8 @@ def _int_tuple(value, name, allow_string=False):
         if len(value) == 1:
             return (value[0], value[0])
         if len(value) != 2:
-            raise RuntimeError(f"conv2d(): expected {name} to be a single integer value or a list of 2 values to "
-                               f"match the convolution dimensions, but got {name}={list(value)}")
+            raise RuntimeError(f"conv2d(): argument '{name}': expected {name} to be a single integer value or a list "
+                               f"of 2 values to match the convolution dimensions, but got {name}={list(value)}")
         return tuple(value)
     expected = "tuple of ints or str" if allow_string else "tuple of ints"
     raise TypeError(f"conv2d(): argument '{name}' must be {expected}, not {type(value).__name__}")
@@ -604,8 +605,8 @@ def compare_with_reference(input, weight, bias=None, stride=1, padding=0, dilati
 
     y64, yt = run_reference(copies64), run_reference(copies)
     # a convolution sums C*R*S products: its rounding scales with the sum of |terms|
-    terms = reference(copies64["input"].detach().abs(), copies64["weight"].detach().abs(), None, **kwargs)
-    scale = max(terms.max().item(), y64.detach().abs().nan_to_num(0, 0, 0).max().item()) if y64.numel() else None
+    terms = reference(_finite_abs(copies64["input"]), _finite_abs(copies64["weight"]), None, **kwargs)
+    scale = max(terms.max().item(), _finite_abs(y64).max().item()) if y64.numel() else None
     results = [testing.compare(y, y64, yt, scale=scale)]
     if not same_storage_order(y, yt):
         results.append(testing.Comparison("layout", 0, 0, 0, False, f"strides {y.stride()}, torch {yt.stride()}"))
@@ -618,7 +619,7 @@ def compare_with_reference(input, weight, bias=None, stride=1, padding=0, dilati
     yt.backward(grad_y)
     # every gradient is a sum of products of grad_y with one operand: measure rounding against the
     # same sums over |values|
-    g_abs = grad_y.double().cpu().abs()
+    g_abs = _finite_abs(grad_y.double().cpu())
     for name, t in leaves:
         if t is None or not t.requires_grad:
             continue
@@ -628,9 +629,15 @@ def compare_with_reference(input, weight, bias=None, stride=1, padding=0, dilati
     return results
 
 
+def _finite_abs(t):
+    """|t| with NaN and Inf as 0: the magnitude of the finite terms a sum adds up."""
+    t = t.detach().abs()
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
 def _gradient_scale(name, g_abs, copies64, activation, kwargs):
     """The magnitude of the terms each gradient sums (|grad_y| stands in for |grad_z|: act' <= ~1.1)."""
-    x_abs, w_abs = copies64["input"].detach().abs(), copies64["weight"].detach().abs()
+    x_abs, w_abs = _finite_abs(copies64["input"]), _finite_abs(copies64["weight"])
     stride, padding, dilation, groups = (kwargs[k] for k in ("stride", "padding", "dilation", "groups"))
     batched = x_abs.dim() == 4
     if not batched:
