@@ -12,7 +12,7 @@ Patterns (each part after the conv optional, each intermediate used by nothing e
                                       torch.add or Tensor.add (a ResNet block's `out += identity`)
 
 The model is traced with torch.fx; where it cannot be traced (data-dependent control flow), each
-child module is fused on its own, and nn.Sequential containers are matched module by module.
+child module is fused on its own. nn.Sequential containers are matched module by module.
 Each chain becomes one `bigkern.nn.FusedConv2d` under the conv's own name; folded batch norms
 disappear from the module tree (and the state_dict).
 """
@@ -44,8 +44,10 @@ _ADD_METHODS = ("add", "add_")
 def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace each conv (-> batch norm) (-> activation | -> add -> activation) chain in `model` with
     one bigkern.nn.FusedConv2d; returns the fused model (a torch.fx GraphModule when traced, else
-    the model with fused children). Outputs are preserved. Batch norms are folded only in eval
-    mode, so fuse an inference model after `model.eval()`. `inplace=False` leaves `model` as it is.
+    the model itself with fused children: an nn.Sequential stays one, its indices kept). Outputs are
+    preserved. Batch norms are folded only in eval mode, so fuse an inference model after
+    `model.eval()`. `inplace=False` leaves `model` as it is; `inplace=True` reuses and changes its
+    modules (use the returned model either way).
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -55,6 +57,8 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
 def _fuse(model):
     if isinstance(model, _CONVS) or not any(True for _ in model.children()):
         return model
+    if type(model) is nn.Sequential:  # a chain: module patterns find everything, and keep it a Sequential
+        return _fuse_children(model)
     try:
         traced = fx.symbolic_trace(model)
     except Exception:  # fx cannot trace it: fuse inside each child instead
