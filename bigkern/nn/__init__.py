@@ -19,3 +19,4 @@ def register_drop_in(torch_class, bigkern_class):
 
 from bigkern.nn.attention import MultiheadAttention, TransformerDecoderLayer, TransformerEncoderLayer  # noqa: E402
 from bigkern.nn.rnn import LSTM, LSTMCell  # noqa: E402,F401  (registers the drop-ins)
+from bigkern.nn.conv import Conv2d, FusedConv2d  # noqa: E402,F401

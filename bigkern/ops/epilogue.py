@@ -126,6 +126,7 @@ def _bias_act_triton(x, bias, activation, dim, negative_slope):
     from bigkern.kernels import epilogue as kernels
 
     x = memory.dense(x)
+    bias = None if bias is None else bias.contiguous()  # the kernels index bias[c] densely
     y = memory.empty_like(x)
     if x.numel():
         channel_stride, n_channels, *_ = channel_layout(x, dim, bias is not None)
@@ -136,6 +137,7 @@ def _bias_act_triton(x, bias, activation, dim, negative_slope):
 @BIAS_ACT.register("cuda", _cuda_unsupported, auto=False)
 def _bias_act_cuda(x, bias, activation, dim, negative_slope):
     x = memory.dense(x)
+    bias = None if bias is None else bias.contiguous()  # the kernels index bias[c] densely
     y = memory.empty_like(x)
     if x.numel():
         channel_stride, n_channels, *_ = channel_layout(x, dim, bias is not None)
@@ -146,6 +148,7 @@ def _bias_act_cuda(x, bias, activation, dim, negative_slope):
 @BIAS_ACT.register("torch", _always)
 def _bias_act_torch(x, bias, activation, dim, negative_slope):
     x = memory.dense(x)
+    bias = None if bias is None else bias.contiguous()  # the kernels index bias[c] densely
     z = x if bias is None else x + _broadcast_bias(bias, x, dim)
     y = torch_activation(z, activation, negative_slope)
     # same layout as the kernels give; `clone` also keeps the identity activation from aliasing x
@@ -161,6 +164,7 @@ def _bias_act_backward_triton(grad_y, x, bias, activation, dim, negative_slope):
     from bigkern.kernels import epilogue as kernels
 
     x = memory.dense(x)
+    bias = None if bias is None else bias.contiguous()  # the kernels index bias[c] densely
     grad_y = _same_layout(grad_y, x)
     grad_x = memory.empty_like(x)
     grad_bias = memory.empty((0 if bias is None else bias.numel(),), dtype=x.dtype, device=x.device)
@@ -179,6 +183,7 @@ def _bias_act_backward_triton(grad_y, x, bias, activation, dim, negative_slope):
 @BIAS_ACT_BACKWARD.register("cuda", _cuda_unsupported, auto=False)
 def _bias_act_backward_cuda(grad_y, x, bias, activation, dim, negative_slope):
     x = memory.dense(x)
+    bias = None if bias is None else bias.contiguous()  # the kernels index bias[c] densely
     grad_y = _same_layout(grad_y, x)
     grad_x = memory.empty_like(x)
     grad_bias = memory.empty((0 if bias is None else bias.numel(),), dtype=x.dtype, device=x.device)
@@ -196,6 +201,7 @@ def _bias_act_backward_cuda(grad_y, x, bias, activation, dim, negative_slope):
 @BIAS_ACT_BACKWARD.register("torch", _always)
 def _bias_act_backward_torch(grad_y, x, bias, activation, dim, negative_slope):
     x = memory.dense(x)
+    bias = None if bias is None else bias.contiguous()  # the kernels index bias[c] densely
     z = x if bias is None else x + _broadcast_bias(bias, x, dim)
     grad_z = torch_activation_backward(grad_y, z, activation, negative_slope)
     grad_x = torch.empty_like(x).copy_(grad_z)

@@ -1,0 +1,233 @@
+"""bigkern.fuse(model): one fused convolution for each conv -> batch norm -> activation -> residual
+add chain, preserving the model's outputs.
+
+Patterns (each part after the conv optional, each intermediate used by nothing else):
+
+    y = conv(x)                       Conv2d (torch's or bigkern's, any padding mode)
+    y = batch_norm(y)                 BatchNorm2d in eval mode with running statistics: folded into
+                                      the conv's weight and bias (in training mode it stays separate,
+                                      and ends the chain)
+    y = act(y)                        relu, gelu, silu, sigmoid, tanh, leaky_relu: as modules,
+        or  y = act(y + identity)     functionals or tensor methods; the residual add as +, +=,
+                                      torch.add or Tensor.add (a ResNet block's `out += identity`)
+
+The model is traced with torch.fx; where it cannot be traced (data-dependent control flow), each
+child module is fused on its own. nn.Sequential containers are matched module by module.
+Each chain becomes one `bigkern.nn.FusedConv2d` under the conv's own name; folded batch norms
+disappear from the module tree (and the state_dict).
+"""
+
+import copy
+import operator
+
+import torch
+from torch import fx, nn
+
+from bigkern.nn.conv import Conv2d, FusedConv2d
+
+F = nn.functional
+
+_CONVS = (nn.Conv2d, Conv2d)  # exact types: a user's subclass may compute something else
+
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+_ACTIVATION_FUNCTIONS = {
+    F.relu: "relu", torch.relu: "relu", F.relu_: "relu", torch.relu_: "relu",
+    F.silu: "silu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh",
+    F.gelu: "gelu", F.leaky_relu: "leaky_relu",
+}
+_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
+                       "tanh": "tanh", "tanh_": "tanh"}
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
+
+
+def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace each conv (-> batch norm) (-> activation | -> add -> activation) chain in `model` with
+    one bigkern.nn.FusedConv2d; returns the fused model (a torch.fx GraphModule when traced, else
+    the model itself with fused children: an nn.Sequential stays one, its indices kept). Outputs are
+    preserved. Batch norms are folded only in eval mode, so fuse an inference model after
+    `model.eval()`. `inplace=False` leaves `model` as it is; `inplace=True` reuses and changes its
+    modules (use the returned model either way).
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    return _fuse(model)
+
+
+def _fuse(model):
+    if isinstance(model, _CONVS) or not any(True for _ in model.children()):
+        return model
+    if type(model) is nn.Sequential:  # a chain: module patterns find everything, and keep it a Sequential
+        return _fuse_children(model)
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception:  # fx cannot trace it: fuse inside each child instead
+        return _fuse_children(model)
+    if not _fuse_graph(traced):
+        return model  # the trace saw every module: nothing to fuse anywhere
+    traced.training = model.training
+    return traced
+
+
+def _fuse_children(module):
+    for name, child in list(module.named_children()):
+        fused = _fuse(child)
+        if fused is not child:
+            setattr(module, name, fused)
+    if isinstance(module, nn.Sequential):
+        _fuse_sequential(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph patterns.
+
+def _only_user(node):
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _activation(node, modules, source):
+    """(name, negative_slope) when `node` applies a supported activation to `source`, else None."""
+    if node is None or not node.args or node.args[0] is not source:
+        return None
+    if node.op == "call_module":
+        module = modules[node.target]
+        kind = type(module)
+        if kind in _ACTIVATION_MODULES:
+            return _ACTIVATION_MODULES[kind], 0.01
+        if kind is nn.GELU:
+            return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), 0.01
+        if kind is nn.LeakyReLU:
+            return "leaky_relu", float(module.negative_slope)
+        return None
+    if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
+        name = _ACTIVATION_FUNCTIONS[node.target]
+        if name == "gelu":
+            approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+            if approximate not in ("none", "tanh"):
+                return None
+            return ("gelu_tanh" if approximate == "tanh" else "gelu"), 0.01
+        if name == "leaky_relu":
+            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
+            return ("leaky_relu", float(slope)) if isinstance(slope, (int, float)) else None
+        if len(node.args) > 1 and node.target not in (F.relu, F.relu_):  # e.g. torch.tanh(x, out=...)
+            return None
+        return name, 0.01
+    if node.op == "call_method" and node.target in _ACTIVATION_METHODS and len(node.args) == 1 and not node.kwargs:
+        return _ACTIVATION_METHODS[node.target], 0.01
+    return None
+
+
+def _residual(node, source):
+    """The other operand when `node` is `source + other` (either order, no alpha), else None."""
+    if node is None or node.kwargs or len(node.args) != 2:
+        return None
+    if not ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _ADD_METHODS)):
+        return None
+    if node.op == "call_method" and node.target == "add_" and node.args[0] is not source:
+        return None  # identity.add_(conv) writes into identity: not ours to fuse
+    a, b = node.args
+    other = b if a is source else a if b is source else None
+    if not isinstance(other, fx.Node) or other is source:
+        return None
+    return other
+
+
+def _foldable_batch_norm(module):
+    return (type(module) is nn.BatchNorm2d and not module.training and module.track_running_stats
+            and module.running_mean is not None)
+
+
+def _fuse_graph(gm: fx.GraphModule) -> bool:
+    """Rewrite the patterns in gm's graph; True if any was found."""
+    modules = dict(gm.named_modules())
+    calls = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(modules.get(node.target)) not in _CONVS or calls[node.target] != 1:
+            continue
+        if len(node.args) != 1 or node.kwargs:
+            continue
+        chain, tail = [node], node
+        batch_norm = None
+        user = _only_user(tail)
+        if (user is not None and user.op == "call_module" and _foldable_batch_norm(modules[user.target])
+                and user.args == (tail,) and not user.kwargs):
+            batch_norm, tail = modules[user.target], user
+            chain.append(tail)
+        activation = _activation(_only_user(tail), modules, tail)
+        residual = None
+        if activation is None:
+            residual = _residual(_only_user(tail), tail)
+            if residual is not None:
+                tail = _only_user(tail)
+                chain.append(tail)
+                activation = _activation(_only_user(tail), modules, tail)
+        if activation is not None:
+            tail = _only_user(tail)
+            chain.append(tail)
+        if batch_norm is None and activation is None and residual is None:
+            continue
+        name, slope = activation if activation is not None else (None, 0.01)
+        fused = FusedConv2d.from_conv(modules[node.target], batch_norm, name, slope)
+        _set_submodule(gm, node.target, fused)
+        with gm.graph.inserting_after(tail):
+            args = (node.args[0],) if residual is None else (node.args[0], residual)
+            replacement = gm.graph.call_module(node.target, args)
+        tail.replace_all_uses_with(replacement)
+        for dead in reversed(chain):
+            gm.graph.erase_node(dead)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return changed
+
+
+def _set_submodule(root, target, module):
+    parent_name, _, name = target.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, name, module)
+
+
+# ---------------------------------------------------------------------------------------------
+# Module patterns, where fx cannot trace: Conv2d (-> BatchNorm2d) (-> activation) in a Sequential.
+
+def _activation_module(module):
+    kind = type(module)
+    if kind in _ACTIVATION_MODULES:
+        return _ACTIVATION_MODULES[kind], 0.01
+    if kind is nn.GELU:
+        return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), 0.01
+    if kind is nn.LeakyReLU:
+        return "leaky_relu", float(module.negative_slope)
+    return None
+
+
+def _fuse_sequential(sequential: nn.Sequential):
+    """Fuse runs inside `sequential`, keeping its indices: consumed modules become nn.Identity."""
+    children = list(sequential)
+    i = 0
+    while i < len(children):
+        if type(children[i]) not in _CONVS:
+            i += 1
+            continue
+        j = i + 1
+        batch_norm = None
+        if j < len(children) and _foldable_batch_norm(children[j]):
+            batch_norm, j = children[j], j + 1
+        activation = _activation_module(children[j]) if j < len(children) else None
+        if activation is not None:
+            j += 1
+        if batch_norm is not None or activation is not None:
+            name, slope = activation if activation is not None else (None, 0.01)
+            sequential[i] = FusedConv2d.from_conv(children[i], batch_norm, name, slope)
+            for k in range(i + 1, j):
+                sequential[k] = nn.Identity()
+        i = j

@@ -1,0 +1,137 @@
+"""Drop-in torch.nn.Conv2d, and the fused convolution `bigkern.fuse` builds.
+
+`Conv2d` is torch's module with torch's constructor, parameters and state_dict; only the
+computation differs (bigkern's implicit-GEMM kernels). It keeps no state of its own, so
+`bigkern.patch` can turn a torch.nn.Conv2d into one by swapping its class.
+
+`FusedConv2d` is a Conv2d that also applies an activation, with an optional residual added first:
+    y = act(conv2d(x, weight) + bias + residual)
+in one kernel. It is what `bigkern.fuse(model)` puts in place of conv -> batch norm -> activation
+-> residual-add chains (the batch norm folded into weight and bias).
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bigkern.nn import functional, register_drop_in
+from bigkern.ops import conv as conv_ops
+from bigkern.ops.epilogue import activation_code, torch_activation
+
+
+class Conv2d(torch.nn.Conv2d):
+    """torch.nn.Conv2d computed by bigkern's kernels (same constructor, parameters and state_dict).
+
+    padding_mode other than 'zeros' pads the input first (as torch does), then convolves.
+    """
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor], *, activation=None,
+                      residual=None, negative_slope=0.01) -> Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return functional.conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups,
+                                 activation=activation, residual=residual, negative_slope=negative_slope)
+
+    def bigkern_explain(self, input: Tensor, *args, **kwargs):
+        """Which implementation this module's forward takes for `input`, and why."""
+        from bigkern import dispatch
+
+        if self.padding_mode != "zeros":
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        padding = 0 if self.padding_mode != "zeros" else self.padding
+        return dispatch.explain(functional.conv2d, input, self.weight, self.bias, self.stride, padding,
+                                self.dilation, self.groups, **self._epilogue_kwargs(*args, **kwargs))
+
+    def _epilogue_kwargs(self, residual=None):
+        return {}
+
+
+register_drop_in(torch.nn.Conv2d, Conv2d)
+
+
+class FusedConv2d(Conv2d):
+    """act(conv2d(x) + bias + residual) in one kernel: Conv2d's constructor plus `activation`
+    ("relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "leaky_relu" or None) and
+    `negative_slope`. forward(input, residual=None).
+
+    A residual that cannot be fused -- another dtype or device, or a shape the output would be
+    broadcast up to -- takes the unfused path (conv, then torch's add and activation), so the
+    result is always what the unfused composition gives.
+    """
+
+    def __init__(self, *args, activation: Optional[str] = None, negative_slope: float = 0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        activation_code(activation)  # validate
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+    @classmethod
+    def from_conv(cls, conv: torch.nn.Conv2d, batch_norm: Optional[torch.nn.BatchNorm2d] = None,
+                  activation: Optional[str] = None, negative_slope: float = 0.01) -> "FusedConv2d":
+        """A FusedConv2d computing act(batch_norm(conv(x)) + residual); batch_norm (in eval mode,
+        with running statistics) is folded into the weight and bias."""
+        weight, bias = conv.weight, conv.bias
+        if batch_norm is not None:
+            if batch_norm.training or batch_norm.running_mean is None:
+                raise ValueError("FusedConv2d.from_conv: batch_norm must be in eval mode with running statistics")
+            weight, bias = torch.nn.utils.fusion.fuse_conv_bn_weights(
+                conv.weight, conv.bias, batch_norm.running_mean, batch_norm.running_var, batch_norm.eps,
+                batch_norm.weight, batch_norm.bias)
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, bias is not None, conv.padding_mode, activation=activation,
+                    negative_slope=negative_slope, device="meta")
+        fused.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=conv.weight.requires_grad)
+        if bias is not None:
+            bias_source = conv.bias if conv.bias is not None else conv.weight
+            fused.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=bias_source.requires_grad)
+        fused.train(conv.training)
+        return fused
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        activation = getattr(self, "activation", None)
+        negative_slope = getattr(self, "negative_slope", 0.01)
+        if residual is None or self._fusable(input, residual):
+            return self._conv_forward(input, self.weight, self.bias, activation=activation, residual=residual,
+                                      negative_slope=negative_slope)
+        y = self._conv_forward(input, self.weight, self.bias) + residual
+        return torch_activation(y, activation_code(activation), negative_slope)
+
+    def _fusable(self, input: Tensor, residual) -> bool:
+        if not isinstance(residual, Tensor) or not isinstance(input, Tensor):
+            return False
+        if residual.dtype != input.dtype or residual.device != input.device or input.dim() not in (3, 4):
+            return False
+        shape = self._output_shape(input)
+        try:
+            return tuple(torch.broadcast_shapes(residual.shape, shape)) == tuple(shape)
+        except RuntimeError:
+            return False
+
+    def _output_shape(self, input):
+        hw = tuple(input.shape[-2:])
+        if self.padding_mode != "zeros":
+            pads = self._reversed_padding_repeated_twice
+            hw = (hw[0] + pads[2] + pads[3], hw[1] + pads[0] + pads[1])
+            padding = (0, 0, 0, 0)
+        elif isinstance(self.padding, str):
+            padding = conv_ops._resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        else:
+            padding = tuple(self.padding) * 2
+        pq = conv_ops.output_size(hw, self.kernel_size, self.stride, padding, self.dilation)
+        return tuple(input.shape[:-3]) + (self.out_channels,) + pq
+
+    def _epilogue_kwargs(self, residual=None):
+        return dict(activation=getattr(self, "activation", None), residual=residual,
+                    negative_slope=getattr(self, "negative_slope", 0.01))
+
+    def extra_repr(self):
+        text = super().extra_repr()
+        activation = getattr(self, "activation", None)
+        if activation is not None:
+            text += f", activation={activation!r}"
+            if activation == "leaky_relu":
+                text += f", negative_slope={self.negative_slope}"
+        return text

@@ -1,0 +1,709 @@
+"""conv2d with a fused epilogue: y = act(conv2d(x, w) + bias + residual), forward and backward.
+
+Registered ops (torch.library, with fake implementations and autograd), each dispatching at run
+time to the Triton kernels (kernels/conv.py), the CUDA kernels (csrc/conv/) or a pure-PyTorch
+reference:
+
+  bigkern::conv2d(input, weight, bias?, residual?, stride, padding, dilation, groups, activation,
+                  negative_slope, save_z) -> (y, z)
+  bigkern::conv2d_input_grad(grad_z, input, weight, stride, padding, dilation, groups) -> grad_input
+  bigkern::conv2d_weight_grad(grad_z, input, weight, stride, padding, dilation, groups, bias_grad)
+                  -> (grad_weight, grad_bias)
+
+`padding` in the ops is (top, left, bottom, right): padding='same' with an even kernel pads one
+more at the end, as torch does, and the kernels need only the top/left offsets (the far side is a
+mask). `residual` arrives already broadcast to the output's shape (stride 0 where it was 1), so
+autograd's expand reduces its gradient.
+
+Backward through the activation needs z = conv + bias + residual. The forward kernel writes
+z - bias (conv + residual) as a second output when a gradient will be needed and the activation is
+not the identity: one extra store of the output's size from registers, where recomputing would cost
+a whole second convolution. `bigkern::bias_act_backward` (the shared epilogue) then turns grad_y
+and that saved tensor into grad_z = grad_y * act'(z) and grad_bias in one pass; grad_residual is
+grad_z. With no activation grad_z is grad_y itself, and grad_bias rides along in the weight-gradient
+kernel. (If z was not saved -- a backward the forward did not expect -- it is recomputed.)
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bigkern import dispatch, memory
+from bigkern.ops import epilogue
+from bigkern.ops.epilogue import activation_code, torch_activation
+
+# ---------------------------------------------------------------------------------------------
+# Geometry and memory formats.
+
+
+def output_size(in_hw, kernel_hw, stride, padding, dilation):
+    """(P, Q) for an input (H, W), a kernel (R, S) and padding (top, left, bottom, right)."""
+    return tuple((in_hw[i] + padding[i] + padding[i + 2] - dilation[i] * (kernel_hw[i] - 1) - 1) // stride[i] + 1
+                 for i in range(2))
+
+
+def _strides_like_channels_last(sizes, strides) -> bool:
+    """torch's own test (suggest_memory_format) for NHWC-ordered strides of a 4-d tensor: walk the
+    dimensions C, W, H, N and require non-decreasing strides; ambiguous cases are NCHW."""
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < smallest:
+            return False
+        if d == 0 and smallest == strides[1]:  # N111 and sliced N11W tensors stay NCHW
+            return False
+        smallest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
+
+
+def suggests_channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and t.layout == torch.strided and _strides_like_channels_last(t.shape, t.stride())
+
+
+def output_channels_last(input: Tensor, weight: Tensor) -> bool:
+    """torch's rule for a convolution's output (and gradients): channels_last when the input or the
+    weight suggests it (cuDNN on GPUs, oneDNN and the fallback on CPUs agree)."""
+    return suggests_channels_last(input) or suggests_channels_last(weight)
+
+
+def same_storage_order(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b lay out their elements alike: equal strides wherever the size is not 1
+    (a size-1 dimension's stride never addresses anything)."""
+    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+def dense_strides(shape, channels_last: bool):
+    N, C, H, W = shape
+    if channels_last:
+        return (H * W * C, 1, W * C, C) if C else (H * W, 1, W, 1)
+    return (C * H * W, H * W, W, 1)
+
+
+def _empty(shape, channels_last, like):
+    shape = tuple(int(s) for s in shape)
+    return memory.empty_strided(shape, dense_strides(shape, channels_last), dtype=like.dtype, device=like.device)
+
+
+def _conv_output_shape(input, weight, stride, padding, dilation):
+    return (input.shape[0], weight.shape[0]) + output_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+
+
+def _dot_precision(x: Tensor) -> str:
+    """torch's TF32 policy for convolutions: fp32 on a GPU may use TF32 when cuDNN may."""
+    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _weight_for_kernels(weight: Tensor) -> Tensor:
+    """On a GPU the kernels read weight tiles along input channels: give them (K, R, S, C) storage
+    when C is not innermost (weights are small; the copy is a few microseconds)."""
+    if weight.is_cuda and weight.stride(1) != 1 and weight.shape[1] > 1:
+        return weight.contiguous(memory_format=torch.channels_last)
+    return weight
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure-PyTorch reference.
+
+def torch_conv(x, w, stride, padding, dilation, groups):
+    """torch's conv2d (no bias) with (top, left, bottom, right) padding."""
+    top, left, bottom, right = padding
+    if (top, left) != (bottom, right):
+        x = torch.nn.functional.pad(x, (left, right, top, bottom))
+        top = left = 0
+    return torch.nn.functional.conv2d(x, w, None, stride, (top, left), dilation, groups)
+
+
+def _channel_view(bias):
+    return bias.view(1, -1, 1, 1)
+
+
+def _always(*args):
+    return None
+
+
+def _kernel_dtype_reason(*tensors):
+    for t in tensors:
+        if isinstance(t, Tensor) and t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"the kernels take float16, bfloat16 or float32, not {t.dtype}"
+    return None
+
+
+def _triton_unsupported(*args):
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    return dispatch.triton_unsupported(*tensors) or _kernel_dtype_reason(*tensors)
+
+
+def _cuda_unsupported(*args):
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    return dispatch.cuda_unsupported(*tensors) or _kernel_dtype_reason(*tensors)
+
+
+def _nothing(like):
+    return like.new_empty((0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward.
+
+CONV2D = dispatch.Op("conv2d")
+
+
+@CONV2D.register("triton", _triton_unsupported)
+def _conv2d_triton(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope,
+                   save_z):
+    from bigkern.kernels import conv as kernels
+
+    channels_last = output_channels_last(input, weight)
+    shape = _conv_output_shape(input, weight, stride, padding, dilation)
+    y = _empty(shape, channels_last, input)
+    z = _empty(shape, channels_last, input) if save_z else None
+    if y.numel():
+        kernels.conv2d_forward(input, _weight_for_kernels(weight), None if bias is None else bias.contiguous(),
+                               residual, y, z, stride, padding, dilation, groups, activation, negative_slope,
+                               _dot_precision(input))
+    return y, (z if save_z else _nothing(input))
+
+
+@CONV2D.register("cuda", _cuda_unsupported, auto=False)
+def _conv2d_cuda(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope,
+                 save_z):
+    channels_last = output_channels_last(input, weight)
+    shape = _conv_output_shape(input, weight, stride, padding, dilation)
+    y = _empty(shape, channels_last, input)
+    z = _empty(shape, channels_last, input) if save_z else None
+    if y.numel():
+        torch.ops.bigkern.conv2d_forward_cuda(
+            input, _weight_for_kernels(weight), None if bias is None else bias.contiguous(), residual, y, z,
+            list(stride), list(padding[:2]), list(dilation), groups, activation, negative_slope,
+            _dot_precision(input) == "tf32")
+    return y, (z if save_z else _nothing(input))
+
+
+@CONV2D.register("torch", _always)
+def _conv2d_torch(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope,
+                  save_z):
+    channels_last = output_channels_last(input, weight)
+    conv = torch_conv(input, weight, stride, padding, dilation, groups)
+    z = conv if residual is None else conv + residual
+    y = torch_activation(z if bias is None else z + _channel_view(bias), activation, negative_slope)
+    y_out = _empty(y.shape, channels_last, input).copy_(y)
+    return y_out, (_empty(z.shape, channels_last, input).copy_(z) if save_z else _nothing(input))
+
+
+# ---------------------------------------------------------------------------------------------
+# Input gradient (dgrad).
+
+CONV2D_INPUT_GRAD = dispatch.Op("conv2d_input_grad")
+
+
+@CONV2D_INPUT_GRAD.register("triton", _triton_unsupported)
+def _input_grad_triton(grad, input, weight, stride, padding, dilation, groups):
+    from bigkern.kernels import conv as kernels
+
+    dx = _empty(input.shape, output_channels_last(input, weight), input)
+    if dx.numel():
+        kernels.conv2d_input_grad(grad, _weight_for_kernels(weight), dx, stride, padding, dilation, groups,
+                                  _dot_precision(input))
+    return dx
+
+
+@CONV2D_INPUT_GRAD.register("cuda", _cuda_unsupported, auto=False)
+def _input_grad_cuda(grad, input, weight, stride, padding, dilation, groups):
+    dx = _empty(input.shape, output_channels_last(input, weight), input)
+    if dx.numel():
+        torch.ops.bigkern.conv2d_input_grad_cuda(grad, _weight_for_kernels(weight), dx, list(stride),
+                                                 list(padding[:2]), list(dilation), groups,
+                                                 _dot_precision(input) == "tf32")
+    return dx
+
+
+@CONV2D_INPUT_GRAD.register("torch", _always)
+def _input_grad_torch(grad, input, weight, stride, padding, dilation, groups):
+    top, left, bottom, right = padding
+    N, C, H, W = input.shape
+    padded = (N, C, H + top + bottom, W + left + right)
+    dx = torch.ops.aten.convolution_backward(
+        grad, input.new_empty(padded), weight, None, list(stride), [0, 0], list(dilation), False, [0, 0], groups,
+        [True, False, False])[0]
+    dx = dx[:, :, top:top + H, left:left + W]
+    return _empty(input.shape, output_channels_last(input, weight), input).copy_(dx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight gradient (wgrad), and grad_bias when asked.
+
+CONV2D_WEIGHT_GRAD = dispatch.Op("conv2d_weight_grad")
+
+
+def wgrad_splits(n_pixels, tiles, device):
+    """How many slices the N*P*Q reduction of the weight gradient is split into: enough programs to
+    fill the GPU a few times over, each reducing at least a few hundred pixels. In the interpreter,
+    two (when there are pixels enough), so the tests cover the sum of partials."""
+    if device.type != "cuda":
+        return 2 if n_pixels >= 32 else 1
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-programs // max(tiles, 1)), n_pixels // 512, 64))
+
+
+def _weight_grad_outputs(weight, bias_grad, like):
+    grad_w = memory.empty_strided(tuple(weight.shape), dense_strides(weight.shape, suggests_channels_last(weight)),
+                                  dtype=weight.dtype, device=weight.device)
+    grad_b = memory.empty((weight.shape[0] if bias_grad else 0,), dtype=weight.dtype, device=weight.device)
+    return grad_w, grad_b
+
+
+def _reduce_partials(partial, out):
+    return out.copy_(partial[0] if partial.shape[0] == 1 else partial.sum(0))
+
+
+@CONV2D_WEIGHT_GRAD.register("triton", _triton_unsupported)
+def _weight_grad_triton(grad, input, weight, stride, padding, dilation, groups, bias_grad):
+    from bigkern.kernels import conv as kernels
+
+    grad_w, grad_b = _weight_grad_outputs(weight, bias_grad, input)
+    n_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
+    if n_pixels == 0 or input.shape[1] == 0:
+        grad_w.zero_()
+        grad_b.zero_()
+        return grad_w, grad_b
+    K, C_g, R, S = weight.shape
+    tiles = -(-K // groups // 128) * -(-C_g // 128) * R * S * groups
+    splits = wgrad_splits(n_pixels, tiles, input.device)
+    partial, bias_partial = kernels.conv2d_weight_grad_partials(
+        grad, input, tuple(weight.shape), stride, padding, dilation, groups, splits, bias_grad,
+        _dot_precision(input), lambda shape: memory.empty(shape, dtype=torch.float32, device=input.device))
+    _reduce_partials(partial, grad_w)
+    if bias_grad:
+        _reduce_partials(bias_partial, grad_b)
+    return grad_w, grad_b
+
+
+@CONV2D_WEIGHT_GRAD.register("cuda", _cuda_unsupported, auto=False)
+def _weight_grad_cuda(grad, input, weight, stride, padding, dilation, groups, bias_grad):
+    grad_w, grad_b = _weight_grad_outputs(weight, bias_grad, input)
+    n_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
+    if n_pixels == 0 or input.shape[1] == 0:
+        grad_w.zero_()
+        grad_b.zero_()
+        return grad_w, grad_b
+    K, C_g, R, S = weight.shape
+    tiles = -(-K // groups // 64) * -(-C_g // 64) * R * S * groups
+    splits = wgrad_splits(n_pixels, tiles, input.device)
+    partial = memory.empty((splits, K, C_g, R, S), dtype=torch.float32, device=input.device)
+    bias_partial = memory.empty((splits, K if bias_grad else 0), dtype=torch.float32, device=input.device)
+    torch.ops.bigkern.conv2d_weight_grad_cuda(grad, input, partial, bias_partial, list(weight.shape), list(stride),
+                                              list(padding[:2]), list(dilation), groups, bias_grad,
+                                              _dot_precision(input) == "tf32")
+    _reduce_partials(partial, grad_w)
+    if bias_grad:
+        _reduce_partials(bias_partial, grad_b)
+    return grad_w, grad_b
+
+
+@CONV2D_WEIGHT_GRAD.register("torch", _always)
+def _weight_grad_torch(grad, input, weight, stride, padding, dilation, groups, bias_grad):
+    top, left, bottom, right = padding
+    padded = torch.nn.functional.pad(input, (left, right, top, bottom)) if any(padding) else input
+    grad_w_t = torch.ops.aten.convolution_backward(
+        grad, padded, weight, None, list(stride), [0, 0], list(dilation), False, [0, 0], groups,
+        [False, True, False])[1]
+    grad_w, grad_b = _weight_grad_outputs(weight, bias_grad, input)
+    grad_w.copy_(grad_w_t)
+    if bias_grad:
+        grad_b.copy_(grad.sum((0, 2, 3), dtype=torch.float32))
+    return grad_w, grad_b
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops: what torch.compile, torch.export and autograd see.
+
+@torch.library.custom_op("bigkern::conv2d", mutates_args=())
+def conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride: list[int],
+              padding: list[int], dilation: list[int], groups: int, activation: int, negative_slope: float,
+              save_z: bool) -> tuple[Tensor, Tensor]:
+    return CONV2D(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope,
+                  save_z)
+
+
+@conv2d_op.register_fake
+def _(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope, save_z):
+    shape = _conv_output_shape(input, weight, stride, padding, dilation)
+    strides = dense_strides(shape, output_channels_last(input, weight))
+    y = input.new_empty_strided(shape, strides)
+    return y, (input.new_empty_strided(shape, strides) if save_z else input.new_empty((0,)))
+
+
+@torch.library.custom_op("bigkern::conv2d_input_grad", mutates_args=())
+def conv2d_input_grad_op(grad: Tensor, input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                         dilation: list[int], groups: int) -> Tensor:
+    return CONV2D_INPUT_GRAD(grad, input, weight, stride, padding, dilation, groups)
+
+
+@conv2d_input_grad_op.register_fake
+def _(grad, input, weight, stride, padding, dilation, groups):
+    return input.new_empty_strided(input.shape, dense_strides(input.shape, output_channels_last(input, weight)))
+
+
+@torch.library.custom_op("bigkern::conv2d_weight_grad", mutates_args=())
+def conv2d_weight_grad_op(grad: Tensor, input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                          dilation: list[int], groups: int, bias_grad: bool) -> tuple[Tensor, Tensor]:
+    return CONV2D_WEIGHT_GRAD(grad, input, weight, stride, padding, dilation, groups, bias_grad)
+
+
+@conv2d_weight_grad_op.register_fake
+def _(grad, input, weight, stride, padding, dilation, groups, bias_grad):
+    grad_w = weight.new_empty_strided(weight.shape, dense_strides(weight.shape, suggests_channels_last(weight)))
+    return grad_w, weight.new_empty((weight.shape[0] if bias_grad else 0,))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope, save_z = inputs
+    z = output[1]
+    saved_z = activation != 0 and z.numel() == output[0].numel()
+    # without a saved z, backward recomputes it, and then needs the residual
+    ctx.save_for_backward(input, weight, bias, z if saved_z else None,
+                          residual if activation != 0 and not saved_z else None)
+    ctx.saved_z = saved_z
+    ctx.has_residual = residual is not None
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.activation = (activation, negative_slope)
+
+
+def _backward(ctx, grad_y, _grad_z_output):
+    input, weight, bias, z, residual = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    activation, negative_slope = ctx.activation
+    need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
+    need_bias = need_bias and bias is not None
+    bias = None if bias is None else bias.contiguous()
+    grad_bias = None
+    if activation != 0:
+        if not ctx.saved_z:
+            z = conv2d_op(input, weight, None, residual, stride, padding, dilation, groups, 0, 0.0, False)[0]
+        grad_z, grad_bias = epilogue.bias_act_backward_op(grad_y, z, bias, activation, 1, negative_slope)
+    else:
+        grad_z = grad_y
+        if need_bias and not need_weight:
+            grad_bias = epilogue.bias_act_backward_op(grad_y, grad_y, bias, 0, 1, 0.0)[1]
+    grad_input = grad_weight = None
+    if need_input:
+        grad_input = conv2d_input_grad_op(grad_z, input, weight, stride, padding, dilation, groups)
+    if need_weight:
+        bias_in_wgrad = need_bias and grad_bias is None
+        grad_weight, wgrad_bias = conv2d_weight_grad_op(grad_z, input, weight, stride, padding, dilation, groups,
+                                                        bias_in_wgrad)
+        if bias_in_wgrad:
+            grad_bias = wgrad_bias
+    return (grad_input, grad_weight, grad_bias if need_bias else None,
+            grad_z if (need_residual and ctx.has_residual) else None) + (None,) * 7
+
+
+conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python entry point: validates like torch, then calls the registered op.
+
+def _int_tuple(value, name, allow_string=False):
+    """stride/padding/dilation as a pair of ints, as torch's argument parser accepts them."""
+    if isinstance(value, bool):
+        raise TypeError(f"conv2d(): argument '{name}' must be tuple of ints, not bool")
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list, torch.Size)):
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"conv2d(): argument '{name}' must be tuple of ints, but found element of type "
+                                f"{type(v).__name__}")
+        if len(value) == 1:
+            return (value[0], value[0])
+        if len(value) != 2:
+            raise RuntimeError(f"conv2d(): argument '{name}': expected {name} to be a single integer value or a list "
+                               f"of 2 values to match the convolution dimensions, but got {name}={list(value)}")
+        return tuple(value)
+    expected = "tuple of ints or str" if allow_string else "tuple of ints"
+    raise TypeError(f"conv2d(): argument '{name}' must be {expected}, not {type(value).__name__}")
+
+
+def _check_tensor(t, name, optional=False):
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"conv2d(): argument '{name}' must be Tensor, not {type(t).__name__}")
+
+
+def _resolve_padding(padding, kernel_hw, stride, dilation):
+    """(top, left, bottom, right) from an int, a pair, 'same' or 'valid'."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding != "same":
+            raise RuntimeError(f"conv2d(): argument 'padding': Invalid padding string: {padding!r} "
+                               f"(expected 'same' or 'valid')")
+        if any(s != 1 for s in stride):
+            raise RuntimeError("conv2d(): argument 'padding': padding='same' is not supported for strided "
+                               "convolutions")
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel_hw)]
+        return (totals[0] // 2, totals[1] // 2, totals[0] - totals[0] // 2, totals[1] - totals[1] // 2)
+    ph, pw = _int_tuple(padding, "padding", allow_string=True)
+    return (ph, pw, ph, pw)
+
+
+def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, residual=None):
+    """Raise what torch raises for bad input, naming the argument. Returns (stride, padding as
+    (top, left, bottom, right), dilation, groups) for batched input."""
+    _check_tensor(input, "input")
+    _check_tensor(weight, "weight")
+    _check_tensor(bias, "bias", optional=True)
+    _check_tensor(residual, "residual", optional=True)
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"conv2d(): argument 'groups' must be int, not {type(groups).__name__}")
+    stride = _int_tuple(stride, "stride")
+    dilation = _int_tuple(dilation, "dilation")
+    if input.dim() != 4:
+        raise RuntimeError(f"conv2d(): argument 'input': expected 3D (unbatched) or 4D (batched) input to conv2d, "
+                           f"but got input of size: {list(input.shape)}")
+    if weight.dim() != 4:
+        raise RuntimeError(f"conv2d(): argument 'weight' must be 4-dimensional (out_channels, in_channels/groups, "
+                           f"kH, kW), but got weight of size {list(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is None:
+            continue
+        if t.device != input.device:
+            raise RuntimeError(f"conv2d(): expected argument '{name}' on the device of 'input' ({input.device}), "
+                               f"but it is on {t.device}")
+        if t.dtype != input.dtype:
+            raise RuntimeError(f"conv2d(): Input type ({input.dtype}) and {name} type ({t.dtype}) should be the same "
+                               f"(argument '{name}')")
+    if any(s <= 0 for s in stride):
+        raise RuntimeError(f"conv2d(): argument 'stride': non-positive stride is not supported, got {list(stride)}")
+    if any(d <= 0 for d in dilation):
+        raise RuntimeError(f"conv2d(): argument 'dilation': non-positive dilation is not supported, got "
+                           f"{list(dilation)}")
+    if groups <= 0:
+        raise RuntimeError(f"conv2d(): argument 'groups': non-positive groups is not supported, got {groups}")
+    padding = _resolve_padding(padding, tuple(weight.shape[2:]), stride, dilation)
+    if any(p < 0 for p in padding):
+        raise RuntimeError(f"conv2d(): argument 'padding': negative padding is not supported, got {padding[:2]}")
+    K = weight.shape[0]
+    if K < groups or K % groups:
+        raise RuntimeError(f"conv2d(): argument 'weight': Given groups={groups}, expected weight to be divisible by "
+                           f"{groups} at dimension 0, but got weight of size {list(weight.shape)} instead")
+    if K == 0:
+        raise RuntimeError(f"conv2d(): argument 'weight': Given groups={groups}, expected weight to be at least 1 at "
+                           f"dimension 0, but got weight of size {list(weight.shape)} instead")
+    if input.shape[1] != weight.shape[1] * groups:
+        raise RuntimeError(f"conv2d(): argument 'input': Given groups={groups}, weight of size {list(weight.shape)}, "
+                           f"expected input{list(input.shape)} to have {weight.shape[1] * groups} channels, but got "
+                           f"{input.shape[1]} channels instead")
+    padded = [input.shape[2 + i] + padding[i] + padding[i + 2] for i in range(2)]
+    dilated = [dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(2)]
+    if any(d > p for d, p in zip(dilated, padded)):
+        raise RuntimeError(f"conv2d(): argument 'weight': Calculated padded input size per channel: "
+                           f"({padded[0]} x {padded[1]}). Kernel size: ({dilated[0]} x {dilated[1]}). Kernel size "
+                           f"can't be greater than actual input size")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != K):
+        raise RuntimeError(f"conv2d(): argument 'bias': Given weight of size {list(weight.shape)}, expected bias to "
+                           f"be 1-dimensional with {K} elements, but got bias of size {list(bias.shape)} instead")
+    return stride, padding, dilation, groups
+
+
+def _prepare(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None,
+             residual=None, negative_slope=0.01):
+    """(op args, {}) for a batched call; unbatched input must be unsqueezed by the caller."""
+    code = activation_code(activation)
+    stride, padding, dilation, groups = check_conv2d_args(input, weight, bias, stride, padding, dilation, groups,
+                                                          residual)
+    if residual is not None:
+        shape = _conv_output_shape(input, weight, stride, padding, dilation)
+        try:
+            residual = residual.expand(shape)
+        except RuntimeError:
+            raise RuntimeError(f"conv2d(): argument 'residual' of size {list(residual.shape)} must broadcast to the "
+                               f"output's size {list(shape)}") from None
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias, residual))
+    save_z = needs_grad and code != 0
+    return (input, weight, bias, residual, list(stride), list(padding), list(dilation), groups, code,
+            float(negative_slope), save_z), {}
+
+
+def _explain_prepare(input, weight, *args, **kwargs):
+    if isinstance(input, Tensor) and input.dim() == 3:
+        input = input.unsqueeze(0)
+        if isinstance(kwargs.get("residual"), Tensor) and kwargs["residual"].dim() == 3:
+            kwargs["residual"] = kwargs["residual"].unsqueeze(0)
+    return _prepare(input, weight, *args, **kwargs)
+
+
+@dispatch.entry_point(CONV2D, _explain_prepare)
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
+           groups: int = 1, *, activation: Optional[str] = None, residual: Optional[Tensor] = None,
+           negative_slope: float = 0.01) -> Tensor:
+    """torch.nn.functional.conv2d, plus a fused epilogue: act(conv2d(input, weight) + bias + residual).
+
+    activation: None, "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh" or "leaky_relu" (with
+    negative_slope). residual: a tensor broadcastable to the output, added before the activation.
+    Input may be batched (N, C, H, W) or unbatched (C, H, W), NCHW or channels_last; the output has
+    the memory format torch's conv2d would give.
+    """
+    _check_tensor(input, "input")
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+        if isinstance(residual, Tensor) and residual.dim() == 3:
+            residual = residual.unsqueeze(0)
+    args, _ = _prepare(input, weight, bias, stride, padding, dilation, groups, activation=activation,
+                       residual=residual, negative_slope=negative_slope)
+    if input.shape[1] == 0:
+        # no input channels: torch returns (N, 0, P, Q); nothing to compute
+        y = reference(input, weight, bias, *args[4:8], activation, residual, negative_slope)
+    else:
+        y = conv2d_op(*args)[0]
+    return y.squeeze(0) if unbatched else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification against float64, shared by tests/test_conv.py and `bigkern verify`.
+
+def reference(input, weight, bias, stride, padding, dilation, groups, activation=None, residual=None,
+              negative_slope=0.01):
+    """torch's own composition act(conv2d(input, weight, bias) + residual) (padding as 4 values or
+    torch's), in whatever dtype the input has."""
+    if isinstance(padding, (list, tuple)) and len(padding) == 4:
+        y = torch_conv(input, weight, stride, padding, dilation, groups)
+        if bias is not None:
+            y = y + _channel_view(bias)
+    else:
+        y = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        y = y + residual
+    return torch_activation(y, activation_code(activation), negative_slope)
+
+
+def compare_with_reference(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation=None,
+                           residual=None, negative_slope=0.01, backward=True):
+    """Run conv2d forward (and backward) on leaf tensors with whatever backend is requested; returns
+    the Comparisons of the output and each gradient against float64 (and torch's same-dtype error)."""
+    from bigkern import testing
+
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    y = conv2d(input, weight, bias, activation=activation, residual=residual, negative_slope=negative_slope,
+               **kwargs)
+    leaves = [("input", input), ("weight", weight), ("bias", bias), ("residual", residual)]
+    copies64 = {name: testing.fp64_copy(t) for name, t in leaves}
+    copies = {name: testing.same_dtype_copy(t) for name, t in leaves}
+
+    def run_reference(c):
+        return reference(c["input"], c["weight"], c["bias"], activation=activation, residual=c["residual"],
+                         negative_slope=negative_slope, **kwargs)
+
+    y64, yt = run_reference(copies64), run_reference(copies)
+    # a convolution sums C*R*S products: its rounding scales with the sum of |terms|
+    terms = reference(_finite_abs(copies64["input"]), _finite_abs(copies64["weight"]), None, **kwargs)
+    scale = max(terms.max().item(), _finite_abs(y64).max().item()) if y64.numel() else None
+    results = [testing.compare(y, y64, yt, scale=scale)]
+    if not same_storage_order(y, yt):
+        results.append(testing.Comparison("layout", 0, 0, 0, False, f"strides {y.stride()}, torch {yt.stride()}"))
+    if not backward or not any(t is not None and t.requires_grad for _, t in leaves):
+        return results
+
+    grad_y = testing.make_tensor(y.shape, y.dtype, y.device)
+    y.backward(grad_y)
+    y64.backward(grad_y.double().cpu())
+    yt.backward(grad_y)
+    # every gradient is a sum of products of grad_y with one operand: measure rounding against the
+    # same sums over |values|
+    g_abs = _finite_abs(grad_y.double().cpu())
+    for name, t in leaves:
+        if t is None or not t.requires_grad:
+            continue
+        scale = _gradient_scale(name, g_abs, copies64, activation, kwargs)
+        results.append(testing.compare(t.grad, copies64[name].grad, copies[name].grad, name=f"grad {name}",
+                                       factor=testing.GRADIENT_FACTOR, scale=scale))
+    return results
+
+
+def _finite_abs(t):
+    """|t| with NaN and Inf as 0: the magnitude of the finite terms a sum adds up."""
+    t = t.detach().abs()
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
+def _gradient_scale(name, g_abs, copies64, activation, kwargs):
+    """The magnitude of the terms each gradient sums (|grad_y| stands in for |grad_z|: act' <= ~1.1)."""
+    x_abs, w_abs = _finite_abs(copies64["input"]), _finite_abs(copies64["weight"])
+    stride, padding, dilation, groups = (kwargs[k] for k in ("stride", "padding", "dilation", "groups"))
+    batched = x_abs.dim() == 4
+    if not batched:
+        x_abs, g_abs = x_abs.unsqueeze(0), g_abs.unsqueeze(0)
+    if name in ("residual",):
+        return g_abs.max().item() if g_abs.numel() else None
+    stride, dilation = _int_tuple(stride, "stride"), _int_tuple(dilation, "dilation")
+    padding = _resolve_padding(padding, tuple(w_abs.shape[2:]), stride, dilation)
+    geometry = (list(stride), list(padding), list(dilation), groups)
+    if name == "input":
+        t = _input_grad_torch(g_abs, x_abs, w_abs, *geometry)
+    elif name == "weight":
+        t = _weight_grad_torch(g_abs, x_abs, w_abs, *geometry, False)[0]
+    else:
+        t = g_abs.sum((0, 2, 3))
+    return t.max().item() if t.numel() else None
+
+
+def random_geometry(rng, device="cpu", max_hw=9):
+    """A random conv2d case with odd sizes: (input shape, weight shape, stride, padding, dilation, groups)."""
+    groups = rng.choice([1, 1, 1, 2, 3])
+    c_g = rng.choice([1, 2, 3, 5, 8])
+    k_g = rng.choice([1, 3, 4, 7, 12])
+    R, S = rng.choice([1, 2, 3]), rng.choice([1, 3, 4])
+    stride = (rng.choice([1, 1, 2, 3]), rng.choice([1, 2]))
+    dilation = (rng.choice([1, 1, 2]), rng.choice([1, 2]))
+    if rng.random() < 0.2 and stride == (1, 1):
+        padding = rng.choice(["same", "valid"])
+    else:
+        padding = (rng.choice([0, 1, 2]), rng.choice([0, 1]))
+    pad = (0, 0) if isinstance(padding, str) else padding
+    min_h = max(1, dilation[0] * (R - 1) + 1 - 2 * pad[0])
+    min_w = max(1, dilation[1] * (S - 1) + 1 - 2 * pad[1])
+    H = rng.randint(min_h, max(min_h, max_hw))
+    W = rng.randint(min_w, max(min_w, max_hw))
+    N = rng.choice([1, 2, 3])
+    return (N, groups * c_g, H, W), (groups * k_g, c_g, R, S), stride, padding, dilation, groups
+
+
+def verification_cases(device, dtype):
+    """(description, thunk returning Comparisons) on fresh random inputs: what `bigkern verify` runs."""
+    from bigkern import testing
+
+    cases = [
+        ((2, 3, 7, 9), (8, 3, 3, 3), 1, 1, 1, 1, "relu", False, "contiguous"),
+        ((2, 8, 6, 5), (12, 4, 3, 1), (2, 1), (1, 0), 1, 2, "gelu", True, "channels_last"),
+        ((1, 6, 7, 7), (6, 1, 3, 3), 1, "same", 2, 6, "silu", True, "channels_last"),
+        ((3, 5, 5, 7), (7, 5, 1, 1), 2, 0, 1, 1, None, True, "contiguous"),
+    ]
+    if device != "cpu":
+        cases += [
+            ((32, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1, 1, "relu", True, "channels_last"),
+            ((8, 256, 28, 28), (512, 256, 1, 1), 2, 0, 1, 1, "relu", False, "channels_last"),
+            ((4, 128, 30, 30), (128, 128, 3, 3), 2, 1, 1, 1, "leaky_relu", True, "contiguous"),
+        ]
+    for x_shape, w_shape, stride, padding, dilation, groups, activation, with_residual, layout in cases:
+        def run(x_shape=x_shape, w_shape=w_shape, stride=stride, padding=padding, dilation=dilation,
+                groups=groups, activation=activation, with_residual=with_residual, layout=layout):
+            x = testing.make_tensor(x_shape, dtype, device, layout=layout, requires_grad=True)
+            w = testing.make_tensor(w_shape, dtype, device, layout=layout, scale=1 / math.sqrt(math.prod(w_shape[1:])),
+                                    requires_grad=True)
+            b = testing.make_tensor((w_shape[0],), dtype, device, requires_grad=True)
+            residual = None
+            if with_residual:
+                shape = reference(x.detach(), w.detach(), None, stride, padding, dilation, groups).shape
+                residual = testing.make_tensor(shape, dtype, device, layout=layout, requires_grad=True)
+            return compare_with_reference(x, w, b, stride, padding, dilation, groups, activation, residual)
+        yield (f"{activation} x{list(x_shape)} w{list(w_shape)} stride={stride} padding={padding} "
+               f"dilation={dilation} groups={groups} {layout}{' +residual' if with_residual else ''}"), run

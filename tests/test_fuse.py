@@ -1,0 +1,217 @@
+"""bigkern.fuse: fused models equal the unfused ones (float64), for ResNet blocks, the example CNN,
+functional-style models, models fx cannot trace, and patterns that must not be fused."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bigkern
+from bigkern.nn import FusedConv2d
+from bigkern.testing import make_tensor
+from conftest import DEVICE
+
+Fn = nn.functional
+
+
+def randomize_batch_norms(model):
+    """Running statistics and affine parameters far from the identity, so folding is tested."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_()
+                module.bias.normal_()
+    return model
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block."""
+
+    def __init__(self, in_channels, channels, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
+                                            nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet bottleneck block (1x1 -> 3x3 -> 1x1, residual)."""
+
+    def __init__(self, channels, width):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, channels, 1, bias=False), nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + x)
+
+
+def example_cnn(in_channels=1, classes=10):
+    """The example CNN: conv 3x3 32 -> relu -> maxpool -> conv 64 -> relu -> maxpool -> conv 64 -> relu
+    -> dense 64 -> dense 10 (for 28x28 input)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64 * 3 * 3, 64), nn.ReLU(), nn.Linear(64, classes))
+
+
+def fused_equals_original(model, x, backend="auto", atol=1e-10, expect=None):
+    """Fuse `model` (left intact), compare outputs (and, in training mode, input gradients)."""
+    original = copy.deepcopy(model)
+    fused = bigkern.fuse(model)
+    assert_parameters_untouched(model, original)
+    with bigkern.use_backend(backend):
+        x1 = x.detach().clone().requires_grad_(model.training)
+        y = fused(x1)
+    x2 = x.detach().clone().requires_grad_(model.training)
+    expected = original(x2)
+    torch.testing.assert_close(y, expected, atol=atol, rtol=atol)
+    if model.training:
+        with bigkern.use_backend(backend):
+            y.sum().backward()
+        expected.sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad, atol=atol, rtol=atol)
+    found = sum(isinstance(m, FusedConv2d) for m in fused.modules())
+    if expect is not None:
+        assert found == expect, f"expected {expect} fused convolutions, found {found}:\n{fused}"
+    return fused
+
+
+def assert_parameters_untouched(model, original):
+    for (name, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(a, b), f"fuse changed the original's {name}"
+
+
+@pytest.mark.parametrize("stride,in_channels", [(1, 6), (2, 4)])
+def test_resnet_basic_block(stride, in_channels):
+    block = randomize_batch_norms(BasicBlock(in_channels, 6, stride)).double().eval()
+    x = make_tensor((2, in_channels, 9, 7), torch.float64, DEVICE)
+    fused = fused_equals_original(block, x, expect=3 if stride == 2 else 2)
+    # batch norms are folded away; the convolutions keep their names
+    keys = fused.state_dict().keys()
+    assert not any("bn" in key for key in keys) and "conv1.weight" in keys and "conv2.bias" in keys
+
+
+def test_resnet_basic_block_with_triton_kernels():
+    from conftest import backend_skip_reason
+
+    if backend_skip_reason("triton"):
+        pytest.skip(backend_skip_reason("triton"))
+    block = randomize_batch_norms(BasicBlock(4, 6, 2)).eval()
+    x = make_tensor((2, 4, 7, 6), torch.float32, DEVICE, layout="channels_last")
+    fused_equals_original(block, x, backend="triton", atol=1e-4, expect=3)
+
+
+def test_resnet_bottleneck_block():
+    block = randomize_batch_norms(Bottleneck(8, 4)).double().eval()
+    fused_equals_original(block, make_tensor((2, 8, 6, 5), torch.float64, DEVICE), expect=3)
+
+
+def test_example_cnn():
+    model = example_cnn().double().eval()
+    fused_equals_original(model, make_tensor((3, 1, 28, 28), torch.float64, DEVICE), expect=3)
+
+
+def test_training_mode_keeps_batch_norm_and_fuses_the_rest():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.SiLU()).double()
+    fused = fused_equals_original(model.train(), make_tensor((2, 3, 8, 8), torch.float64, DEVICE), expect=1)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+
+
+class Functional(nn.Module):
+    """Activations and residual adds as functionals and tensor methods."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1, padding_mode=mode)
+                                   for mode in ("zeros", "reflect", "zeros", "circular", "zeros", "zeros", "zeros"))
+
+    def forward(self, x):
+        c = self.convs
+        x = Fn.gelu(c[0](x), approximate="tanh")
+        x = torch.add(x, c[1](x)).sigmoid()
+        x = Fn.leaky_relu(c[2](x), 0.3)
+        x = torch.tanh(x + c[3](x))
+        x = c[4](x).relu()
+        x = Fn.silu(c[5](x))
+        return Fn.gelu(c[6](x) + 1.0)  # a constant: not a residual, and conv output feeds the add only
+
+
+def test_functional_activations_and_residuals():
+    model = Functional().double()
+    fused = fused_equals_original(model, make_tensor((2, 4, 5, 6), torch.float64, DEVICE), expect=6)
+    activations = sorted(str(m.activation) for m in fused.modules() if isinstance(m, FusedConv2d))
+    assert activations == ["gelu_tanh", "leaky_relu", "relu", "sigmoid", "silu", "tanh"]
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: fx cannot trace it; its Sequential children still fuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                                      nn.GELU())
+        self.head = BasicBlock(4, 4)
+
+    def forward(self, x):
+        x = self.features(x)
+        if x.sum() > 0:
+            x = x * 2
+        return self.head(x)
+
+
+def test_untraceable_model_fuses_its_children():
+    model = randomize_batch_norms(Untraceable()).double().eval()
+    fused = fused_equals_original(model, make_tensor((2, 3, 7, 7), torch.float64, DEVICE), expect=4)
+    assert isinstance(fused, Untraceable) and isinstance(fused.features[2], nn.Identity)
+
+
+class NotFusable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        z = torch.relu(y) + y  # the conv output is used twice
+        shared = self.conv2(z)
+        return self.conv2(shared) + shared.relu()  # conv2 is called twice
+
+
+def test_shared_intermediates_are_not_fused():
+    model = NotFusable().double().eval()
+    fused_equals_original(model, make_tensor((1, 3, 5, 5), torch.float64, DEVICE), expect=0)
+
+
+def test_fuse_in_place_and_idempotent():
+    model = example_cnn().double().eval()
+    x = make_tensor((1, 1, 28, 28), torch.float64, DEVICE)
+    expected = model(x)
+    fused = bigkern.fuse(model, inplace=True)
+    assert fused is model and sum(isinstance(m, FusedConv2d) for m in model.modules()) == 3
+    torch.testing.assert_close(bigkern.fuse(fused)(x), expected)
