@@ -142,6 +142,7 @@ flash_backward_dq_kernel(const AttentionProblem problem, const AttentionBackward
     warp_gemm_rb<T, D, BLOCK_N, kStride>(dq, s, k_tile, lane);
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
+  cp_async_wait<0>();  // nothing left in flight at exit (the last group is empty, or the only one unused)
 
   T* dq_out = head_pointer_mut<T>(args.dq, batch, head) + int64_t(warp_row0) * args.dq.row_stride;
   store_rows<T, D>(dq_out, args.dq.row_stride, dq, problem.scale, problem.scale, problem.len_q - warp_row0, lane);
@@ -253,6 +254,7 @@ flash_backward_dkdv_kernel(const AttentionProblem problem, const AttentionBackwa
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
+  cp_async_wait<0>();  // nothing left in flight at exit (the last group is empty, or the only one unused)
 
   const int valid_keys = problem.len_kv - warp_key0;
   if constexpr (DO_DK) {

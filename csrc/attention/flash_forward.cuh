@@ -133,6 +133,7 @@ flash_forward_kernel(const AttentionProblem problem, const AttentionForwardArgs 
     warp_gemm_rb<T, D, BLOCK_N, kStride>(o, s, v_tile, lane);
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
+  cp_async_wait<0>();  // nothing left in flight at exit (the last group is empty, or the only one unused)
 
   float inv_sum[2];
 #pragma unroll

@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "attention/attention.h"
+#include "attention/launch.cuh"
 #include "attention/tensor_core.cuh"
 
 namespace bigkern {
@@ -25,6 +26,33 @@ namespace attention {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = __builtin_huge_valf();
+
+// Two fp32 values rounded to T and packed into one register, `lo` in the lower 16 bits.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// Reductions over the four lanes of a quad (lanes 4g..4g+3 hold the same accumulator rows).
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
 
 // Padded row length, in elements, of a shared-memory tile with `cols` columns.
 template <int COLS>
@@ -146,19 +174,6 @@ inline bool dispatch_half_types(DType dtype, Fn&& fn) {
     case DType::kBFloat16: fn(__nv_bfloat16{}); return true;
     default: return false;
   }
-}
-
-// Opt a kernel into `bytes` of dynamic shared memory (above 48 KiB needs asking) and launch it.
-template <typename Kernel, typename... Args>
-inline cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem_bytes, cudaStream_t stream,
-                          Args... args) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  if (grid.y > 65535 || grid.z > 65535) return cudaErrorInvalidConfiguration;
-  cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem_bytes));
-  if (error != cudaSuccess) return error;
-  kernel<<<grid, threads, smem_bytes, stream>>>(args...);
-  return cudaGetLastError();
 }
 
 }  // namespace attention

@@ -1,7 +1,9 @@
 // Thin wrappers over the sm_80+ PTX the flash-attention kernels are built from: cp.async
 // (global -> shared copies that bypass registers), ldmatrix (shared -> the register fragments of an
-// mma) and mma.sync m16n8k16 (fp16/bf16 inputs, fp32 accumulators). One instruction each, named for
-// what it does; the fragment bookkeeping lives in flash_tiles.cuh.
+// mma), mma.sync m16n8k16 (fp16/bf16 inputs, fp32 accumulators) and ex2. One instruction each,
+// named for what it does; the fragment bookkeeping lives in flash_tiles.cuh.
+// The only inline PTX of the sm_80 path: tests/cuda_emulation/ replaces this header (same names and
+// semantics, in C++) to run the kernels on a CPU.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -76,38 +78,11 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two fp32 values rounded to T and packed into one register, `lo` in the lower 16 bits.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
 // 2^x by the special-function unit (2 ulp; exp2(-inf) = 0, subnormal results flush to 0).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
-}
-
-// Reductions over the four lanes of a quad (lanes 4g..4g+3 hold the same accumulator rows).
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
 }  // namespace attention
