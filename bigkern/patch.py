@@ -47,8 +47,25 @@ def patch(model: torch.nn.Module, include: Optional[Iterable] = None, exclude: O
             continue
         setattr(module, _ORIGINAL_CLASS, type(module))
         module.__class__ = drop_in
+        if isinstance(module, torch.nn.RNNBase):
+            _let_dynamo_trace_rnn_modules()
     _patch_huggingface(model)
     return model
+
+
+def _let_dynamo_trace_rnn_modules():
+    """Dynamo refuses every torch.nn.LSTM instance (subclasses too) unless allow_rnn is set; bigkern's
+    LSTM is one opaque op per layer, so with the flag a patched model compiles without graph breaks.
+    The flag is process-wide: say so once."""
+    import logging
+
+    import torch._dynamo
+
+    if not torch._dynamo.config.allow_rnn:
+        torch._dynamo.config.allow_rnn = True
+        logging.getLogger("bigkern").info(
+            "bigkern.patch set torch._dynamo.config.allow_rnn = True so patched LSTMs compile without graph "
+            "breaks (unpatched torch RNNs compiled in this process now use dynamo's experimental RNN tracing)")
 
 
 def unpatch(model: torch.nn.Module):
