@@ -578,3 +578,80 @@ def test_gpu_sequence_64k_memory_is_linear(causal):
         q[:, :1, :rows].double(), k[:, :1].double(), v[:, :1].double(),
         attn_mask=torch.ones(rows, L, dtype=torch.bool, device="cuda").tril() if causal else None)
     torch.testing.assert_close(out[:, :1, :rows].double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_benchmark_suite_runs_end_to_end_on_cpu(tmp_path):
+    """The harness and the attention cases, timed on the CPU (no real figures: it tests the suite)."""
+    import json
+
+    from bigkern import benchmark
+
+    shapes = {"attention": {"sweep": [dict(batch=1, heads=2, seq=17, head_dim=16, causal=True, quick=True),
+                                      dict(batch=1, heads=2, seq=4096, head_dim=16, causal=True)],
+                            "decoding": [dict(batch=1, q_heads=4, kv_heads=2, q_len=1, kv_len=33, head_dim=16,
+                                              quick=True)]}}
+    shapes_path = tmp_path / "shapes.json"
+    shapes_path.write_text(json.dumps(shapes))
+    rc = benchmark.main(["--cpu", "--quick", "--family", "attention", "--shapes", str(shapes_path), "--results",
+                         str(tmp_path / "results"), "--provider", "bigkern-triton", "bigkern-cuda", "torch-math"])
+    assert rc == 0
+    [path] = (tmp_path / "results").glob("*/*.json")
+    rows = json.loads(path.read_text())["rows"]
+    statuses = {(r["case"], r["mode"], r["provider"]): r["status"] for r in rows}
+    assert statuses[("hd16 seq17 causal", "forward+backward", "bigkern-triton")] == "ok"
+    assert statuses[("decode B1 4/2 kv33", "forward", "torch-math")] == "ok"
+    assert statuses[("hd16 seq17 causal", "forward", "bigkern-cuda")] == "unavailable"
+    row = next(r for r in rows if r["provider"] == "bigkern-triton" and r["mode"] == "forward")
+    assert row["flops"] == 4 * 2 * 17 * 17 * 16 / 2 and "torch-math" in row["speedup"]
+
+
+_COMPILE_CHECK = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bigkern.kernels import attention as kernels
+
+pointers = {"Mask": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "GradLse": "*fp32", "GradMask": "*fp32",
+            "CuSeqQ": "*i32", "CuSeqK": "*i32"}
+meta = dict(HEAD_DIM=80, HEAD_DIM_V=80, BLOCK_D=128, BLOCK_DV=128, MASK_KIND=2, IS_CAUSAL=False, VARLEN=False,
+            DROPOUT=True, PRECISION="tf32")
+for kernel, tile, extra in ((kernels.attention_forward_kernel, (128, 64), {}),
+                            (kernels.attention_backward_dkdv_kernel, (32, 128), {}),
+                            (kernels.attention_backward_dq_kernel, (128, 32), {"MASK_GRAD": True})):
+    constexprs = dict(meta, BLOCK_M=tile[0], BLOCK_N=tile[1], **extra)
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        elif name[0].isupper():
+            signature[name] = "*bf16"
+        elif name in ("qk_scale", "dropout_scale", "sm_scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i64" if name == "dropout_threshold" else "i32"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=8, num_stages=2))
+    shared = compiled.metadata.shared
+    assert 0 < shared <= 227 * 1024, (kernel.__name__, shared)
+    print(kernel.__name__, shared)
+"""
+
+
+@pytest.mark.skipif(GPU, reason="on a GPU every test compiles the kernels for real")
+def test_kernels_compile_for_hopper():
+    """The interpreter never runs Triton's compiler: compile each kernel for sm_90 (to PTX, then
+    ptxas; no GPU needed) with every feature on, so a construct only the compiler rejects fails
+    here. In a subprocess: in this one, TRITON_INTERPRET made the kernels interpreter functions."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True,
+                            timeout=600)
+    if result.returncode and ("ASTSource" in result.stderr or "GPUTarget" in result.stderr):
+        pytest.skip(f"this Triton's compiler API differs: {result.stderr[-300:]}")
+    assert result.returncode == 0, result.stderr[-3000:]

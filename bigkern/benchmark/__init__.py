@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-SUITES = {"epilogue": "bigkern.benchmark.epilogue"}
+SUITES = {"epilogue": "bigkern.benchmark.epilogue", "attention": "bigkern.benchmark.attention"}
 REPO = Path(__file__).resolve().parents[2]
 
 
