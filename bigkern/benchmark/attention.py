@@ -17,7 +17,7 @@ from bigkern.ops import attention
 
 # the math backend materializes (B, H, L, S) scores (and their gradient): beyond this it only
 # measures the allocator
-MATH_MAX_SCORES = 2**31
+MATH_MAX_SCORES = 2**30
 
 
 def _torch_backends():
