@@ -5,6 +5,7 @@ Environment:
   BIGKERN_BUILD_CUDA   auto (default: build when nvcc is found) | 0 (never) | 1 (required; fail loudly)
   TORCH_CUDA_ARCH_LIST architectures, e.g. "8.0;9.0a" (the default: Ampere, and Hopper with wgmma)
   MAX_JOBS             parallel compile jobs (default: bounded by cores and by memory, 2 GB a job)
+  BIGKERN_LOCAL_VERSION=1  version with a local tag naming torch and CUDA (set by `make wheel`)
   CUDA_HOME            toolkit root; found from `nvcc --dryrun` when unset
 """
 
@@ -100,7 +101,7 @@ def cuda_extensions():
         info["skipped_reason"] = "BIGKERN_BUILD_CUDA=0"
         log("CUDA extension skipped: BIGKERN_BUILD_CUDA=0")
         write_build_info(**info)
-        return [], {}
+        return [], {}, info["version"]
     cuda_home = find_cuda_home()
     reason = None
     if cuda_home is None:
@@ -113,7 +114,7 @@ def cuda_extensions():
         info["skipped_reason"] = reason
         log(f"CUDA extension skipped: {reason}; bigkern will serve through Triton and torch")
         write_build_info(**info)
-        return [], {}
+        return [], {}, info["version"]
 
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
@@ -125,6 +126,10 @@ def cuda_extensions():
                                   capture_output=True, text=True).stdout
     match = re.search(r"release (\d+\.\d+)", nvcc_version)
     info.update(cuda_version=match.group(1) if match else "unknown", cuda_archs=archs, cuda_built=True)
+    if os.environ.get("BIGKERN_LOCAL_VERSION") == "1":
+        # a wheel names what it was built against: 0.1.0+torch2.14.1.cu130
+        torch_release = torch.__version__.split("+")[0]
+        info["version"] = f"{VERSION}+torch{torch_release}.cu{info['cuda_version'].replace('.', '')}"
     write_build_info(**info)
     log(f"building bigkern._C with CUDA {info['cuda_version']} at {cuda_home} for {archs}, "
         f"MAX_JOBS={os.environ['MAX_JOBS']}")
@@ -144,16 +149,24 @@ def cuda_extensions():
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": common, "nvcc": nvcc},
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class IncrementalBuild(BuildExtension):
+        """Always compile in build/temp: pip's editable and wheel builds would otherwise use a fresh
+        temporary directory each time, and ninja could never reuse an object."""
+
+        def build_extensions(self):
+            self.build_temp = str(ROOT / "build" / "temp")
+            super().build_extensions()
+
+    return [ext], {"build_ext": IncrementalBuild.with_options(use_ninja=True)}, info["version"]
 
 
-ext_modules, cmdclass = cuda_extensions()
+ext_modules, cmdclass, build_version = cuda_extensions()
 # the benchmark shapes travel inside the package too, for `bigkern bench` outside a checkout
 shutil.copyfile(ROOT / "bench" / "shapes.json", ROOT / "bigkern" / "benchmark" / "shapes.json")
 
 setup(
-    version=VERSION,
-    packages=["bigkern", "bigkern.ops", "bigkern.nn", "bigkern.kernels", "bigkern.benchmark"],
+    version=build_version,
+    packages=["bigkern", "bigkern.ops", "bigkern.nn", "bigkern.kernels", "bigkern.benchmark", "bigkern.integrations"],
     package_dir={"bigkern": "bigkern", "bigkern.kernels": "kernels"},
     package_data={"bigkern.benchmark": ["shapes.json"]},
     ext_modules=ext_modules,

@@ -15,5 +15,7 @@ _ext.extension()
 
 from bigkern import ops  # noqa: E402,F401
 from bigkern import nn  # noqa: E402,F401
+from bigkern.patch import enable, patch, unpatch  # noqa: E402
 
-__all__ = ["BACKENDS", "UnsupportedError", "explain", "nn", "ops", "requested_backend", "use_backend"]
+__all__ = ["BACKENDS", "UnsupportedError", "enable", "explain", "nn", "ops", "patch", "requested_backend", "unpatch",
+           "use_backend"]

@@ -72,6 +72,13 @@ def info_lines():
     if _ext.extension() is not None and not torch.cuda.is_available():
         lines.append("  (bigkern._C is built and loaded; its kernels need a GPU to run)")
     lines.append("ops: " + ", ".join(sorted(dispatch.REGISTRY)))
+    if dispatch.triton_unavailable() is None:
+        from bigkern.kernels import autotune
+
+        entries = autotune.cache_entries()
+        kernels = sorted({p.name.removesuffix(".autotune.json") for p in entries})
+        lines.append(f"autotune cache: {autotune.cache_dir()} ({len(entries)} stored results"
+                     + (f": {', '.join(kernels)})" if kernels else ")"))
     return lines
 
 

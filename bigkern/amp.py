@@ -1,0 +1,27 @@
+"""Autocast for bigkern's entry points.
+
+Custom ops are opaque to autocast, so each entry point applies torch's policy itself before calling
+its op: convolution, LSTM and attention are on autocast's lower-precision list (their floating
+inputs are cast to the autocast dtype); pointwise ops such as bias_act run in their input dtype.
+"""
+
+import torch
+
+
+def autocast_dtype(*tensors):
+    """The dtype autocast would run a lower-precision op in for these tensors, or None."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            device_type = t.device.type
+            if torch.is_autocast_enabled(device_type):
+                return torch.get_autocast_dtype(device_type)
+            return None
+    return None
+
+
+def cast_inputs(*tensors):
+    """tensors, with floating ones cast to the autocast dtype when autocast is on (None passes)."""
+    dtype = autocast_dtype(*tensors)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -1,0 +1,1 @@
+"""Integrations with other libraries (imported lazily: none of them is a dependency)."""
