@@ -598,13 +598,15 @@ def _interpreting():
 
 @functools.lru_cache(maxsize=None)
 def _tuned(name):
+    """The autotuned kernel (bigkern's autotune: results cached on disk across processes)."""
+    from bigkern.kernels.autotune import autotune
+
     kernel, prune = {
         "forward": (attention_forward_kernel, _forward_prune),
         "dkdv": (attention_backward_dkdv_kernel, _dkdv_prune),
         "dq": (attention_backward_dq_kernel, _dq_prune),
     }[name]
-    return triton.autotune(configs=_PLACEHOLDER, key=_TUNING_KEY,
-                           prune_configs_by={"early_config_prune": prune})(kernel)
+    return autotune(_PLACEHOLDER, key=_TUNING_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 def _launch(name, raw_kernel, grid, args, meta):

@@ -661,3 +661,15 @@ def test_kernels_compile_for_hopper():
     if result.returncode and ("ASTSource" in result.stderr or "GPUTarget" in result.stderr):
         pytest.skip(f"this Triton's compiler API differs: {result.stderr[-300:]}")
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_autocast_casts_like_torch():
+    """Under torch.autocast the inputs run in the autocast dtype, as torch's SDPA would (CPU: bf16;
+    the torch implementation serves CPU tensors under auto, so no bf16 tl.dot is involved)."""
+    q, k, v = (make_tensor((1, 2, 7, 16)) for _ in range(3))
+    mask = make_tensor((7, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = F.scaled_dot_product_attention(q, k, v, mask)
+        expected = torch_F.scaled_dot_product_attention(q, k, v, mask)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bigkern import dispatch, memory
+from bigkern import amp, dispatch, memory
 
 # ---------------------------------------------------------------------------------------------
 # Dropout: counter-based random numbers, identical in every implementation.
@@ -529,6 +529,7 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
 
 def _prepare(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     # for explain(): never draws a seed, so asking does not move torch's generator
+    query, key, value, attn_mask = amp.cast_inputs(query, key, value, attn_mask)
     args, _ = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                            seed=torch.zeros(2, dtype=torch.int64))
     return args, {}
@@ -545,7 +546,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     (query i sees keys j <= i); enable_gqa: key/value heads (dim -3) may divide the query's.
     Dropout draws its seed from torch's default generator (torch.manual_seed reproduces it).
     Memory O(L + S) per head: the (L, S) matrix is never stored (except a float mask's gradient).
+    Under torch.autocast, floating inputs (a float mask too) are cast as torch casts them.
     """
+    query, key, value, attn_mask = amp.cast_inputs(query, key, value, attn_mask)
     args, (batch_shape, L, Ev) = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     out, _ = sdpa_forward_op(*args)
     return out.reshape(batch_shape + (L, Ev))
@@ -748,8 +751,9 @@ def prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, dropo
     return (query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k), dropout_p, bool(is_causal), scale, seed)
 
 
-def _prepare_varlen(*args, return_lse=False, **kwargs):
-    return prepare_varlen(*args, **kwargs, seed=torch.zeros(2, dtype=torch.int64)), {}
+def _prepare_varlen(query, key, value, *args, return_lse=False, **kwargs):
+    query, key, value = amp.cast_inputs(query, key, value)
+    return prepare_varlen(query, key, value, *args, **kwargs, seed=torch.zeros(2, dtype=torch.int64)), {}
 
 
 @dispatch.entry_point(VARLEN_FORWARD, _prepare_varlen)
@@ -764,6 +768,7 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor
     call per sequence would (is_causal top-left aligned within each sequence). Returns out
     (Tq, Hq, Ev), and lse (Hq, Tq) float32 too with return_lse=True (differentiable).
     """
+    query, key, value = amp.cast_inputs(query, key, value)
     args = prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p=dropout_p,
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     out, lse = varlen_forward_op(*args)
