@@ -298,7 +298,10 @@ def _forward_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
 @SDPA_FORWARD.register("cuda", _cuda_forward_unsupported, auto=False)
 def _forward_cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
     module, _ = _cuda_module()
-    return module.forward(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), is_causal, scale)
+    out, lse = module.forward(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), is_causal, scale)
+    if k.shape[2] == 0:  # the only rows that see no key under the CUDA kernels' (mask-free) contract
+        lse.fill_(float("inf"))  # bigkern_C stores -inf there; this op's lse says +inf
+    return out, lse
 
 
 @SDPA_FORWARD.register("torch", _always)
