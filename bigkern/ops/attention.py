@@ -300,7 +300,7 @@ def _forward_cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
     module, _ = _cuda_module()
     out, lse = module.forward(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), is_causal, scale)
     if k.shape[2] == 0:  # the only rows that see no key under the CUDA kernels' (mask-free) contract
-        lse.fill_(float("inf"))  # bigkern_C stores -inf there; this op's lse says +inf
+        lse.fill_(float("inf"))  # bigkern._C stores -inf there; this op's lse says +inf
     return out, lse
 
 
