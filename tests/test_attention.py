@@ -673,3 +673,19 @@ def test_autocast_casts_like_torch():
         expected = torch_F.scaled_dot_product_attention(q, k, v, mask)
     assert out.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_outputs_in_the_layout_the_fakes_promise():
+    """Every implementation returns out and gradients laid out as the fake implementations say
+    (in_layout_of re-lays an implementation's contiguous result when it must)."""
+    q, k, v, _ = attention.make_inputs(2, 3, 3, 7, 7, 16, 16, None, "fused_qkv", torch.float32, DEVICE)
+    contiguous = torch.randn(2, 3, 7, 16)
+    relaid = attention.in_layout_of(contiguous, q.detach())
+    assert torch.equal(relaid, contiguous) and relaid.transpose(1, 2).is_contiguous()
+    assert attention.in_layout_of(relaid, q.detach()) is relaid
+    real = [t.detach() for t in (q, k, v)]
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake_q, fake_k, fake_v = (mode.from_tensor(t) for t in real)
+        fake_out, _ = torch.ops.bigkern.sdpa_forward(fake_q, fake_k, fake_v, None, 0.0, False, 0.25, None)
+    out, _ = torch.ops.bigkern.sdpa_forward(q, k, v, None, 0.0, False, 0.25, None)
+    assert out.stride() == fake_out.stride()

@@ -207,6 +207,16 @@ def _fake_like_layout(like, shape, dtype):
                                                                                                device=device))
 
 
+def in_layout_of(t: Tensor, like: Tensor) -> Tensor:
+    """t itself if it lies in memory as empty_like_layout(like, ...) would, else such a copy: the
+    layout every implementation returns (the fake implementations promise it to torch.compile)."""
+    want = empty_like_layout(like, t.shape, t.dtype,
+                             allocate=lambda s, dtype, device: torch.empty(s, dtype=dtype, device="meta"))
+    if all(size <= 1 or a == b for size, a, b in zip(t.shape, t.stride(), want.stride())):
+        return t
+    return empty_like_layout(like, t.shape, t.dtype).copy_(t)
+
+
 def _unit_last_stride(t: Tensor) -> Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
@@ -299,6 +309,7 @@ def _forward_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
 def _forward_cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
     module, _ = _cuda_module()
     out, lse = module.forward(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), is_causal, scale)
+    out = in_layout_of(out, q)
     if k.shape[2] == 0:  # the only rows that see no key under the CUDA kernels' (mask-free) contract
         lse.fill_(float("inf"))  # bigkern._C stores -inf there; this op's lse says +inf
     return out, lse
@@ -346,7 +357,8 @@ def _backward_cuda(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, 
     module, _ = _cuda_module()
     q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
     grad_q, grad_k, grad_v = module.backward(grad_out, q, k, v, out, lse, is_causal, scale)
-    return grad_q, grad_k, grad_v, memory.empty((0,), dtype=q.dtype, device=q.device)
+    return (in_layout_of(grad_q, q), in_layout_of(grad_k, k), in_layout_of(grad_v, v),
+            memory.empty((0,), dtype=q.dtype, device=q.device))
 
 
 @SDPA_BACKWARD.register("torch", _always)
