@@ -77,25 +77,28 @@ def philox_word(c0, c1, c2, c3, k0, k1):
 
 @triton.jit
 def dropout_keep(rows, cols, stream, seed_lo, seed_hi, threshold):
-    """Which (row, col) of the score tile dropout keeps; rows and cols are broadcastable 2-D
-    index tensors, in whichever orientation the caller's tile has."""
-    zero = (rows * 0 + cols * 0).to(tl.uint32)
-    c0 = cols.to(tl.uint32) + zero
-    c1 = rows.to(tl.uint32) + zero
-    c2 = zero + stream.to(tl.uint32)
-    k0 = zero + seed_lo.to(tl.uint32)
-    k1 = zero + seed_hi.to(tl.uint32)
-    word = philox_word(c0, c1, c2, zero, k0, k1)
+    """Which (row, col) of the score tile dropout keeps; rows and cols are broadcastable 2-D int32
+    index tensors, in whichever orientation the caller's tile has. (Scalars join a tensor before
+    any cast: an int argument equal to 1 arrives as a constexpr on a GPU.)"""
+    zero = rows * 0 + cols * 0
+    word = philox_word((cols + zero).to(tl.uint32), (rows + zero).to(tl.uint32), (zero + stream).to(tl.uint32),
+                       zero.to(tl.uint32), (zero + seed_lo).to(tl.uint32), (zero + seed_hi).to(tl.uint32))
     return word.to(tl.int64) >= threshold
 
 
 @triton.jit
-def _load_tile(ptrs, row_ok, col_ok, MASKED: tl.constexpr, other):
-    """Load a 2-D tile, bounds-checked only where the caller says it may leave the tensor."""
-    if MASKED:
-        return tl.load(ptrs, mask=row_ok & col_ok, other=other)
+def _load_tile(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr, other):
+    """Load a 2-D tile, bounds-checked only along the axes the caller says may leave the tensor."""
+    if MASK_ROWS:
+        if MASK_COLS:
+            return tl.load(ptrs, mask=row_ok & col_ok, other=other)
+        else:
+            return tl.load(ptrs, mask=row_ok, other=other)
     else:
-        return tl.load(ptrs)
+        if MASK_COLS:
+            return tl.load(ptrs, mask=col_ok, other=other)
+        else:
+            return tl.load(ptrs)
 
 
 @triton.jit
@@ -136,9 +139,9 @@ def _forward_block(acc, l_i, m_i, q, k_base, v_base, mask_base, n0, offs_m, offs
     col_ok = cols < seq_k
     # K^T tile (BLOCK_D, BLOCK_N) and V tile (BLOCK_N, BLOCK_DV)
     k_t = _load_tile(k_base + cols[None, :] * stride_kn + offs_d[:, None], (offs_d < HEAD_DIM)[:, None],
-                     col_ok[None, :], BOUNDARY or HEAD_DIM != BLOCK_D, 0.0)
+                     col_ok[None, :], HEAD_DIM != BLOCK_D, BOUNDARY, 0.0)
     v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
-                   (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY or HEAD_DIM_V != BLOCK_DV, 0.0)
+                   (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY, HEAD_DIM_V != BLOCK_DV, 0.0)
     s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
     rows2 = offs_m[:, None]
     cols2 = cols[None, :]
@@ -408,9 +411,9 @@ def _backward_dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, grad_m
     cols = n0 + offs_n
     col_ok = cols < seq_k
     k = _load_tile(k_base + cols[:, None] * stride_kn + offs_d[None, :], col_ok[:, None],
-                   (offs_d < HEAD_DIM)[None, :], BOUNDARY or HEAD_DIM != BLOCK_D, 0.0)
+                   (offs_d < HEAD_DIM)[None, :], BOUNDARY, HEAD_DIM != BLOCK_D, 0.0)
     v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
-                   (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY or HEAD_DIM_V != BLOCK_DV, 0.0)
+                   (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY, HEAD_DIM_V != BLOCK_DV, 0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     rows2 = rows[:, None]
     cols2 = cols[None, :]
@@ -595,13 +598,15 @@ def _interpreting():
 
 @functools.lru_cache(maxsize=None)
 def _tuned(name):
+    """The autotuned kernel (bigkern's autotune: results cached on disk across processes)."""
+    from bigkern.kernels.autotune import autotune
+
     kernel, prune = {
         "forward": (attention_forward_kernel, _forward_prune),
         "dkdv": (attention_backward_dkdv_kernel, _dkdv_prune),
         "dq": (attention_backward_dq_kernel, _dq_prune),
     }[name]
-    return triton.autotune(configs=_PLACEHOLDER, key=_TUNING_KEY,
-                           prune_configs_by={"early_config_prune": prune})(kernel)
+    return autotune(_PLACEHOLDER, key=_TUNING_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 def _launch(name, raw_kernel, grid, args, meta):

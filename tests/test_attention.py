@@ -390,19 +390,22 @@ def test_opcheck(op_backend):
     v = make_tensor((1, 2, 6, 8), torch.float32, DEVICE, requires_grad=True)
     mask = make_tensor((1, 2, 5, 6), torch.float32, DEVICE, requires_grad=True)
     seed = attention.draw_dropout_seed()
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=DEVICE)
+    packed = [make_tensor((7, 2, 16), torch.float32, DEVICE, requires_grad=True) for _ in range(3)]
+    ops = torch.ops.bigkern
     with bigkern.use_backend(op_backend), memory.poisoned_outputs(False):
-        ops = torch.ops.bigkern
+        # the forward's opcheck runs the backward op too (through autograd, also under AOT, where
+        # the gradient of lse arrives in a layout of its own)
         torch.library.opcheck(ops.sdpa_forward.default, (q, k, v, mask, 0.0, False, 0.25, None))
-        if op_backend == "torch":  # the seed input's handling does not depend on the backend
-            torch.library.opcheck(ops.sdpa_forward.default, (q, k, v, None, 0.2, True, 0.25, seed))
+        if op_backend != "torch":
+            return  # schemas and fakes do not depend on the backend: the rest once, on the fast one
+        torch.library.opcheck(ops.varlen_attention_forward.default, (*packed, cu, cu, 4, 4, 0.0, True, 0.25, None))
+        torch.library.opcheck(ops.sdpa_forward.default, (q, k, v, None, 0.2, True, 0.25, seed))
         out, lse = ops.sdpa_forward(q, k, v, mask, 0.0, False, 0.25, None)
         grad = make_tensor(out.shape, torch.float32, DEVICE)
         torch.library.opcheck(ops.sdpa_backward.default,
                               (grad, None, q.detach(), k.detach(), v.detach(), mask.detach(), out.detach(),
                                lse.detach(), 0.0, False, 0.25, None, True))
-        cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=DEVICE)
-        packed = [make_tensor((7, 2, 16), torch.float32, DEVICE, requires_grad=True) for _ in range(3)]
-        torch.library.opcheck(ops.varlen_attention_forward.default, (*packed, cu, cu, 4, 4, 0.0, True, 0.25, None))
         out, lse = ops.varlen_attention_forward(*packed, cu, cu, 4, 4, 0.0, True, 0.25, None)
         torch.library.opcheck(ops.varlen_attention_backward.default,
                               (torch.randn_like(out), torch.randn_like(lse), *(t.detach() for t in packed),
@@ -562,12 +565,15 @@ def test_gpu_sequence_64k_memory_is_linear(causal):
     q, k, v = (torch.randn(1, heads, L, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     inputs_bytes = 3 * q.numel() * q.element_size()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    grad = torch.randn_like(q)
     with bigkern.use_backend("triton"):
+        F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(grad)  # autotuning: not measured
+        q.grad = k.grad = v.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        out.backward(torch.randn_like(out))
+        out.backward(grad)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < 4 * inputs_bytes, f"peak {peak / 2**20:.0f} MiB for {inputs_bytes / 2**20:.0f} MiB of inputs"
@@ -578,3 +584,108 @@ def test_gpu_sequence_64k_memory_is_linear(causal):
         q[:, :1, :rows].double(), k[:, :1].double(), v[:, :1].double(),
         attn_mask=torch.ones(rows, L, dtype=torch.bool, device="cuda").tril() if causal else None)
     torch.testing.assert_close(out[:, :1, :rows].double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_benchmark_suite_runs_end_to_end_on_cpu(tmp_path):
+    """The harness and the attention cases, timed on the CPU (no real figures: it tests the suite)."""
+    import json
+
+    from bigkern import benchmark
+
+    shapes = {"attention": {"sweep": [dict(batch=1, heads=2, seq=17, head_dim=16, causal=True, quick=True),
+                                      dict(batch=1, heads=2, seq=4096, head_dim=16, causal=True)],
+                            "decoding": [dict(batch=1, q_heads=4, kv_heads=2, q_len=1, kv_len=33, head_dim=16,
+                                              quick=True)]}}
+    shapes_path = tmp_path / "shapes.json"
+    shapes_path.write_text(json.dumps(shapes))
+    rc = benchmark.main(["--cpu", "--quick", "--family", "attention", "--shapes", str(shapes_path), "--results",
+                         str(tmp_path / "results"), "--provider", "bigkern-triton", "bigkern-cuda", "torch-math"])
+    assert rc == 0
+    [path] = (tmp_path / "results").glob("*/*.json")
+    rows = json.loads(path.read_text())["rows"]
+    statuses = {(r["case"], r["mode"], r["provider"]): r["status"] for r in rows}
+    assert statuses[("hd16 seq17 causal", "forward+backward", "bigkern-triton")] == "ok"
+    assert statuses[("decode B1 4/2 kv33", "forward", "torch-math")] == "ok"
+    assert statuses[("hd16 seq17 causal", "forward", "bigkern-cuda")] == "unavailable"
+    row = next(r for r in rows if r["provider"] == "bigkern-triton" and r["mode"] == "forward")
+    assert row["flops"] == 4 * 2 * 17 * 17 * 16 / 2 and "torch-math" in row["speedup"]
+
+
+_COMPILE_CHECK = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bigkern.kernels import attention as kernels
+
+pointers = {"Mask": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "GradLse": "*fp32", "GradMask": "*fp32",
+            "CuSeqQ": "*i32", "CuSeqK": "*i32"}
+meta = dict(HEAD_DIM=80, HEAD_DIM_V=80, BLOCK_D=128, BLOCK_DV=128, MASK_KIND=2, IS_CAUSAL=False, VARLEN=False,
+            DROPOUT=True, PRECISION="tf32")
+for kernel, tile, extra in ((kernels.attention_forward_kernel, (128, 64), {}),
+                            (kernels.attention_backward_dkdv_kernel, (32, 128), {}),
+                            (kernels.attention_backward_dq_kernel, (128, 32), {"MASK_GRAD": True})):
+    constexprs = dict(meta, BLOCK_M=tile[0], BLOCK_N=tile[1], **extra)
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        elif name[0].isupper():
+            signature[name] = "*bf16"
+        elif name in ("qk_scale", "dropout_scale", "sm_scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i64" if name == "dropout_threshold" else "i32"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=8, num_stages=2))
+    shared = compiled.metadata.shared
+    assert 0 < shared <= 227 * 1024, (kernel.__name__, shared)
+    print(kernel.__name__, shared)
+"""
+
+
+@pytest.mark.skipif(GPU, reason="on a GPU every test compiles the kernels for real")
+def test_kernels_compile_for_hopper():
+    """The interpreter never runs Triton's compiler: compile each kernel for sm_90 (to PTX, then
+    ptxas; no GPU needed) with every feature on, so a construct only the compiler rejects fails
+    here. In a subprocess: in this one, TRITON_INTERPRET made the kernels interpreter functions."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True,
+                            timeout=600)
+    if result.returncode and ("ASTSource" in result.stderr or "GPUTarget" in result.stderr):
+        pytest.skip(f"this Triton's compiler API differs: {result.stderr[-300:]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_autocast_casts_like_torch():
+    """Under torch.autocast the inputs run in the autocast dtype, as torch's SDPA would (CPU: bf16;
+    the torch implementation serves CPU tensors under auto, so no bf16 tl.dot is involved)."""
+    q, k, v = (make_tensor((1, 2, 7, 16)) for _ in range(3))
+    mask = make_tensor((7, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = F.scaled_dot_product_attention(q, k, v, mask)
+        expected = torch_F.scaled_dot_product_attention(q, k, v, mask)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_outputs_in_the_layout_the_fakes_promise():
+    """Every implementation returns out and gradients laid out as the fake implementations say
+    (in_layout_of re-lays an implementation's contiguous result when it must)."""
+    q, k, v, _ = attention.make_inputs(2, 3, 3, 7, 7, 16, 16, None, "fused_qkv", torch.float32, DEVICE)
+    contiguous = torch.randn(2, 3, 7, 16)
+    relaid = attention.in_layout_of(contiguous, q.detach())
+    assert torch.equal(relaid, contiguous) and relaid.transpose(1, 2).is_contiguous()
+    assert attention.in_layout_of(relaid, q.detach()) is relaid
+    real = [t.detach() for t in (q, k, v)]
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake_q, fake_k, fake_v = (mode.from_tensor(t) for t in real)
+        fake_out, _ = torch.ops.bigkern.sdpa_forward(fake_q, fake_k, fake_v, None, 0.0, False, 0.25, None)
+    out, _ = torch.ops.bigkern.sdpa_forward(q, k, v, None, 0.0, False, 0.25, None)
+    assert out.stride() == fake_out.stride()

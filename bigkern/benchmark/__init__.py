@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-SUITES = {"epilogue": "bigkern.benchmark.epilogue", "models": "bigkern.benchmark.models"}
+SUITES = {"epilogue": "bigkern.benchmark.epilogue", "models": "bigkern.benchmark.models",
+          "attention": "bigkern.benchmark.attention"}
 REPO = Path(__file__).resolve().parents[2]
 
 

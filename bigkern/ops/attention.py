@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bigkern import dispatch, memory
+from bigkern import amp, dispatch, memory
 
 # ---------------------------------------------------------------------------------------------
 # Dropout: counter-based random numbers, identical in every implementation.
@@ -207,6 +207,16 @@ def _fake_like_layout(like, shape, dtype):
                                                                                                device=device))
 
 
+def in_layout_of(t: Tensor, like: Tensor) -> Tensor:
+    """t itself if it lies in memory as empty_like_layout(like, ...) would, else such a copy: the
+    layout every implementation returns (the fake implementations promise it to torch.compile)."""
+    want = empty_like_layout(like, t.shape, t.dtype,
+                             allocate=lambda s, dtype, device: torch.empty(s, dtype=dtype, device="meta"))
+    if all(size <= 1 or a == b for size, a, b in zip(t.shape, t.stride(), want.stride())):
+        return t
+    return empty_like_layout(like, t.shape, t.dtype).copy_(t)
+
+
 def _unit_last_stride(t: Tensor) -> Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
@@ -298,7 +308,11 @@ def _forward_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
 @SDPA_FORWARD.register("cuda", _cuda_forward_unsupported, auto=False)
 def _forward_cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
     module, _ = _cuda_module()
-    return module.forward(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), is_causal, scale)
+    out, lse = module.forward(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), is_causal, scale)
+    out = in_layout_of(out, q)
+    if k.shape[2] == 0:  # the only rows that see no key under the CUDA kernels' (mask-free) contract
+        lse.fill_(float("inf"))  # bigkern._C stores -inf there; this op's lse says +inf
+    return out, lse
 
 
 @SDPA_FORWARD.register("torch", _always)
@@ -343,7 +357,8 @@ def _backward_cuda(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, 
     module, _ = _cuda_module()
     q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
     grad_q, grad_k, grad_v = module.backward(grad_out, q, k, v, out, lse, is_causal, scale)
-    return grad_q, grad_k, grad_v, memory.empty((0,), dtype=q.dtype, device=q.device)
+    return (in_layout_of(grad_q, q), in_layout_of(grad_k, k), in_layout_of(grad_v, v),
+            memory.empty((0,), dtype=q.dtype, device=q.device))
 
 
 @SDPA_BACKWARD.register("torch", _always)
@@ -529,6 +544,7 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
 
 def _prepare(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     # for explain(): never draws a seed, so asking does not move torch's generator
+    query, key, value, attn_mask = amp.cast_inputs(query, key, value, attn_mask)
     args, _ = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                            seed=torch.zeros(2, dtype=torch.int64))
     return args, {}
@@ -545,7 +561,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     (query i sees keys j <= i); enable_gqa: key/value heads (dim -3) may divide the query's.
     Dropout draws its seed from torch's default generator (torch.manual_seed reproduces it).
     Memory O(L + S) per head: the (L, S) matrix is never stored (except a float mask's gradient).
+    Under torch.autocast, floating inputs (a float mask too) are cast as torch casts them.
     """
+    query, key, value, attn_mask = amp.cast_inputs(query, key, value, attn_mask)
     args, (batch_shape, L, Ev) = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     out, _ = sdpa_forward_op(*args)
     return out.reshape(batch_shape + (L, Ev))
@@ -748,8 +766,9 @@ def prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, dropo
     return (query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k), dropout_p, bool(is_causal), scale, seed)
 
 
-def _prepare_varlen(*args, return_lse=False, **kwargs):
-    return prepare_varlen(*args, **kwargs, seed=torch.zeros(2, dtype=torch.int64)), {}
+def _prepare_varlen(query, key, value, *args, return_lse=False, **kwargs):
+    query, key, value = amp.cast_inputs(query, key, value)
+    return prepare_varlen(query, key, value, *args, **kwargs, seed=torch.zeros(2, dtype=torch.int64)), {}
 
 
 @dispatch.entry_point(VARLEN_FORWARD, _prepare_varlen)
@@ -764,6 +783,7 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor
     call per sequence would (is_causal top-left aligned within each sequence). Returns out
     (Tq, Hq, Ev), and lse (Hq, Tq) float32 too with return_lse=True (differentiable).
     """
+    query, key, value = amp.cast_inputs(query, key, value)
     args = prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p=dropout_p,
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     out, lse = varlen_forward_op(*args)

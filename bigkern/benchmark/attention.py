@@ -1,0 +1,111 @@
+"""Benchmark cases for scaled dot-product attention: compute-bound, so the figure of merit is
+TFLOP/s against the bf16 matmul ceiling, with every torch SDPA backend on the machine (flash,
+memory-efficient, cuDNN, math), each forced through torch.nn.attention.sdpa_kernel, as baselines
+measured in the same run.
+
+FLOPs (FlashAttention's convention): forward 4 * B * Hq * L * S * D (two matmuls of 2 * L * S * D
+each per head), halved when causal; backward 2.5x the forward (five matmuls to the forward's two);
+"forward+backward" counts both. Shapes: bench/shapes.json "attention" (FlashAttention's sweep at
+16k tokens per batch, GQA, odd head dims, decoding).
+"""
+
+import torch
+
+from bigkern.benchmark.harness import Case, Unavailable
+from bigkern.benchmark.providers import bigkern_backends
+from bigkern.ops import attention
+
+# the math backend materializes (B, H, L, S) scores (and their gradient): beyond this it only
+# measures the allocator
+MATH_MAX_SCORES = 2**30
+
+
+def _torch_backends():
+    """name -> SDPBackend for each torch backend this torch knows."""
+    from torch.nn.attention import SDPBackend
+
+    names = {"torch-flash": "FLASH_ATTENTION", "torch-efficient": "EFFICIENT_ATTENTION",
+             "torch-cudnn": "CUDNN_ATTENTION", "torch-math": "MATH"}
+    return {name: getattr(SDPBackend, member) for name, member in names.items() if hasattr(SDPBackend, member)}
+
+
+def _torch_provider(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def call(q, k, v, is_causal, gqa):
+        with sdpa_kernel(backend):
+            try:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
+                                                                        enable_gqa=gqa)
+            except RuntimeError as error:
+                if "No available kernel" in str(error) or "No viable backend" in str(error):
+                    raise Unavailable(f"torch's {backend.name} backend cannot run this case") from None
+                raise
+    return call
+
+
+def _bigkern_call(q, k, v, is_causal, gqa):
+    return attention.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
+
+
+def _entries(shapes, quick):
+    """(name, batch, q_heads, kv_heads, L, S, head_dim, causal, modes) for every case (with quick,
+    only the entries marked "quick")."""
+    section = shapes["attention"]
+    both = ("forward", "forward+backward")
+    out = []
+    for e in section.get("sweep", []) + section.get("odd_head_dims", []):
+        out.append((e, f"hd{e['head_dim']} seq{e['seq']}{' causal' if e['causal'] else ''}", e["batch"], e["heads"],
+                    e["heads"], e["seq"], e["seq"], e["head_dim"], e["causal"], both))
+    for e in section.get("gqa", []):
+        out.append((e, f"gqa {e['q_heads']}/{e['kv_heads']} hd{e['head_dim']} seq{e['seq']}"
+                    f"{' causal' if e['causal'] else ''}", e["batch"], e["q_heads"], e["kv_heads"], e["seq"],
+                    e["seq"], e["head_dim"], e["causal"], both))
+    for e in section.get("decoding", []):
+        out.append((e, f"decode B{e['batch']} {e['q_heads']}/{e['kv_heads']} kv{e['kv_len']}", e["batch"],
+                    e["q_heads"], e["kv_heads"], e["q_len"], e["kv_len"], e["head_dim"], False, ("forward",)))
+    return [entry[1:] for entry in out if entry[0].get("quick") or not quick]
+
+
+def cases(shapes, device, dtypes, quick=False):
+    for name, B, Hq, Hkv, L, S, D, causal, modes in _entries(shapes, quick):
+        for dtype in dtypes:
+            forward_flops = 4.0 * B * Hq * L * S * D * (0.5 if causal else 1.0)
+            params = dict(batch=B, q_heads=Hq, kv_heads=Hkv, seq_q=L, seq_k=S, head_dim=D, causal=causal)
+            for mode in modes:
+                training = mode != "forward"
+                flops = forward_flops * (3.5 if training else 1.0)
+                size = torch.finfo(dtype).bits // 8
+                bytes_moved = size * (B * Hq * L * D * 2 + B * Hkv * S * D * 2) * (2.5 if training else 1.0)
+
+                def timed(call, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, D=D, causal=causal, dtype=dtype, training=training):
+                    def make():
+                        q = torch.randn(B, Hq, L, D, device=device, dtype=dtype, requires_grad=training)
+                        k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, requires_grad=training)
+                        v = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, requires_grad=training)
+                        gqa = Hq != Hkv
+                        if not training:
+                            return lambda: call(q, k, v, causal, gqa)
+                        grad = torch.randn(B, Hq, L, D, device=device, dtype=dtype)
+
+                        def step():
+                            q.grad = k.grad = v.grad = None
+                            call(q, k, v, causal, gqa).backward(grad)
+                        return step
+                    return make
+
+                providers = {f"bigkern-{backend}": timed(wrap(_bigkern_call))
+                             for backend, wrap in bigkern_backends(("triton", "cuda")).items()}
+                for provider, backend in _torch_backends().items():
+                    if provider == "torch-math" and B * Hq * L * S > MATH_MAX_SCORES:
+                        def skipped():
+                            raise Unavailable("the math backend materializes the (L, S) scores: skipped at this size")
+                        providers[provider] = skipped
+                        continue
+                    providers[provider] = timed(_torch_provider(backend))
+                baselines = tuple(p for p in providers if p.startswith("torch-"))
+                yield Case("attention", name, params, dtype, mode, flops=flops, bytes=bytes_moved,
+                           providers=providers, baselines=baselines, bound="compute")
+
+
+__all__ = ["cases", "Unavailable"]
