@@ -86,30 +86,33 @@ def _grouped_tile(pid, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
     return first_m + (pid % in_group) % rows, (pid % in_group) // rows
 
 
-@triton.jit
-def _taps_and_channels(block, C_g, R, S, BLOCK: tl.constexpr, FLAT: tl.constexpr):
-    """The `block`-th BLOCK of (tap, channel) pairs of a (R*S, C_g) range, as vectors (r, s, c, valid).
+# The reduction over (tap, channel) pairs, channel fastest (the order NHWC activations and
+# (K, R, S, C) weights are stored in), is walked in blocks one of two ways:
+#   per tap (FLAT=False): a block is a run of one tap's channels, so r and s are scalars and the
+#       window test is one per row -- the fast path for every layer with >= 16 channels per group;
+#   flat (FLAT=True): a block runs across taps, r and s vary along it -- for few channels per group
+#       (an RGB stem has 3, a depthwise conv 1), where a block per tap would be mostly padding.
 
-    FLAT: the pairs in order, channel fastest, across taps: for few channels per group, where a
-    block per tap would be mostly padding (an RGB stem has 3). Otherwise each block is a run of one
-    tap's channels (r and s the same across it), the order NHWC and (K, R, S, C) storage read in.
-    """
-    if FLAT:
-        pair = block * BLOCK + tl.arange(0, BLOCK)
-        tap = pair // C_g
-        c = pair % C_g
-        valid = tap < R * S
-    else:
-        c_blocks = tl.cdiv(C_g, BLOCK)
-        tap = tl.zeros((BLOCK,), tl.int32) + block // c_blocks
-        c = (block % c_blocks) * BLOCK + tl.arange(0, BLOCK)
-        valid = c < C_g
-    return tap // S, tap % S, c, valid
+@triton.jit
+def _tap_run(block, C_g, S, BLOCK: tl.constexpr):
+    """Per-tap walk: (r, s) scalars, and the channels c (vector) and their validity of `block`."""
+    c_blocks = tl.cdiv(C_g, BLOCK)
+    tap = block // c_blocks
+    c = (block % c_blocks) * BLOCK + tl.arange(0, BLOCK)
+    return tap // S, tap % S, c, c < C_g
+
+
+@triton.jit
+def _flat_pairs(block, C_g, R, S, BLOCK: tl.constexpr):
+    """Flat walk: the `block`-th BLOCK (tap, channel) pairs as vectors (r, s, c, valid)."""
+    pair = block * BLOCK + tl.arange(0, BLOCK)
+    tap = pair // C_g
+    return tap // S, tap % S, pair % C_g, tap < R * S
 
 
 @triton.jit
 def _tap_blocks(C_g, R, S, BLOCK: tl.constexpr, FLAT: tl.constexpr):
-    """How many blocks _taps_and_channels splits the (R*S, C_g) range into."""
+    """How many blocks the (R*S, C_g) range takes."""
     if FLAT:
         return tl.cdiv(C_g * R * S, BLOCK)
     else:
@@ -143,9 +146,9 @@ def conv2d_forward_kernel(
     n = m // (P * Q)
     p = (m // Q) % P
     q = m % Q
-    top = (p * stride_h - pad_h)[:, None]
-    left = (q * stride_w - pad_w)[:, None]
-    x_corner = (x_ptr + n.to(tl.int64) * sx_n + (group * C_g).to(tl.int64) * sx_c)[:, None] + top * sx_h + left * sx_w
+    top = p * stride_h - pad_h
+    left = q * stride_w - pad_w
+    x_corner = x_ptr + n.to(tl.int64) * sx_n + (group * C_g).to(tl.int64) * sx_c + top * sx_h + left * sx_w
 
     # columns: output channels of this group
     k = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -154,12 +157,19 @@ def conv2d_forward_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for block in range(0, _tap_blocks(C_g, R, S, BLOCK_K, FLAT)):
-        r, s, c, valid = _taps_and_channels(block, C_g, R, S, BLOCK_K, FLAT)
-        dh = (r * dil_h)[None, :]
-        dw = (s * dil_w)[None, :]
-        in_image = (m_ok[:, None] & valid[None, :] & (top >= -dh) & (top < H - dh)
-                    & (left >= -dw) & (left < W - dw))
-        a = tl.load(x_corner + (dh * sx_h + dw * sx_w) + (c * sx_c)[None, :], mask=in_image, other=0.0)
+        if FLAT:
+            r, s, c, valid = _flat_pairs(block, C_g, R, S, BLOCK_K)
+            dh = (r * dil_h)[None, :]
+            dw = (s * dil_w)[None, :]
+            in_image = (m_ok[:, None] & valid[None, :] & (top[:, None] >= -dh) & (top[:, None] < H - dh)
+                        & (left[:, None] >= -dw) & (left[:, None] < W - dw))
+        else:
+            r, s, c, valid = _tap_run(block, C_g, S, BLOCK_K)
+            dh = r * dil_h
+            dw = s * dil_w
+            in_image = (m_ok & (top >= -dh) & (top < H - dh) & (left >= -dw) & (left < W - dw))[:, None] \
+                & valid[None, :]
+        a = tl.load(x_corner[:, None] + (dh * sx_h + dw * sx_w + (c * sx_c)[None, :]), mask=in_image, other=0.0)
         b = tl.load(w_cols[None, :] + (r * sw_r + s * sw_s + c * sw_c)[:, None],
                     mask=valid[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -242,13 +252,23 @@ def conv2d_input_grad_kernel(
     # first_r + i*step_h. An output pixel p = hh + (rh + pad_h - r*dil_h)/stride_h (exact division).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for block in range(0, _tap_blocks(K_g, count_r, count_s, BLOCK_K, FLAT)):
-        i_r, i_s, kk, valid = _taps_and_channels(block, K_g, count_r, count_s, BLOCK_K, FLAT)
-        r = first_r + i_r * step_h
-        s = first_s + i_s * step_w
-        p = hh[:, None] + ((rh + pad_h - r * dil_h) // stride_h)[None, :]
-        q = ww[:, None] + ((rw + pad_w - s * dil_w) // stride_w)[None, :]
-        in_output = m_ok[:, None] & valid[None, :] & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
-        a = tl.load(g_rows + p * sg_h + q * sg_w + (kk * sg_c)[None, :], mask=in_output, other=0.0)
+        if FLAT:
+            i_r, i_s, kk, valid = _flat_pairs(block, K_g, count_r, count_s, BLOCK_K)
+            r = first_r + i_r * step_h
+            s = first_s + i_s * step_w
+            p = hh[:, None] + ((rh + pad_h - r * dil_h) // stride_h)[None, :]
+            q = ww[:, None] + ((rw + pad_w - s * dil_w) // stride_w)[None, :]
+            in_output = m_ok[:, None] & valid[None, :] & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
+            g_offsets = p * sg_h + q * sg_w + (kk * sg_c)[None, :]
+        else:
+            i_r, i_s, kk, valid = _tap_run(block, K_g, count_s, BLOCK_K)
+            r = first_r + i_r * step_h
+            s = first_s + i_s * step_w
+            p = hh + (rh + pad_h - r * dil_h) // stride_h
+            q = ww + (rw + pad_w - s * dil_w) // stride_w
+            in_output = (m_ok & (p >= 0) & (p < P) & (q >= 0) & (q < Q))[:, None] & valid[None, :]
+            g_offsets = (p * sg_h + q * sg_w)[:, None] + (kk * sg_c)[None, :]
+        a = tl.load(g_rows + g_offsets, mask=in_output, other=0.0)
         b = tl.load(w_cols[None, :] + (r * sw_r + s * sw_s + kk.to(tl.int64) * sw_k)[:, None],
                     mask=valid[:, None] & c_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -286,9 +306,14 @@ def conv2d_weight_grad_kernel(
     k = tile_k * BLOCK_M + tl.arange(0, BLOCK_M)
     k_ok = k < K_g
     g_rows = g_ptr + (group * K_g + k).to(tl.int64) * sg_c
-    r, s, c, valid = _taps_and_channels(tile_col, C_g, R, S, BLOCK_N, FLAT)
-    dh = (r * dil_h)[None, :]
-    dw = (s * dil_w)[None, :]
+    if FLAT:
+        r, s, c, valid = _flat_pairs(tile_col, C_g, R, S, BLOCK_N)
+        dh = (r * dil_h)[None, :]
+        dw = (s * dil_w)[None, :]
+    else:
+        r, s, c, valid = _tap_run(tile_col, C_g, S, BLOCK_N)
+        dh = r * dil_h
+        dw = s * dil_w
     x_cols = (x_ptr + (group * C_g + c).to(tl.int64) * sx_c)[None, :] + dh * sx_h + dw * sx_w
 
     n_pixels = N * P * Q
@@ -303,13 +328,17 @@ def conv2d_weight_grad_kernel(
         n = (j // (P * Q)).to(tl.int64)
         p = (j // Q) % P
         q = j % Q
-        top = (p * stride_h - pad_h)[:, None]
-        left = (q * stride_w - pad_w)[:, None]
-        in_image = (j_ok[:, None] & valid[None, :] & (top >= -dh) & (top < H - dh)
-                    & (left >= -dw) & (left < W - dw))
+        top = p * stride_h - pad_h
+        left = q * stride_w - pad_w
+        if FLAT:
+            in_image = (j_ok[:, None] & valid[None, :] & (top[:, None] >= -dh) & (top[:, None] < H - dh)
+                        & (left[:, None] >= -dw) & (left[:, None] < W - dw))
+        else:
+            in_image = (j_ok & (top >= -dh) & (top < H - dh) & (left >= -dw) & (left < W - dw))[:, None] \
+                & valid[None, :]
         a = tl.load(g_rows[:, None] + (n * sg_n + p * sg_h + q * sg_w)[None, :],
                     mask=k_ok[:, None] & j_ok[None, :], other=0.0)
-        b = tl.load(x_cols + (n * sx_n)[:, None] + top * sx_h + left * sx_w, mask=in_image, other=0.0)
+        b = tl.load(x_cols + (n * sx_n + top * sx_h + left * sx_w)[:, None], mask=in_image, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if BIAS_GRAD:
             if bias_program:

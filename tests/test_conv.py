@@ -47,9 +47,9 @@ def output_shape(x_shape, w_shape, stride, padding, dilation, groups):
 def random_case(rng, dtype):
     """A random geometry, layout, epilogue, bias and residual; (description, args for compare)."""
     x_shape, w_shape, stride, padding, dilation, groups = conv.random_geometry(rng)
-    if rng.random() < 0.15:  # sometimes more channels than a reduction tile: the per-tap path
+    if rng.random() < 0.15:  # sometimes more channels than a reduction tile: the per-tap paths
         x_shape = (x_shape[0], 17 * groups) + x_shape[2:]
-        w_shape = (w_shape[0], 17) + w_shape[2:]
+        w_shape = (17 * groups, 17) + w_shape[2:]
     layout, weight_layout = rng.choice(LAYOUTS), rng.choice(LAYOUTS)
     activation = rng.choice(ACTIVATIONS)
     residual_shape = None
@@ -410,3 +410,26 @@ def test_bad_epilogue_arguments():
     if torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="'weight'"):
             F.conv2d(x, w.cuda())
+
+
+def test_benchmark_suite_runs_end_to_end_on_cpu(tmp_path):
+    import json
+
+    from bigkern import benchmark
+
+    layer = dict(name="l1.1x1b", in_channels=3, out_channels=4, kernel=1, stride=1, padding=0, in_hw=5,
+                 residual=True, quick=True)
+    shapes = {"conv": {"batches": [2], "resnet50": [layer], "other": []}}
+    shapes_path = tmp_path / "shapes.json"
+    shapes_path.write_text(json.dumps(shapes))
+    rc = benchmark.main(["--cpu", "--quick", "--family", "conv", "--shapes", str(shapes_path), "--results",
+                         str(tmp_path / "results"), "--provider", "bigkern-triton", "bigkern-cuda", "torch-eager"])
+    assert rc == 0
+    [path] = (tmp_path / "results").glob("*/*.json")
+    rows = json.loads(path.read_text())["rows"]
+    statuses = {(r["mode"], r["provider"]): r["status"] for r in rows}
+    expected_triton = "ok" if backend_skip_reason("triton") is None else "unavailable"
+    assert statuses[("forward", "bigkern-triton")] == expected_triton
+    assert statuses[("forward+backward", "torch-eager")] == "ok"
+    assert statuses[("forward", "bigkern-cuda")] == "unavailable"
+    assert all(r["flops"] == 2 * 2 * 4 * 5 * 5 * 3 * (1 if r["mode"] == "forward" else 3) for r in rows)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 SUITES = {"epilogue": "bigkern.benchmark.epilogue"}
+SUITES["conv"] = "bigkern.benchmark.conv"
 REPO = Path(__file__).resolve().parents[2]
 
 
