@@ -13,7 +13,8 @@ Forward, per group g, is the GEMM  y[m, k] = sum_{(r, s, c)} A[m, (r, s, c)] * B
 A is never materialised: each tile is gathered with computed indices, padding by masks. The
 reduction runs as one flat loop over (tap, channel block) so Triton pipelines it across taps.
 The epilogue, on the fp32 accumulator tile: z = acc + residual (saved for backward when asked),
-then y = act(z + bias[k]) with `apply_activation` from the shared epilogue.
+then y = act(z + bias[k]) with `apply_activation` from the shared epilogue. With one input channel
+per group (depthwise) the reduction is only R*S long: a direct kernel does the same with FMAs.
 
 Input gradient (dgrad), a transposed convolution:
     grad_x[n, c, h, w] = sum_{k, r, s} grad_z[n, k, p, q] * w[k, c, r, s]
@@ -72,6 +73,13 @@ WGRAD_TILES = [
     (32, 64, 64, 4, 4),
 ]
 WGRAD_INTERPRETER_TILE = (16, 16, 64)
+
+def _direct_configs():
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in [(64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3), (16, 64, 2, 3)]]
+
 
 _GEOMETRY_KEY = ["N", "C_g", "H", "W", "K_g", "P", "Q", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w"]
 
@@ -174,9 +182,19 @@ def conv2d_forward_kernel(
                     mask=valid[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-    # epilogue: z = conv + residual (what backward needs), y = act(z + bias)
-    channel = group * K_g + k
-    mask = m_ok[:, None] & k_ok[None, :]
+    _forward_epilogue(acc, n, p, q, m_ok, group * K_g + k, k_ok, bias_ptr, residual_ptr, y_ptr, z_ptr,
+                      sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w, sz_n, sz_c, sz_h, sz_w, negative_slope,
+                      ACTIVATION, HAS_BIAS, HAS_RESIDUAL, SAVE_Z)
+
+
+@triton.jit
+def _forward_epilogue(acc, n, p, q, m_ok, channel, channel_ok, bias_ptr, residual_ptr, y_ptr, z_ptr,
+                      sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w, sz_n, sz_c, sz_h, sz_w, negative_slope,
+                      ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                      SAVE_Z: tl.constexpr):
+    """On the fp32 tile of output pixels (n, p, q) x channels: z = acc + residual (stored when
+    backward will need it), y = act(z + bias), with the shared epilogue's apply_activation."""
+    mask = m_ok[:, None] & channel_ok[None, :]
     n64 = n.to(tl.int64)
     if HAS_RESIDUAL:
         res = tl.load(residual_ptr + (n64 * sr_n + p * sr_h + q * sr_w)[:, None] + channel[None, :] * sr_c,
@@ -186,10 +204,60 @@ def conv2d_forward_kernel(
         tl.store(z_ptr + (n64 * sz_n + p * sz_h + q * sz_w)[:, None] + channel[None, :] * sz_c,
                  acc.to(z_ptr.dtype.element_ty), mask=mask)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + channel, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
     y = apply_activation(acc, ACTIVATION, negative_slope)
     tl.store(y_ptr + (n64 * sy_n + p * sy_h + q * sy_w)[:, None] + channel[None, :] * sy_c,
              y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_direct_configs(), key=_GEOMETRY_KEY + ["HAS_RESIDUAL"])
+@triton.jit
+def conv2d_direct_forward_kernel(
+    x_ptr, w_ptr, bias_ptr, residual_ptr, y_ptr, z_ptr,
+    N, C_g, H, W, K_g, P, Q, R, S, K,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sx_n, sx_c, sx_h, sx_w,
+    sw_k, sw_c, sw_r, sw_s,
+    sr_n, sr_c, sr_h, sr_w,
+    sy_n, sy_c, sy_h, sy_w,
+    sz_n, sz_c, sz_h, sz_w,
+    negative_slope,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE_Z: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Forward for one input channel per group (depthwise, or a 1-channel image), where a GEMM's
+    reduction is only R*S long and tensor-core tiles would be mostly padding: direct FMAs,
+        y[m, k] = sum_{r, s} x[n, k // Kg, top + r*dil_h, left + s*dil_w] * w[k, 0, r, s]
+    over a tile of output pixels x output channels of every group at once (channels_last reads
+    neighbouring channels from neighbouring addresses)."""
+    n_pixels = N * P * Q
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < n_pixels
+    n = m // (P * Q)
+    p = (m // Q) % P
+    q = m % Q
+    top = p * stride_h - pad_h
+    left = q * stride_w - pad_w
+    x_corner = x_ptr + n.to(tl.int64) * sx_n + top * sx_h + left * sx_w
+
+    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = k < K
+    x_channel = (k // K_g).to(tl.int64) * sx_c
+    w_cols = w_ptr + k.to(tl.int64) * sw_k
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(0, R * S):
+        dh = (tap // S) * dil_h
+        dw = (tap % S) * dil_w
+        in_image = m_ok & (top >= -dh) & (top < H - dh) & (left >= -dw) & (left < W - dw)
+        xv = tl.load(x_corner[:, None] + (dh * sx_h + dw * sx_w) + x_channel[None, :],
+                     mask=in_image[:, None] & k_ok[None, :], other=0.0)
+        wv = tl.load(w_cols + (tap // S) * sw_r + (tap % S) * sw_s, mask=k_ok, other=0.0)
+        acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+
+    _forward_epilogue(acc, n, p, q, m_ok, k, k_ok, bias_ptr, residual_ptr, y_ptr, z_ptr,
+                      sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w, sz_n, sz_c, sz_h, sz_w, negative_slope,
+                      ACTIVATION, HAS_BIAS, HAS_RESIDUAL, SAVE_Z)
 
 
 @triton.jit
@@ -363,12 +431,28 @@ def flat_taps(channels_per_group):
 
 def conv2d_forward(x, w, bias, residual, y, z, stride, padding, dilation, groups, activation, negative_slope,
                    dot_precision):
+    """y = act(conv + residual + bias), z = conv + residual when z is given. One input channel per
+    group (depthwise) takes the direct kernel; everything else the implicit GEMM."""
     N, C, H, W = x.shape
     K, C_g, R, S = w.shape
     P, Q = y.shape[2:]
     K_g = K // groups
     residual_arg = residual if residual is not None else y
     z_arg = z if z is not None else y
+    if C_g == 1:
+        def direct_grid(meta):
+            return (triton.cdiv(N * P * Q, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))
+
+        conv2d_direct_forward_kernel[direct_grid](
+            x, w, bias if bias is not None else w, residual_arg, y, z_arg,
+            N, C_g, H, W, K_g, P, Q, R, S, K,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            *x.stride(), *w.stride(), *residual_arg.stride(), *y.stride(), *z_arg.stride(),
+            negative_slope,
+            ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+            SAVE_Z=z is not None,
+        )
+        return
 
     def grid(meta):
         return (triton.cdiv(N * P * Q, meta["BLOCK_M"]) * triton.cdiv(K_g, meta["BLOCK_N"]), groups)
