@@ -81,7 +81,8 @@ def cases(shapes, device, dtypes, quick=False):
                         cl = torch.channels_last
                         x = torch.randn(x_shape, device=device, dtype=dtype).contiguous(memory_format=cl)
                         fan_in = w_shape[1] * w_shape[2] * w_shape[3]
-                        w = (torch.randn(w_shape, device=device, dtype=dtype) / fan_in**0.5).contiguous(memory_format=cl)
+                        w = torch.randn(w_shape, device=device, dtype=dtype) / fan_in**0.5
+                        w = w.contiguous(memory_format=cl)
                         b = torch.randn(w_shape[0], device=device, dtype=dtype)
                         r = torch.randn(y_shape, device=device, dtype=dtype).contiguous(memory_format=cl) if residual \
                             else None

@@ -98,12 +98,14 @@ def _dot_precision(x: Tensor) -> str:
     return "ieee"
 
 
-def _weight_for_kernels(weight: Tensor) -> Tensor:
-    """On a GPU the kernels read weight tiles along input channels: give them (K, R, S, C) storage
-    when C is not innermost (weights are small; the copy is a few microseconds)."""
-    if weight.is_cuda and weight.stride(1) != 1 and weight.shape[1] > 1:
-        return weight.contiguous(memory_format=torch.channels_last)
-    return weight
+def _channels_innermost(t: Tensor) -> Tensor:
+    """On a GPU the kernels read every operand tile along channels, so they take NHWC (for a
+    weight, (K, R, S, C)) storage: a tensor whose channels are not innermost is copied to it first
+    (one pass over it, against tiles of scattered 2-byte reads). On the CPU (the interpreter, where
+    the tests run every layout through the strided addressing) tensors are taken as they are."""
+    if t.is_cuda and t.dim() == 4 and t.stride(1) != 1 and t.shape[1] > 1:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,9 +165,9 @@ def _conv2d_triton(input, weight, bias, residual, stride, padding, dilation, gro
     y = _empty(shape, channels_last, input)
     z = _empty(shape, channels_last, input) if save_z else None
     if y.numel():
-        kernels.conv2d_forward(input, _weight_for_kernels(weight), None if bias is None else bias.contiguous(),
-                               residual, y, z, stride, padding, dilation, groups, activation, negative_slope,
-                               _dot_precision(input))
+        x, w = _channels_innermost(input), _channels_innermost(weight)
+        kernels.conv2d_forward(x, w, None if bias is None else bias.contiguous(), residual, y, z, stride, padding,
+                               dilation, groups, activation, negative_slope, _dot_precision(input))
     return y, (z if save_z else _nothing(input))
 
 
@@ -177,10 +179,10 @@ def _conv2d_cuda(input, weight, bias, residual, stride, padding, dilation, group
     y = _empty(shape, channels_last, input)
     z = _empty(shape, channels_last, input) if save_z else None
     if y.numel():
+        x, w = _channels_innermost(input), _channels_innermost(weight)
         torch.ops.bigkern.conv2d_forward_cuda(
-            input, _weight_for_kernels(weight), None if bias is None else bias.contiguous(), residual, y, z,
-            list(stride), list(padding[:2]), list(dilation), groups, activation, negative_slope,
-            _dot_precision(input) == "tf32")
+            x, w, None if bias is None else bias.contiguous(), residual, y, z, list(stride), list(padding[:2]),
+            list(dilation), groups, activation, negative_slope, _dot_precision(input) == "tf32")
     return y, (z if save_z else _nothing(input))
 
 
@@ -207,8 +209,8 @@ def _input_grad_triton(grad, input, weight, stride, padding, dilation, groups):
 
     dx = _empty(input.shape, output_channels_last(input, weight), input)
     if dx.numel():
-        kernels.conv2d_input_grad(grad, _weight_for_kernels(weight), dx, stride, padding, dilation, groups,
-                                  _dot_precision(input))
+        g, w = _channels_innermost(grad), _channels_innermost(weight)
+        kernels.conv2d_input_grad(g, w, dx, stride, padding, dilation, groups, _dot_precision(input))
     return dx
 
 
@@ -216,8 +218,8 @@ def _input_grad_triton(grad, input, weight, stride, padding, dilation, groups):
 def _input_grad_cuda(grad, input, weight, stride, padding, dilation, groups):
     dx = _empty(input.shape, output_channels_last(input, weight), input)
     if dx.numel():
-        torch.ops.bigkern.conv2d_input_grad_cuda(grad, _weight_for_kernels(weight), dx, list(stride),
-                                                 list(padding[:2]), list(dilation), groups,
+        g, w = _channels_innermost(grad), _channels_innermost(weight)
+        torch.ops.bigkern.conv2d_input_grad_cuda(g, w, dx, list(stride), list(padding[:2]), list(dilation), groups,
                                                  _dot_precision(input) == "tf32")
     return dx
 
@@ -274,9 +276,10 @@ def _weight_grad_triton(grad, input, weight, stride, padding, dilation, groups, 
     K, C_g, R, S = weight.shape
     tiles = -(-K // groups // 128) * -(-C_g // 128) * R * S * groups
     splits = wgrad_splits(n_pixels, tiles, input.device)
+    g, x = _channels_innermost(grad), _channels_innermost(input)
     partial, bias_partial = kernels.conv2d_weight_grad_partials(
-        grad, input, tuple(weight.shape), stride, padding, dilation, groups, splits, bias_grad,
-        _dot_precision(input), lambda shape: memory.empty(shape, dtype=torch.float32, device=input.device))
+        g, x, tuple(weight.shape), stride, padding, dilation, groups, splits, bias_grad, _dot_precision(input),
+        lambda shape: memory.empty(shape, dtype=torch.float32, device=input.device))
     _reduce_partials(partial, grad_w)
     if bias_grad:
         _reduce_partials(bias_partial, grad_b)
@@ -296,7 +299,8 @@ def _weight_grad_cuda(grad, input, weight, stride, padding, dilation, groups, bi
     splits = wgrad_splits(n_pixels, tiles, input.device)
     partial = memory.empty((splits, K, C_g, R, S), dtype=torch.float32, device=input.device)
     bias_partial = memory.empty((splits, K if bias_grad else 0), dtype=torch.float32, device=input.device)
-    torch.ops.bigkern.conv2d_weight_grad_cuda(grad, input, partial, bias_partial, list(weight.shape), list(stride),
+    g, x = _channels_innermost(grad), _channels_innermost(input)
+    torch.ops.bigkern.conv2d_weight_grad_cuda(g, x, partial, bias_partial, list(weight.shape), list(stride),
                                               list(padding[:2]), list(dilation), groups, bias_grad,
                                               _dot_precision(input) == "tf32")
     _reduce_partials(partial, grad_w)
