@@ -611,7 +611,8 @@ def compare_with_reference(input, weight, bias=None, stride=1, padding=0, dilati
     # a convolution sums C*R*S products: its rounding scales with the sum of |terms|
     terms = reference(_finite_abs(copies64["input"]), _finite_abs(copies64["weight"]), None, **kwargs)
     scale = max(terms.max().item(), _finite_abs(y64).max().item()) if y64.numel() else None
-    results = [testing.compare(y, y64, yt, scale=scale)]
+    floor_ulps = tf32_floor_ulps(input)
+    results = [testing.compare(y, y64, yt, scale=scale, floor_ulps=floor_ulps)]
     if not same_storage_order(y, yt):
         results.append(testing.Comparison("layout", 0, 0, 0, False, f"strides {y.stride()}, torch {yt.stride()}"))
     if not backward or not any(t is not None and t.requires_grad for _, t in leaves):
@@ -629,8 +630,17 @@ def compare_with_reference(input, weight, bias=None, stride=1, padding=0, dilati
             continue
         scale = _gradient_scale(name, g_abs, copies64, activation, kwargs)
         results.append(testing.compare(t.grad, copies64[name].grad, copies[name].grad, name=f"grad {name}",
-                                       factor=testing.GRADIENT_FACTOR, scale=scale))
+                                       factor=testing.GRADIENT_FACTOR, scale=scale, floor_ulps=floor_ulps))
     return results
+
+
+def tf32_floor_ulps(input):
+    """The error floor (in fp32 ulps at the magnitude of the summed terms) when fp32 may run as TF32:
+    half a TF32 ulp (10 mantissa bits: 2^13 fp32 ulps). torch's own error is no yardstick there --
+    cuDNN may pick a full-fp32 algorithm even where TF32 is allowed. None (the default) otherwise."""
+    if input.dtype == torch.float32 and _dot_precision(input) == "tf32":
+        return 0.5 * 2.0 ** 13
+    return None
 
 
 def _finite_abs(t):
@@ -696,9 +706,9 @@ def verification_cases(device, dtype):
     ]
     if device != "cpu":
         cases += [
-            ((32, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1, 1, "relu", True, "channels_last"),
-            ((8, 256, 28, 28), (512, 256, 1, 1), 2, 0, 1, 1, "relu", False, "channels_last"),
-            ((4, 128, 30, 30), (128, 128, 3, 3), 2, 1, 1, 1, "leaky_relu", True, "contiguous"),
+            ((4, 64, 28, 28), (64, 64, 3, 3), 1, 1, 1, 1, "relu", True, "channels_last"),
+            ((4, 256, 14, 14), (512, 256, 1, 1), 2, 0, 1, 1, "relu", False, "channels_last"),
+            ((2, 128, 15, 15), (128, 128, 3, 3), 2, 1, 1, 1, "leaky_relu", True, "contiguous"),
         ]
     for x_shape, w_shape, stride, padding, dilation, groups, activation, with_residual, layout in cases:
         def run(x_shape=x_shape, w_shape=w_shape, stride=stride, padding=padding, dilation=dilation,
