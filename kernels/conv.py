@@ -44,6 +44,14 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _autotuning():
+    """BIGKERN_TRITON_AUTOTUNE=0 keeps one tile per kernel: the GPU tests run hundreds of shapes and
+    epilogues, and autotuning each would compile and time every tile for every one of them."""
+    import os
+
+    return os.environ.get("BIGKERN_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+
 # Autotuning: a few tile shapes for Hopper / Ampere (bf16/fp16: 64-wide reductions, fp32/TF32: 32).
 # The interpreter gets one tile, as few programs as the tests' small shapes allow: there every
 # Triton op costs a fraction of a millisecond of Python, whatever the tile's size.
@@ -51,8 +59,9 @@ def _configs(shapes, interpreter_tile):
     if _interpreting():
         m, n, k = interpreter_tile
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+               for m, n, k, w, s in shapes]
+    return configs if _autotuning() else configs[:1]
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
@@ -77,8 +86,9 @@ WGRAD_INTERPRETER_TILE = (16, 16, 64)
 def _direct_configs():
     if _interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in [(64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3), (16, 64, 2, 3)]]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in [(64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3), (16, 64, 2, 3)]]
+    return configs if _autotuning() else configs[:1]
 
 
 _GEOMETRY_KEY = ["N", "C_g", "H", "W", "K_g", "P", "Q", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w"]
