@@ -14,7 +14,9 @@ A is never materialised: each tile is gathered with computed indices, padding by
 reduction runs as one flat loop over (tap, channel block) so Triton pipelines it across taps.
 The epilogue, on the fp32 accumulator tile: z = acc + residual (saved for backward when asked),
 then y = act(z + bias[k]) with `apply_activation` from the shared epilogue. With one input channel
-per group (depthwise) the reduction is only R*S long: a direct kernel does the same with FMAs.
+per group (depthwise) the reduction is only R*S long: a direct kernel does the same with FMAs. With
+too few output tiles to fill the GPU (batch 1) the reduction is split into fp32 partial sums that a
+second kernel adds up before the same epilogue.
 
 Input gradient (dgrad), a transposed convolution:
     grad_x[n, c, h, w] = sum_{k, r, s} grad_z[n, k, p, q] * w[k, c, r, s]
@@ -138,11 +140,11 @@ def _tap_blocks(C_g, R, S, BLOCK: tl.constexpr, FLAT: tl.constexpr):
 
 
 @triton.autotune(configs=_configs(FORWARD_TILES, INTERPRETER_TILE),
-                 key=_GEOMETRY_KEY + ["HAS_RESIDUAL", "FLAT", "DOT_PRECISION"])
+                 key=_GEOMETRY_KEY + ["splits", "HAS_RESIDUAL", "FLAT", "DOT_PRECISION"])
 @triton.jit
 def conv2d_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, residual_ptr, y_ptr, z_ptr,
-    N, C_g, H, W, K_g, P, Q, R, S,
+    x_ptr, w_ptr, bias_ptr, residual_ptr, y_ptr, z_ptr, partial_ptr,
+    N, C_g, H, W, K_g, P, Q, R, S, splits,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
     sw_k, sw_c, sw_r, sw_s,
@@ -151,9 +153,13 @@ def conv2d_forward_kernel(
     sz_n, sz_c, sz_h, sz_w,
     negative_slope,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE_Z: tl.constexpr,
-    FLAT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FLAT: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):
+    """One output tile of one group. SPLIT: this program reduces only its slice (program_id(2) of
+    `splits`) of the (tap, channel) blocks and writes fp32 partial sums to partial[split, m, channel];
+    conv2d_split_epilogue_kernel adds them up and applies the epilogue (small outputs, long
+    reductions: batch-1 layers would otherwise run a handful of programs on a GPU of a hundred SMs)."""
     group = tl.program_id(1)
     n_pixels = N * P * Q
     tile_m, tile_n = _grouped_tile(tl.program_id(0), tl.cdiv(n_pixels, BLOCK_M), tl.cdiv(K_g, BLOCK_N), GROUP_M)
@@ -174,7 +180,13 @@ def conv2d_forward_kernel(
     w_cols = w_ptr + (group * K_g + k).to(tl.int64) * sw_k
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for block in range(0, _tap_blocks(C_g, R, S, BLOCK_K, FLAT)):
+    blocks = _tap_blocks(C_g, R, S, BLOCK_K, FLAT)
+    first, last = 0, blocks
+    if SPLIT:
+        per_split = tl.cdiv(blocks, splits)
+        first = tl.program_id(2) * per_split
+        last = tl.minimum(first + per_split, blocks)
+    for block in range(first, last):
         if FLAT:
             r, s, c, valid = _flat_pairs(block, C_g, R, S, BLOCK_K)
             dh = (r * dil_h)[None, :]
@@ -192,9 +204,42 @@ def conv2d_forward_kernel(
                     mask=valid[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-    _forward_epilogue(acc, n, p, q, m_ok, group * K_g + k, k_ok, bias_ptr, residual_ptr, y_ptr, z_ptr,
-                      sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w, sz_n, sz_c, sz_h, sz_w, negative_slope,
-                      ACTIVATION, HAS_BIAS, HAS_RESIDUAL, SAVE_Z)
+    channel = group * K_g + k
+    if SPLIT:
+        K = K_g * tl.num_programs(1)
+        rows = tl.program_id(2).to(tl.int64) * n_pixels + m
+        tl.store(partial_ptr + rows[:, None] * K + channel[None, :], acc, mask=m_ok[:, None] & k_ok[None, :])
+    else:
+        _forward_epilogue(acc, n, p, q, m_ok, channel, k_ok, bias_ptr, residual_ptr, y_ptr, z_ptr,
+                          sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w, sz_n, sz_c, sz_h, sz_w, negative_slope,
+                          ACTIVATION, HAS_BIAS, HAS_RESIDUAL, SAVE_Z)
+
+
+@triton.jit
+def conv2d_split_epilogue_kernel(
+    partial_ptr, bias_ptr, residual_ptr, y_ptr, z_ptr,
+    N, K, P, Q, splits,
+    sr_n, sr_c, sr_h, sr_w,
+    sy_n, sy_c, sy_h, sy_w,
+    sz_n, sz_c, sz_h, sz_w,
+    negative_slope,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE_Z: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """y = act(sum of the split partial sums + residual + bias), in a fixed order (deterministic)."""
+    n_pixels = N * P * Q
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < n_pixels
+    channel = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    channel_ok = channel < K
+    mask = m_ok[:, None] & channel_ok[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for split in range(0, splits):
+        rows = split * n_pixels + m.to(tl.int64)
+        acc += tl.load(partial_ptr + rows[:, None] * K + channel[None, :], mask=mask, other=0.0)
+    _forward_epilogue(acc, m // (P * Q), (m // Q) % P, m % Q, m_ok, channel, channel_ok, bias_ptr, residual_ptr,
+                      y_ptr, z_ptr, sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w, sz_n, sz_c, sz_h, sz_w,
+                      negative_slope, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, SAVE_Z)
 
 
 @triton.jit
@@ -440,9 +485,10 @@ def flat_taps(channels_per_group):
 
 
 def conv2d_forward(x, w, bias, residual, y, z, stride, padding, dilation, groups, activation, negative_slope,
-                   dot_precision):
+                   dot_precision, splits=1, alloc=None):
     """y = act(conv + residual + bias), z = conv + residual when z is given. One input channel per
-    group (depthwise) takes the direct kernel; everything else the implicit GEMM."""
+    group (depthwise) takes the direct kernel; everything else the implicit GEMM, its reduction
+    split `splits` ways when > 1 (fp32 scratch from `alloc(shape)`)."""
     N, C, H, W = x.shape
     K, C_g, R, S = w.shape
     P, Q = y.shape[2:]
@@ -464,18 +510,29 @@ def conv2d_forward(x, w, bias, residual, y, z, stride, padding, dilation, groups
         )
         return
 
-    def grid(meta):
-        return (triton.cdiv(N * P * Q, meta["BLOCK_M"]) * triton.cdiv(K_g, meta["BLOCK_N"]), groups)
+    partial = alloc((splits, N * P * Q, K)) if splits > 1 else y
 
+    def grid(meta):
+        return (triton.cdiv(N * P * Q, meta["BLOCK_M"]) * triton.cdiv(K_g, meta["BLOCK_N"]), groups, splits)
+
+    epilogue = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                    SAVE_Z=z is not None)
     conv2d_forward_kernel[grid](
-        x, w, bias if bias is not None else w, residual_arg, y, z_arg,
-        N, C_g, H, W, K_g, P, Q, R, S,
+        x, w, bias if bias is not None else w, residual_arg, y, z_arg, partial,
+        N, C_g, H, W, K_g, P, Q, R, S, splits,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x.stride(), *w.stride(), *residual_arg.stride(), *y.stride(), *z_arg.stride(),
         negative_slope,
-        ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        SAVE_Z=z is not None, FLAT=flat_taps(C_g), DOT_PRECISION=dot_precision,
+        FLAT=flat_taps(C_g), SPLIT=splits > 1, DOT_PRECISION=dot_precision, **epilogue,
     )
+    if splits > 1:
+        block_m, block_n = (64, 16) if _interpreting() else (64, 64)
+        conv2d_split_epilogue_kernel[(triton.cdiv(N * P * Q, block_m), triton.cdiv(K, block_n))](
+            partial, bias if bias is not None else w, residual_arg, y, z_arg,
+            N, K, P, Q, splits,
+            *residual_arg.stride(), *y.stride(), *z_arg.stride(),
+            negative_slope, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **epilogue,
+        )
 
 
 def _tap_progression(stride, dilation):

@@ -152,6 +152,19 @@ def _nothing(like):
 # ---------------------------------------------------------------------------------------------
 # Forward.
 
+def forward_splits(n_pixels, k_per_group, groups, reduction, device):
+    """How many ways the forward's reduction is split: only when there are too few output tiles
+    (of 64 x 64) to fill the GPU -- batch-1 layers, the last ResNet stages -- and the reduction is
+    long enough (>= 4 blocks of 64 per split). In the interpreter, two for small outputs with a
+    reduction of some length, so the tests cover the split path and its epilogue."""
+    if device.type != "cuda":
+        return 2 if n_pixels <= 64 and reduction >= 32 else 1
+    tiles = -(-n_pixels // 64) * -(-k_per_group // 64) * groups
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if tiles >= sms:
+        return 1
+    return max(1, min(-(-sms // tiles), reduction // 256, 32))
+
 CONV2D = dispatch.Op("conv2d")
 
 
@@ -166,8 +179,11 @@ def _conv2d_triton(input, weight, bias, residual, stride, padding, dilation, gro
     z = _empty(shape, channels_last, input) if save_z else None
     if y.numel():
         x, w = _channels_innermost(input), _channels_innermost(weight)
+        K, C_g, R, S = weight.shape
+        splits = forward_splits(shape[0] * shape[2] * shape[3], K // groups, groups, C_g * R * S, input.device)
         kernels.conv2d_forward(x, w, None if bias is None else bias.contiguous(), residual, y, z, stride, padding,
-                               dilation, groups, activation, negative_slope, _dot_precision(input))
+                               dilation, groups, activation, negative_slope, _dot_precision(input), splits,
+                               lambda shape: memory.empty(shape, dtype=torch.float32, device=input.device))
     return y, (z if save_z else _nothing(input))
 
 
