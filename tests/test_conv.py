@@ -438,3 +438,21 @@ def test_benchmark_suite_runs_end_to_end_on_cpu(tmp_path):
     assert statuses[("forward+backward", "torch-eager")] == "ok"
     assert statuses[("forward", "bigkern-cuda")] == "unavailable"
     assert all(r["flops"] == 2 * 2 * 4 * 5 * 5 * 3 * (1 if r["mode"] == "forward" else 3) for r in rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_casts_like_torch(dtype):
+    """Under autocast conv2d runs in the lower precision, as torch's does; a residual of another
+    dtype is added after the conv, with torch's type promotion."""
+    x, w, b, r = make_case((2, 3, 5, 6), (4, 3, 3, 3), torch.float32, residual_shape=(2, 4, 3, 4))
+    with torch.autocast(DEVICE, dtype=dtype):
+        y = F.conv2d(x, w, b, activation="relu")
+        expected = torch.relu(torch.nn.functional.conv2d(x, w, b))
+        assert y.dtype == expected.dtype == dtype
+        torch.testing.assert_close(y, expected, rtol=1e-2, atol=2e-2)
+        y = F.conv2d(x, w, b, activation="relu", residual=r)
+        expected = torch.relu(torch.nn.functional.conv2d(x, w, b) + r)
+        assert y.dtype == expected.dtype == torch.float32
+        torch.testing.assert_close(y, expected, rtol=1e-2, atol=2e-2)
+        y.sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32

@@ -573,6 +573,15 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     the memory format torch's conv2d would give.
     """
     _check_tensor(input, "input")
+    autocast_dtype = _autocast_dtype(input)
+    if autocast_dtype is not None:
+        # torch's autocast runs conv2d in its lower precision: cast as it would
+        input, weight, bias = (_autocast(t, autocast_dtype) for t in (input, weight, bias))
+        if isinstance(residual, Tensor) and residual.dtype != autocast_dtype:
+            # act(conv(x) + residual) in torch promotes to the residual's dtype: compose as torch would
+            with torch.autocast(input.device.type, enabled=False):
+                y = conv2d(input, weight, bias, stride, padding, dilation, groups)
+            return torch_activation(y + residual, activation_code(activation), negative_slope)
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
@@ -586,6 +595,22 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     else:
         y = conv2d_op(*args)[0]
     return y.squeeze(0) if unbatched else y
+
+
+def _autocast_dtype(input):
+    """The dtype torch's autocast would run conv2d in for this input, or None."""
+    if not isinstance(input, Tensor) or not input.is_floating_point() or input.dtype == torch.float64:
+        return None
+    device_type = input.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast(t, dtype):
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
 
 
 # ---------------------------------------------------------------------------------------------
