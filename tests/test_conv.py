@@ -3,17 +3,22 @@ randomized geometry (stride, padding, dilation, groups, odd sizes), both memory 
 epilogue; the drop-in nn.Conv2d; torch.library checks; torch's errors for bad input."""
 
 import math
+import os
 import random
 
-import pytest
-import torch
+# One Triton tile per kernel on a GPU: these tests run hundreds of shape/epilogue combinations, and
+# autotuning would compile and time every tile for each (`bigkern verify` and the benchmark autotune).
+os.environ.setdefault("BIGKERN_TRITON_AUTOTUNE", "0")
 
-import bigkern
-from bigkern import dispatch, memory
-from bigkern.nn import functional as F
-from bigkern.ops import conv, epilogue
-from bigkern.testing import make_tensor
-from conftest import DEVICE, backend_skip_reason
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import bigkern  # noqa: E402
+from bigkern import dispatch, memory  # noqa: E402
+from bigkern.nn import functional as F  # noqa: E402
+from bigkern.ops import conv, epilogue  # noqa: E402
+from bigkern.testing import make_tensor  # noqa: E402
+from conftest import DEVICE, backend_skip_reason  # noqa: E402
 
 ACTIVATIONS = [None if a == "none" else a for a in epilogue.ACTIVATIONS]
 LAYOUTS = ["contiguous", "channels_last"]
@@ -47,9 +52,9 @@ def output_shape(x_shape, w_shape, stride, padding, dilation, groups):
 def random_case(rng, dtype):
     """A random geometry, layout, epilogue, bias and residual; (description, args for compare)."""
     x_shape, w_shape, stride, padding, dilation, groups = conv.random_geometry(rng)
-    if rng.random() < 0.15:  # sometimes more channels than a reduction tile: the per-tap path
+    if rng.random() < 0.15:  # sometimes more channels than a reduction tile: the per-tap paths
         x_shape = (x_shape[0], 17 * groups) + x_shape[2:]
-        w_shape = (w_shape[0], 17) + w_shape[2:]
+        w_shape = (17 * groups, 17) + w_shape[2:]
     layout, weight_layout = rng.choice(LAYOUTS), rng.choice(LAYOUTS)
     activation = rng.choice(ACTIVATIONS)
     residual_shape = None
@@ -86,7 +91,7 @@ def test_random_geometry_on_gpu(backend, dtype, tf32, fresh_seed):
     previous = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = tf32
     try:
-        for _ in range(12):
+        for _ in range(6):
             description, args = random_case(rng, dtype)
             assert_all_ok(conv.compare_with_reference(*args), description)
     finally:
@@ -96,7 +101,7 @@ def test_random_geometry_on_gpu(backend, dtype, tf32, fresh_seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", [
-    ((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1),
+    ((4, 64, 28, 28), (64, 64, 3, 3), 1, 1, 1),
     ((4, 256, 28, 28), (512, 256, 1, 1), 2, 0, 1),
     ((2, 3, 224, 224), (64, 3, 7, 7), 2, 3, 1),
     ((4, 144, 28, 28), (144, 1, 3, 3), 1, 1, 144),
@@ -410,3 +415,44 @@ def test_bad_epilogue_arguments():
     if torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="'weight'"):
             F.conv2d(x, w.cuda())
+
+
+def test_benchmark_suite_runs_end_to_end_on_cpu(tmp_path):
+    import json
+
+    from bigkern import benchmark
+
+    layer = dict(name="l1.1x1b", in_channels=3, out_channels=4, kernel=1, stride=1, padding=0, in_hw=5,
+                 residual=True, quick=True)
+    shapes = {"conv": {"batches": [2], "resnet50": [layer], "other": []}}
+    shapes_path = tmp_path / "shapes.json"
+    shapes_path.write_text(json.dumps(shapes))
+    rc = benchmark.main(["--cpu", "--quick", "--family", "conv", "--shapes", str(shapes_path), "--results",
+                         str(tmp_path / "results"), "--provider", "bigkern-triton", "bigkern-cuda", "torch-eager"])
+    assert rc == 0
+    [path] = (tmp_path / "results").glob("*/*.json")
+    rows = json.loads(path.read_text())["rows"]
+    statuses = {(r["mode"], r["provider"]): r["status"] for r in rows}
+    expected_triton = "ok" if backend_skip_reason("triton") is None else "unavailable"
+    assert statuses[("forward", "bigkern-triton")] == expected_triton
+    assert statuses[("forward+backward", "torch-eager")] == "ok"
+    assert statuses[("forward", "bigkern-cuda")] == "unavailable"
+    assert all(r["flops"] == 2 * 2 * 4 * 5 * 5 * 3 * (1 if r["mode"] == "forward" else 3) for r in rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_casts_like_torch(dtype):
+    """Under autocast conv2d runs in the lower precision, as torch's does; a residual of another
+    dtype is added after the conv, with torch's type promotion."""
+    x, w, b, r = make_case((2, 3, 5, 6), (4, 3, 3, 3), torch.float32, residual_shape=(2, 4, 3, 4))
+    with torch.autocast(DEVICE, dtype=dtype):
+        y = F.conv2d(x, w, b, activation="relu")
+        expected = torch.relu(torch.nn.functional.conv2d(x, w, b))
+        assert y.dtype == expected.dtype == dtype
+        torch.testing.assert_close(y, expected, rtol=1e-2, atol=2e-2)
+        y = F.conv2d(x, w, b, activation="relu", residual=r)
+        expected = torch.relu(torch.nn.functional.conv2d(x, w, b) + r)
+        assert y.dtype == expected.dtype == torch.float32
+        torch.testing.assert_close(y, expected, rtol=1e-2, atol=2e-2)
+        y.sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32

@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-SUITES = {"epilogue": "bigkern.benchmark.epilogue", "models": "bigkern.benchmark.models",
-          "attention": "bigkern.benchmark.attention"}
+SUITES = {"epilogue": "bigkern.benchmark.epilogue", "attention": "bigkern.benchmark.attention",
+          "conv": "bigkern.benchmark.conv", "models": "bigkern.benchmark.models"}
 REPO = Path(__file__).resolve().parents[2]
 
 
