@@ -88,8 +88,13 @@ def _allocate_forward(gx, w_hh, h0, c0, save):
     hn = memory.empty((B, P), dtype=dt, device=dev)
     cn = memory.empty((B, H), dtype=dt, device=dev)
     gates = memory.empty((N, 4 * H) if save else (0,), dtype=state_dtype(dt), device=dev)
-    cells = memory.empty((N, H), dtype=state_dtype(dt), device=dev)
+    cells = memory.empty((N, H), dtype=state_dtype(dt), device=dev)  # the recurrence's state; kept when saving
     return out, hn, cn, gates, cells
+
+
+def _saved(cells, save):
+    """The op returns c of every row only for backward; without it, an empty tensor."""
+    return cells if save else cells.new_empty((0,))
 
 
 def _weight_grads(dz, dh, dc, out, gates, cells, w_hh, w_hr, h0, batch_sizes, reverse):
@@ -151,12 +156,12 @@ def _lstm_layer_torch(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, 
         if n_next < n:
             hn[n_next:n] = h[n_next:]
             cn[n_next:n] = c[n_next:].to(cn.dtype)
-    return out, hn, cn, gates, cells
+    return out, hn, cn, gates, _saved(cells, save)
 
 
 def _lstm_layer_backward_torch(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0,
                                batch_sizes, reverse):
-    B, H, P, N = h0.shape[0], cells.shape[1], h0.shape[1], out.shape[0]
+    B, H, P, N = h0.shape[0], c0.shape[1], h0.shape[1], out.shape[0]
     dt = out.dtype
     steps, _ = schedule(_batch_sizes(batch_sizes, N, B), reverse)
     dz = memory.empty((N, 4 * H), dtype=dt, device=out.device)
@@ -234,7 +239,7 @@ def _lstm_layer_triton(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse,
     r = memory.empty((B, H), dtype=gx.dtype, device=gx.device) if w_hr is not None else None
     if steps and H:
         kernels.forward(gx, w_hh, _combined_bias(b_ih, b_hh), w_hr, h0, c0, steps, out, cells, gates, r, hn, cn)
-    return out, hn, cn, gates, cells
+    return out, hn, cn, gates, _saved(cells, save)
 
 
 @LSTM_LAYER_BACKWARD.register("triton", _backward_triton_unsupported)
@@ -242,7 +247,7 @@ def _lstm_layer_backward_triton(grad_out, grad_hn, grad_cn, out, gates, cells, w
                                 batch_sizes, reverse):
     from bigkern.kernels import lstm as kernels
 
-    B, H, P, N = h0.shape[0], cells.shape[1], h0.shape[1], out.shape[0]
+    B, H, P, N = h0.shape[0], c0.shape[1], h0.shape[1], out.shape[0]
     w_hh, w_hr, h0, c0 = w_hh.contiguous(), None if w_hr is None else w_hr.contiguous(), h0.contiguous(), c0.contiguous()
     grad_out, grad_hn, grad_cn = grad_out.contiguous(), grad_hn.contiguous(), grad_cn.contiguous()
     steps, _ = schedule(_batch_sizes(batch_sizes, N, B), reverse)
@@ -291,17 +296,23 @@ def persistent_plan_reason(w_hh, batch, backward=False):
 @LSTM_LAYER.register("cuda", _cuda_unsupported, auto=False)
 def _lstm_layer_cuda(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save):
     gx, w_hh, b_ih, b_hh, w_hr, h0, c0 = _kernel_layout(gx, w_hh, b_ih, b_hh, w_hr, h0, c0)
-    out, hn, cn, gates, cells = _allocate_forward(gx, w_hh, h0, c0, save)
-    if gx.shape[0] and c0.shape[1]:
-        torch.ops.bigkern.lstm_persistent_forward_cuda(gx, w_hh, _combined_bias(b_ih, b_hh), h0, c0, out, cells,
-                                                       gates if save else None, hn, cn, reverse)
+    N, B, H, dev = gx.shape[0], h0.shape[0], c0.shape[1], gx.device
+    out = memory.empty((N, H), dtype=gx.dtype, device=dev)
+    hn, cn = memory.empty((B, H), dtype=gx.dtype, device=dev), memory.empty((B, H), dtype=gx.dtype, device=dev)
+    # c stays in registers for the whole sequence: every row's c and the gates are stored only for backward
+    gates = memory.empty((N, 4 * H) if save else (0,), dtype=torch.float32, device=dev)
+    cells = memory.empty((N, H) if save else (0,), dtype=torch.float32, device=dev)
+    if N and H:
+        torch.ops.bigkern.lstm_persistent_forward_cuda(gx, w_hh, _combined_bias(b_ih, b_hh), h0, c0, out,
+                                                       cells if save else None, gates if save else None, hn, cn,
+                                                       reverse)
     return out, hn, cn, gates, cells
 
 
 @LSTM_LAYER_BACKWARD.register("cuda", _backward_cuda_unsupported, auto=False)
 def _lstm_layer_backward_cuda(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0, batch_sizes,
                               reverse):
-    B, H, N = h0.shape[0], cells.shape[1], out.shape[0]
+    B, H, N = h0.shape[0], c0.shape[1], out.shape[0]
     w_hh, c0 = w_hh.contiguous(), c0.contiguous()
     dz = memory.empty((N, 4 * H), dtype=out.dtype, device=out.device)
     dc = memory.empty((B, H), dtype=torch.float32, device=out.device)
@@ -325,7 +336,7 @@ def lstm_layer_op(gates_x: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: O
                   w_hr: Optional[Tensor], h0: Tensor, c0: Tensor, batch_sizes: list[int], reverse: bool,
                   save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out (N, P), h_n (B, P), c_n (B, H), and in the state dtype (fp32, or float64): gates (N, 4H) when
-    `save` else empty, cells (N, H))."""
+    `save` else empty, cells (N, H) when `save` else empty)."""
     return LSTM_LAYER(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save)
 
 
@@ -334,7 +345,8 @@ def _(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save):
     N, B, H, P = gates_x.shape[0], h0.shape[0], c0.shape[1], h0.shape[1]
     acc = state_dtype(gates_x.dtype)
     return (gates_x.new_empty((N, P)), gates_x.new_empty((B, P)), gates_x.new_empty((B, H)),
-            gates_x.new_empty((N, 4 * H) if save else (0,), dtype=acc), gates_x.new_empty((N, H), dtype=acc))
+            gates_x.new_empty((N, 4 * H) if save else (0,), dtype=acc),
+            gates_x.new_empty((N, H) if save else (0,), dtype=acc))
 
 
 @torch.library.custom_op("bigkern::lstm_layer_backward", mutates_args=())
@@ -349,7 +361,7 @@ def lstm_layer_backward_op(grad_out: Tensor, grad_hn: Tensor, grad_cn: Tensor, o
 
 @lstm_layer_backward_op.register_fake
 def _(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0, batch_sizes, reverse):
-    N, H = out.shape[0], cells.shape[1]
+    N, H = out.shape[0], c0.shape[1]
     return (out.new_empty((N, 4 * H)), w_hh.new_empty(w_hh.shape), out.new_empty((4 * H,), dtype=cells.dtype),
             out.new_empty(w_hr.shape if w_hr is not None else (0,)), h0.new_empty(h0.shape), c0.new_empty(c0.shape))
 
