@@ -504,3 +504,36 @@ def test_persistent_plan_reasons():
     small = torch.empty(4 * 256, 256, device="cuda", dtype=torch.float16)
     assert ops.persistent_plan_reason(small, 2) is None
     assert "batch" in ops.persistent_plan_reason(small, 4096)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark suite runs end to end (timings on the CPU only test the harness).
+
+def test_lstm_benchmark_suite_runs_on_cpu(tmp_path):
+    import json
+
+    from bigkern import benchmark
+
+    shapes = {"lstm": {"inference": [{"hidden": 16, "batch": 2, "steps": 3, "quick": True}],
+                       "training": [{"hidden": 7, "batch": 3, "steps": 2, "quick": True}]}}
+    shapes_path = tmp_path / "shapes.json"
+    shapes_path.write_text(json.dumps(shapes))
+    rc = benchmark.main(["--cpu", "--quick", "--family", "lstm", "--shapes", str(shapes_path), "--results",
+                         str(tmp_path / "results"), "--provider", "bigkern-triton", "bigkern-cuda", "torch-eager"])
+    assert rc == 0
+    [path] = (tmp_path / "results").glob("*/*.json")
+    statuses = {(r["mode"], r["provider"]): r["status"] for r in json.loads(path.read_text())["rows"]}
+    assert statuses[("inference", "bigkern-triton")] == "ok"
+    assert statuses[("training", "bigkern-triton")] == "ok"
+    assert statuses[("training", "torch-eager")] == "ok"
+    assert statuses[("inference", "bigkern-cuda")] == "unavailable"
+
+
+def test_handwritten_baseline_is_an_lstm():
+    from bigkern.benchmark.lstm import handwritten_lstm
+
+    module = torch.nn.LSTM(3, 5)
+    x, h0, c0 = make_tensor((4, 2, 3)), make_tensor((2, 5)), make_tensor((2, 5))
+    out, h, c = handwritten_lstm(x, h0, c0, *module._flat_weights)
+    ref, (ref_h, ref_c) = module(x, (h0[None], c0[None]))
+    torch.testing.assert_close((out, h, c), (ref, ref_h[0], ref_c[0]), rtol=1e-4, atol=1e-5)

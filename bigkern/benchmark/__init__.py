@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-SUITES = {"epilogue": "bigkern.benchmark.epilogue"}
+SUITES = {"epilogue": "bigkern.benchmark.epilogue", "lstm": "bigkern.benchmark.lstm"}
 REPO = Path(__file__).resolve().parents[2]
 
 
