@@ -79,12 +79,17 @@ def test_lstm_non_contiguous_input_and_state(backend):
     check(compare(backend, module, x, (h0, c0)))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("enforce_sorted", [False, True])
+# each dtype and sortedness once on CPU; every combination on a GPU
+PACKED_VARIANTS = [(torch.float32, False), (torch.float16, True)] + [
+    pytest.param(dtype, enforce, marks=pytest.mark.gpu) for dtype, enforce in
+    ((torch.float32, True), (torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True))]
+
+
+@pytest.mark.parametrize("dtype,enforce_sorted", PACKED_VARIANTS, ids=str)
 @pytest.mark.parametrize("config", [
     dict(input_size=5, hidden_size=7, bidirectional=True),
-    dict(input_size=3, hidden_size=16, num_layers=2, proj_size=5),
-], ids=["bidirectional", "2-layer-proj"])
+    dict(input_size=3, hidden_size=16, num_layers=2, proj_size=5, bidirectional=True),
+], ids=["bidirectional", "2-layer-proj-bidirectional"])
 def test_packed_sequence(backend, dtype, enforce_sorted, config):
     lengths = [3, 5, 1, 4] if not enforce_sorted else [5, 4, 4, 1]
     sequences = [make_tensor((n, config["input_size"]), dtype, DEVICE) for n in lengths]
@@ -100,8 +105,7 @@ def test_packed_padded_without_state(backend):
     check(compare(backend, rnn.LSTM(**config, device=DEVICE), x))
 
 
-@pytest.mark.parametrize("with_hx", [False, True])
-@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_hx,batch_first", [(False, False), (True, True)])
 def test_unbatched_input(backend, with_hx, batch_first):
     config = dict(input_size=6, hidden_size=7, num_layers=2, bidirectional=True, batch_first=batch_first)
     module = rnn.LSTM(**config, device=DEVICE)
@@ -181,6 +185,28 @@ def test_float64_runs_on_the_reference():
     explanation = bigkern.explain(module, x)
     assert explanation.backend == "torch" and "float64" in explanation.reasons["triton"]
     check(ops.compare_with_reference(module, x))
+
+
+def test_autocast_like_torch():
+    """On CUDA torch runs LSTMs in the autocast dtype; elsewhere (CPU) it leaves them alone."""
+    torch_cell, torch_lstm = torch.nn.LSTMCell(3, 5, device=DEVICE), torch.nn.LSTM(3, 5, device=DEVICE)
+    cell, lstm = rnn.LSTMCell(3, 5, device=DEVICE), rnn.LSTM(3, 5, device=DEVICE)
+    cell.load_state_dict(torch_cell.state_dict())
+    lstm.load_state_dict(torch_lstm.state_dict())
+    x = make_tensor((4, 2, 3), device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.float16 if GPU else torch.bfloat16):
+        h, c = cell(x[0])
+        expected_h, _ = torch_cell(x[0])
+        out, _ = lstm(x)
+    assert h.dtype == expected_h.dtype and c.dtype == expected_h.dtype
+    torch.testing.assert_close(h, expected_h, rtol=2e-3, atol=2e-3)
+    if GPU:  # torch's CPU LSTM fails under autocast (oneDNN); on CUDA cuDNN's runs in float16
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            expected, _ = torch_lstm(x)
+        assert out.dtype == expected.dtype == torch.float16
+        torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
+    else:
+        torch.testing.assert_close(out, torch_lstm(x)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_empty_batch(backend):
@@ -461,39 +487,21 @@ def test_bad_input_to_functional():
 # ---------------------------------------------------------------------------------------------
 # The persistent CUDA kernel (GPU only).
 
-PERSISTENT_CASES = [(512, 1, 50), (1024, 4, 50), (768, 2, 13), (129, 3, 7)]  # (hidden, batch, steps)
+PERSISTENT_CASES = [(512, 1, 50), (1024, 4, 50), (768, 2, 13), (129, 3, 7), (256, 7, 9)]  # (hidden, batch, steps)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("hidden,batch,steps", PERSISTENT_CASES)
-@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_persistent_cuda_kernel_matches_fp64(dtype, hidden, batch, steps, training):
+    """Forced cuda must really run the persistent kernels here (both directions), not skip."""
     module = rnn.LSTM(hidden, hidden, bidirectional=True, device="cuda", dtype=dtype)
     x = make_tensor((steps, batch, hidden), dtype, "cuda")
     hx = random_hx(dict(hidden_size=hidden, bidirectional=True), batch, dtype)
+    assert ops.persistent_plan_reason(module.weight_hh_l0, batch, backward=training) is None
     with bigkern.use_backend("cuda"):
-        if not training:
-            reason = ops._cuda_unsupported(make_tensor((steps * batch, 4 * hidden), dtype, "cuda"),
-                                           module.weight_hh_l0, None, None, None, hx[0][0], hx[1][0], [], False,
-                                           False)
-            assert reason is None, reason
-            with torch.no_grad():
-                out, (h, c) = module(x, hx)
-            module.train(False)
-            ref = torch.nn.LSTM(hidden, hidden, bidirectional=True, dtype=torch.float64)
-            ref.load_state_dict({k: v.double().cpu() for k, v in module.state_dict().items()})
-            same = torch.nn.LSTM(hidden, hidden, bidirectional=True, device="cuda", dtype=dtype)
-            same.load_state_dict(module.state_dict())
-            with torch.no_grad():
-                r_out, (r_h, r_c) = ref(x.double().cpu(), tuple(t.double().cpu() for t in hx))
-                t_out, (t_h, t_c) = same(x, hx)
-            from bigkern import testing
-
-            check([testing.compare(out, r_out, t_out), testing.compare(h, r_h, t_h, name="h_n"),
-                   testing.compare(c, r_c, t_c, name="c_n")])
-        else:
-            check(compare("cuda", module, x, hx))
+        check(ops.compare_with_reference(module, x, hx, backward=training))
 
 
 @pytest.mark.gpu

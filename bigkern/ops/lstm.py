@@ -461,6 +461,33 @@ def _run_layer(x2d, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse):
     return out, hn, cn
 
 
+def _cast_floats(value, dtype):
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != torch.float64 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _autocast_like_torch(fn):
+    """Autocast as torch applies it to LSTMs: on CUDA, lstm_cell and cuDNN's RNNs run in the
+    autocast dtype (every floating argument but float64 cast to it); elsewhere they keep their
+    dtypes. Either way the math inside is not autocast piece by piece."""
+    @functools.wraps(fn)
+    def wrapper(input, *args, **kwargs):
+        if not isinstance(input, Tensor) or not torch.is_autocast_enabled(input.device.type):
+            return fn(input, *args, **kwargs)
+        device_type = input.device.type
+        with torch.autocast(device_type, enabled=False):
+            if device_type == "cuda":
+                input, args, kwargs = _cast_floats((input, args, kwargs), torch.get_autocast_dtype(device_type))
+            return fn(input, *args, **kwargs)
+    return wrapper
+
+
+@_autocast_like_torch
 def lstm_layer(input: Tensor, hx: Optional[tuple] = None, weight_ih: Tensor = None, weight_hh: Tensor = None,
                bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
                weight_hr: Optional[Tensor] = None, *, reverse: bool = False,
@@ -510,6 +537,7 @@ def _initial_state(hx, input, h_shape, c_shape, fn, names=("hx[0]", "hx[1]")):
     return h0, c0
 
 
+@_autocast_like_torch
 def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
               b_hh: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One LSTM step, torch.lstm_cell's signature: input (B, input_size), hx (h (B, H), c (B, H))
@@ -531,6 +559,7 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
     return out, cn
 
 
+@_autocast_like_torch
 def lstm(input: Tensor, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
          bidirectional: bool, batch_first=False):
     """torch.lstm (what torch.nn.LSTM calls), both overloads:
@@ -599,11 +628,12 @@ def _lstm_layers(x2d, sizes, hx, params, has_biases, num_layers, dropout, train,
 # ---------------------------------------------------------------------------------------------
 # Verification against float64, shared by tests/test_lstm.py and `bigkern verify`.
 
-def compare_with_reference(module, x, hx=None, grad_seed=None):
+def compare_with_reference(module, x, hx=None, grad_seed=None, backward=True):
     """Run bigkern's LSTM/LSTMCell `module` (any backend requested) forward and backward on `x`
     (Tensor or PackedSequence) and `hx`, and torch's module of the same configuration with the same
     state_dict in float64 (the reference) and in the module's dtype (torch's own error); returns
-    the Comparisons of every output and of the gradients of every parameter, the input and hx."""
+    the Comparisons of every output and of the gradients of every parameter, the input and hx.
+    backward=False: inference only (bigkern's forward runs under no_grad, saving nothing)."""
     from torch.nn.utils.rnn import PackedSequence
 
     from bigkern import testing
@@ -647,7 +677,8 @@ def compare_with_reference(module, x, hx=None, grad_seed=None):
     x_64, hx_64 = leaves(x, torch.float64, "cpu"), leaves(hx, torch.float64, "cpu")
     x_t, hx_t = leaves(x), leaves(hx)
     seed = testing.seed_everything(grad_seed)
-    ours = run(module, x_ours, hx_ours)
+    with torch.set_grad_enabled(backward):
+        ours = run(module, x_ours, hx_ours)
     testing.seed_everything(seed)  # the same dropout masks for every run
     ref = run(reference, x_64, hx_64)
     testing.seed_everything(seed)
@@ -655,6 +686,8 @@ def compare_with_reference(module, x, hx=None, grad_seed=None):
 
     names = ["output", "h_n", "c_n"] if len(ours) == 3 else ["h", "c"]
     results = [testing.compare(a, r, t, name=n) for a, r, t, n in zip(ours, ref, theirs, names)]
+    if not backward:
+        return results
     grads = [testing.make_tensor(o.shape, o.dtype, o.device) for o in ours]
     for outs, mod in ((ours, module), (ref, reference), (theirs, same_dtype)):
         device = outs[0].device
