@@ -300,6 +300,15 @@ def test_forced_backend_runs_forward_and_backward(backend):
         assert explanation.backend == backend
 
 
+def test_explain_modules(backend):
+    x = make_tensor((3, 2, 4), device=DEVICE)
+    for module, inputs in ((rnn.LSTM(4, 6, device=DEVICE), x), (rnn.LSTMCell(4, 6, device=DEVICE), x[0])):
+        explanation = bigkern.explain(module, inputs)
+        assert set(explanation.reasons) == {"triton", "cuda", "torch"}
+        if backend != "cuda":
+            assert explanation.backend == backend
+
+
 def test_forcing_cuda_on_cpu_tensors_says_why():
     if GPU:
         pytest.skip("CPU-only check")

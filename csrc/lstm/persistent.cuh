@@ -45,13 +45,22 @@ __device__ __forceinline__ __half load_cg(const __half* p) { return __ldcg(p); }
 __device__ __forceinline__ __nv_bfloat16 load_cg(const __nv_bfloat16* p) { return __ldcg(p); }
 
 // Copy `rows` rows of k contiguous elements (global, written by other blocks since the launch, so
-// read through L2, never a stale L1 line) into shared rows of `pitch`.
+// read through L2, never a stale L1 line) into shared rows of `pitch`: 16 bytes at a time when the
+// rows allow it (pitch is whole chunks, so shared rows always do).
 template <typename T>
 __device__ void load_rows(T* dst, int64_t pitch, const T* src, int rows, int64_t k) {
-  for (int64_t idx = threadIdx.x; idx < rows * k; idx += kThreads) {
-    const int64_t r = idx / k;
-    dst[r * pitch + (idx - r * k)] = load_cg(src + idx);
+  constexpr int VEC = kVec<T>;
+  if (k % VEC == 0 && (reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+    const int64_t chunks = k / VEC;
+    for (int r = 0; r < rows; ++r) {
+      const uint4* from = reinterpret_cast<const uint4*>(src + r * k);
+      uint4* to = reinterpret_cast<uint4*>(dst + r * pitch);
+      for (int64_t c = threadIdx.x; c < chunks; c += kThreads) to[c] = __ldcg(from + c);
+    }
+    return;
   }
+  for (int r = 0; r < rows; ++r)
+    for (int64_t c = threadIdx.x; c < k; c += kThreads) dst[r * pitch + c] = load_cg(src + r * k + c);
 }
 
 // z[row * MAX_B + b] = sum_k W[row][k] * V[b][k] (fp32), rows < rows, b < batch; W and V are
