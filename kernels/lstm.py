@@ -78,7 +78,9 @@ def _hidden_grad(grad_out_ptr, grad_hn_ptr, dz_ptr, w_hh_ptr, offs_b, mask_b, of
     return grad_out + tl.where(goes_on[:, None], recurrent, grad_hn)
 
 
-@triton.jit
+# The row arguments change every step: do_not_specialize keeps one compiled kernel per shape
+# (Triton would otherwise specialize ints on == 1 and on divisibility by 16).
+@triton.jit(do_not_specialize=["row", "n_rows", "prev_row", "n_prev", "n_next"])
 def lstm_forward_step_kernel(
     gx_ptr, stride_gx, w_hh_ptr, bias_ptr, h0_ptr, c0_ptr,
     out_ptr, cells_ptr, gates_ptr, r_ptr, hn_ptr, cn_ptr,
@@ -157,7 +159,7 @@ def lstm_forward_step_kernel(
         tl.store(hn_ptr + offs_b[:, None] * P + offs_j[None, :], h, mask=ends)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row", "n_rows", "n_next"])
 def lstm_projection_kernel(
     r_ptr, w_hr_ptr, out_ptr, hn_ptr, row, n_rows, n_next, H, P,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -177,7 +179,7 @@ def lstm_projection_kernel(
     tl.store(hn_ptr + offs_b[:, None] * P + offs_p[None, :], h, mask=mask & (offs_b >= n_next)[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row", "n_rows", "next_row", "n_next"])
 def lstm_hidden_grad_kernel(
     grad_out_ptr, grad_hn_ptr, dz_ptr, w_hh_ptr, dh_ptr, row, n_rows, next_row, n_next, H, P,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -194,7 +196,7 @@ def lstm_hidden_grad_kernel(
              mask=mask_b[:, None] & mask_p[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row", "n_rows", "prev_row", "n_prev", "next_row", "n_next"])
 def lstm_backward_step_kernel(
     dz_ptr, grad_out_ptr, grad_hn_ptr, w_hh_ptr, dh_ptr, w_hr_ptr,
     gates_ptr, cells_ptr, c0_ptr, dc_ptr, grad_cn_ptr,

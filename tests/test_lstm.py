@@ -337,6 +337,62 @@ def test_cuda_ops_are_registered():
 
 
 # ---------------------------------------------------------------------------------------------
+# The Triton kernels compile for the GPUs too (the interpreter checks semantics, not codegen).
+
+COMPILE_FOR_GPUS = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from bigkern.kernels import lstm as kernels
+
+
+def compile_for(kernel, arch, dtype, constexprs, fp32_names=()):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in fp32_names else "*" + dtype
+        else:
+            signature[name] = "i64" if name.startswith("stride") else "i32"
+    index = {name: (i,) for i, name in enumerate(kernel.arg_names)}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={index[name]: value for name, value in constexprs.items()})
+    triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+
+
+state = ("bias_ptr", "cells_ptr", "gates_ptr", "dc_ptr")
+for arch, dtype, precision in ((90, "fp16", "ieee"), (80, "fp32", "tf32")):
+    tiles = dict(BLOCK_B=32, BLOCK_K=64, PRECISION=precision)
+    compile_for(kernels.lstm_forward_step_kernel, arch, dtype,
+                dict(HAS_BIAS=True, PROJ=True, SAVE_GATES=True, BLOCK_H=16, **tiles), state)
+    compile_for(kernels.lstm_projection_kernel, arch, dtype, dict(BLOCK_P=16, **tiles))
+    compile_for(kernels.lstm_hidden_grad_kernel, arch, dtype, dict(BLOCK_P=16, **tiles))
+    for proj in (False, True):
+        compile_for(kernels.lstm_backward_step_kernel, arch, dtype, dict(PROJ=proj, BLOCK_H=32, **tiles), state)
+print("compiled")
+"""
+
+
+def test_triton_kernels_compile_for_hopper_and_ampere():
+    """Code generation down to cubin for sm_90 and sm_80, without a GPU (in a process of its own:
+    this one runs the interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    if GPU:
+        pytest.skip("the GPU tests compile and run every kernel")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPUS], env=env, capture_output=True, text=True,
+                            timeout=600)
+    if result.returncode and "ptxas" in result.stderr.lower() and "not found" in result.stderr.lower():
+        pytest.skip("Triton has no ptxas here")
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
 # opcheck and torch.compile
 
 @pytest.mark.parametrize("op_backend", ["triton", "torch"])
