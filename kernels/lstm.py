@@ -27,6 +27,8 @@ which happens in the reverse direction of a packed batch); rows b >= n_next end 
 write h_n/c_n. That one rule serves both directions and every batch-size profile.
 """
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -76,7 +78,9 @@ def _hidden_grad(grad_out_ptr, grad_hn_ptr, dz_ptr, w_hh_ptr, offs_b, mask_b, of
     return grad_out + tl.where(goes_on[:, None], recurrent, grad_hn)
 
 
-@triton.jit
+# The row arguments change every step: do_not_specialize keeps one compiled kernel per shape
+# (Triton would otherwise specialize ints on == 1 and on divisibility by 16).
+@triton.jit(do_not_specialize=["row", "n_rows", "prev_row", "n_prev", "n_next"])
 def lstm_forward_step_kernel(
     gx_ptr, stride_gx, w_hh_ptr, bias_ptr, h0_ptr, c0_ptr,
     out_ptr, cells_ptr, gates_ptr, r_ptr, hn_ptr, cn_ptr,
@@ -155,7 +159,7 @@ def lstm_forward_step_kernel(
         tl.store(hn_ptr + offs_b[:, None] * P + offs_j[None, :], h, mask=ends)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row", "n_rows", "n_next"])
 def lstm_projection_kernel(
     r_ptr, w_hr_ptr, out_ptr, hn_ptr, row, n_rows, n_next, H, P,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -175,7 +179,7 @@ def lstm_projection_kernel(
     tl.store(hn_ptr + offs_b[:, None] * P + offs_p[None, :], h, mask=mask & (offs_b >= n_next)[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row", "n_rows", "next_row", "n_next"])
 def lstm_hidden_grad_kernel(
     grad_out_ptr, grad_hn_ptr, dz_ptr, w_hh_ptr, dh_ptr, row, n_rows, next_row, n_next, H, P,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -192,7 +196,7 @@ def lstm_hidden_grad_kernel(
              mask=mask_b[:, None] & mask_p[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row", "n_rows", "prev_row", "n_prev", "next_row", "n_next"])
 def lstm_backward_step_kernel(
     dz_ptr, grad_out_ptr, grad_hn_ptr, w_hh_ptr, dh_ptr, w_hr_ptr,
     gates_ptr, cells_ptr, c0_ptr, dc_ptr, grad_cn_ptr,
@@ -261,17 +265,37 @@ def _is_interpreted():
     return triton_interpreter_enabled()
 
 
-def _tiles(batch, dtype):
-    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps): tl.dot needs 16+ in every dimension. Small batches
-    (the latency-bound regime) want many narrow hidden slices so that every SM streams its share
-    of W_hh; large batches want wider row tiles to reuse each weight tile across more rows."""
+# Tile configurations, largest first: (BLOCK_B, BLOCK_H, num_warps). tl.dot needs 16+ in every
+# dimension, so a batch below 16 still takes a 16-row tile (rows past the batch are masked).
+TILES = [(64, 32, 8), (32, 32, 4), (64, 16, 4), (32, 16, 4), (16, 32, 4), (16, 16, 4)]
+INTERPRETER_TILES = (16, 16, 32, 4)  # (BLOCK_B, BLOCK_H, BLOCK_K, num_warps): small and quick
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index):
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tiles(batch, width, tensor):
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) for a step over `batch` rows and `width` hidden units.
+
+    Every step is a small GEMM whose weight tiles come from L2, so filling the SMs matters more
+    than tile efficiency: take the largest tile that still gives about one program per SM (90%),
+    else the one with the most programs. Row tiles never exceed the batch (rounded up to 16)."""
     if _is_interpreted():
-        return 16, 16, 32, 4
-    block_b = 16 if batch <= 16 else 32 if batch <= 32 else 64
-    block_k = 64 if dtype.itemsize == 4 else 128
-    if block_b == 64:
-        return block_b, 32, 64, 8
-    return block_b, (16 if batch <= 16 else 32), block_k, 4
+        return INTERPRETER_TILES
+    block_k = 64 if tensor.dtype.itemsize == 4 else 128
+    sms = _multiprocessors(tensor.device.index or 0)
+    rows = max(16, triton.next_power_of_2(batch))
+    fitting = [t for t in TILES if t[0] <= rows] or [TILES[-1]]
+    programs = [triton.cdiv(batch, bb) * triton.cdiv(width, bh) for bb, bh, _ in fitting]
+    for (bb, bh, warps), count in zip(fitting, programs):
+        if count * 10 >= sms * 9:
+            return bb, bh, block_k, warps
+    bb, bh, warps = fitting[programs.index(max(programs))]
+    return bb, bh, block_k, warps
 
 
 def _precision(dtype):
@@ -283,7 +307,7 @@ def _precision(dtype):
 def forward(gx, w_hh, bias, w_hr, h0, c0, steps, out, cells, gates, r, hn, cn):
     """Run the recurrence over `steps`; every output is allocated by the caller."""
     H, P, B = c0.shape[1], h0.shape[1], h0.shape[0]
-    block_b, block_h, block_k, warps = _tiles(B, gx.dtype)
+    block_b, block_h, block_k, warps = _tiles(B, H, gx)
     precision = _precision(gx.dtype)
     proj = w_hr is not None
     save = gates.numel() > 0
@@ -308,7 +332,7 @@ def backward(grad_out, grad_hn, grad_cn, w_hh, w_hr, gates, cells, c0, steps, dz
     """The backward sweep over `steps` (given in forward processing order; run in reverse).
     Writes dz (N, 4H), dh (N, P, with proj_size) and leaves grad c0 in dc (B, H) fp32."""
     H, P, B = cells.shape[1], grad_hn.shape[1], grad_hn.shape[0]
-    block_b, block_h, block_k, warps = _tiles(B, dz.dtype)
+    block_b, block_h, block_k, warps = _tiles(B, H, dz)
     precision = _precision(dz.dtype)
     proj = w_hr is not None
     grid_h = triton.cdiv(H, block_h)

@@ -79,12 +79,17 @@ def test_lstm_non_contiguous_input_and_state(backend):
     check(compare(backend, module, x, (h0, c0)))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("enforce_sorted", [False, True])
+# each dtype and sortedness once on CPU; every combination on a GPU
+PACKED_VARIANTS = [(torch.float32, False), (torch.float16, True)] + [
+    pytest.param(dtype, enforce, marks=pytest.mark.gpu) for dtype, enforce in
+    ((torch.float32, True), (torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True))]
+
+
+@pytest.mark.parametrize("dtype,enforce_sorted", PACKED_VARIANTS, ids=str)
 @pytest.mark.parametrize("config", [
     dict(input_size=5, hidden_size=7, bidirectional=True),
-    dict(input_size=3, hidden_size=16, num_layers=2, proj_size=5),
-], ids=["bidirectional", "2-layer-proj"])
+    dict(input_size=3, hidden_size=16, num_layers=2, proj_size=5, bidirectional=True),
+], ids=["bidirectional", "2-layer-proj-bidirectional"])
 def test_packed_sequence(backend, dtype, enforce_sorted, config):
     lengths = [3, 5, 1, 4] if not enforce_sorted else [5, 4, 4, 1]
     sequences = [make_tensor((n, config["input_size"]), dtype, DEVICE) for n in lengths]
@@ -100,8 +105,7 @@ def test_packed_padded_without_state(backend):
     check(compare(backend, rnn.LSTM(**config, device=DEVICE), x))
 
 
-@pytest.mark.parametrize("with_hx", [False, True])
-@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_hx,batch_first", [(False, False), (True, True)])
 def test_unbatched_input(backend, with_hx, batch_first):
     config = dict(input_size=6, hidden_size=7, num_layers=2, bidirectional=True, batch_first=batch_first)
     module = rnn.LSTM(**config, device=DEVICE)
@@ -181,6 +185,28 @@ def test_float64_runs_on_the_reference():
     explanation = bigkern.explain(module, x)
     assert explanation.backend == "torch" and "float64" in explanation.reasons["triton"]
     check(ops.compare_with_reference(module, x))
+
+
+def test_autocast_like_torch():
+    """On CUDA torch runs LSTMs in the autocast dtype; elsewhere (CPU) it leaves them alone."""
+    torch_cell, torch_lstm = torch.nn.LSTMCell(3, 5, device=DEVICE), torch.nn.LSTM(3, 5, device=DEVICE)
+    cell, lstm = rnn.LSTMCell(3, 5, device=DEVICE), rnn.LSTM(3, 5, device=DEVICE)
+    cell.load_state_dict(torch_cell.state_dict())
+    lstm.load_state_dict(torch_lstm.state_dict())
+    x = make_tensor((4, 2, 3), device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.float16 if GPU else torch.bfloat16):
+        h, c = cell(x[0])
+        expected_h, _ = torch_cell(x[0])
+        out, _ = lstm(x)
+    assert h.dtype == expected_h.dtype and c.dtype == expected_h.dtype
+    torch.testing.assert_close(h, expected_h, rtol=2e-3, atol=2e-3)
+    if GPU:  # torch's CPU LSTM fails under autocast (oneDNN); on CUDA cuDNN's runs in float16
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            expected, _ = torch_lstm(x)
+        assert out.dtype == expected.dtype == torch.float16
+        torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
+    else:
+        torch.testing.assert_close(out, torch_lstm(x)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_empty_batch(backend):
@@ -263,15 +289,34 @@ def test_functional_call_sees_swapped_parameters():
     assert torch.all(out == 0) and torch.all(c == 0)
 
 
-def test_forced_backend_runs_forward_and_backward(backend):
+def test_forced_backend_runs_forward_and_backward(backend, monkeypatch):
+    """Both ops run on the forced backend (autograd's backward thread sees the same request)."""
+    calls = []
+    for op in (ops.LSTM_LAYER, ops.LSTM_LAYER_BACKWARD):
+        impl = op.implementations[backend]
+
+        def spy(*args, name=op.name, run=impl.run):
+            calls.append(name)
+            return run(*args)
+        monkeypatch.setattr(impl, "run", spy)
     module = rnn.LSTM(3, 5, device=DEVICE)
-    x = make_tensor((2, 2, 3), device=DEVICE)
-    assert bigkern.explain(module, x).backend == backend or backend == "cuda"
-    args = (make_tensor((4, 20), device=DEVICE), module.weight_hh_l0, None, None, None,
-            make_tensor((2, 5), device=DEVICE), make_tensor((2, 5), device=DEVICE), [], False, True)
-    explanation = bigkern.explain(ops.LSTM_LAYER, *args)
-    if backend != "cuda":
-        assert explanation.backend == backend
+    try:
+        out, _ = module(make_tensor((2, 2, 3), device=DEVICE))
+        out.sum().backward()
+    except bigkern.UnsupportedError as reason:
+        if backend != "cuda":
+            raise
+        pytest.skip(str(reason))
+    assert calls == ["lstm_layer", "lstm_layer_backward"]
+
+
+def test_explain_modules(backend):
+    x = make_tensor((3, 2, 4), device=DEVICE)
+    for module, inputs in ((rnn.LSTM(4, 6, device=DEVICE), x), (rnn.LSTMCell(4, 6, device=DEVICE), x[0])):
+        explanation = bigkern.explain(module, inputs)
+        assert set(explanation.reasons) == {"triton", "cuda", "torch"}
+        if backend != "cuda":
+            assert explanation.backend == backend
 
 
 def test_forcing_cuda_on_cpu_tensors_says_why():
@@ -289,6 +334,62 @@ def test_cuda_ops_are_registered():
         pytest.skip(f"bigkern._C: {_ext.unavailable_reason()}")
     for name in ("lstm_persistent_plan_cuda", "lstm_persistent_forward_cuda", "lstm_persistent_backward_cuda"):
         assert hasattr(torch.ops.bigkern, name), name
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernels compile for the GPUs too (the interpreter checks semantics, not codegen).
+
+COMPILE_FOR_GPUS = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from bigkern.kernels import lstm as kernels
+
+
+def compile_for(kernel, arch, dtype, constexprs, fp32_names=()):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in fp32_names else "*" + dtype
+        else:
+            signature[name] = "i64" if name.startswith("stride") else "i32"
+    index = {name: (i,) for i, name in enumerate(kernel.arg_names)}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={index[name]: value for name, value in constexprs.items()})
+    triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+
+
+state = ("bias_ptr", "cells_ptr", "gates_ptr", "dc_ptr")
+for arch, dtype, precision in ((90, "fp16", "ieee"), (80, "fp32", "tf32")):
+    tiles = dict(BLOCK_B=32, BLOCK_K=64, PRECISION=precision)
+    compile_for(kernels.lstm_forward_step_kernel, arch, dtype,
+                dict(HAS_BIAS=True, PROJ=True, SAVE_GATES=True, BLOCK_H=16, **tiles), state)
+    compile_for(kernels.lstm_projection_kernel, arch, dtype, dict(BLOCK_P=16, **tiles))
+    compile_for(kernels.lstm_hidden_grad_kernel, arch, dtype, dict(BLOCK_P=16, **tiles))
+    for proj in (False, True):
+        compile_for(kernels.lstm_backward_step_kernel, arch, dtype, dict(PROJ=proj, BLOCK_H=32, **tiles), state)
+print("compiled")
+"""
+
+
+def test_triton_kernels_compile_for_hopper_and_ampere():
+    """Code generation down to cubin for sm_90 and sm_80, without a GPU (in a process of its own:
+    this one runs the interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    if GPU:
+        pytest.skip("the GPU tests compile and run every kernel")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPUS], env=env, capture_output=True, text=True,
+                            timeout=600)
+    if result.returncode and "ptxas" in result.stderr.lower() and "not found" in result.stderr.lower():
+        pytest.skip("Triton has no ptxas here")
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,39 +562,21 @@ def test_bad_input_to_functional():
 # ---------------------------------------------------------------------------------------------
 # The persistent CUDA kernel (GPU only).
 
-PERSISTENT_CASES = [(512, 1, 50), (1024, 4, 50), (768, 2, 13), (129, 3, 7)]  # (hidden, batch, steps)
+PERSISTENT_CASES = [(512, 1, 50), (1024, 4, 50), (768, 2, 13), (129, 3, 7), (256, 7, 9)]  # (hidden, batch, steps)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("hidden,batch,steps", PERSISTENT_CASES)
-@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_persistent_cuda_kernel_matches_fp64(dtype, hidden, batch, steps, training):
+    """Forced cuda must really run the persistent kernels here (both directions), not skip."""
     module = rnn.LSTM(hidden, hidden, bidirectional=True, device="cuda", dtype=dtype)
     x = make_tensor((steps, batch, hidden), dtype, "cuda")
     hx = random_hx(dict(hidden_size=hidden, bidirectional=True), batch, dtype)
+    assert ops.persistent_plan_reason(module.weight_hh_l0, batch, backward=training) is None
     with bigkern.use_backend("cuda"):
-        if not training:
-            reason = ops._cuda_unsupported(make_tensor((steps * batch, 4 * hidden), dtype, "cuda"),
-                                           module.weight_hh_l0, None, None, None, hx[0][0], hx[1][0], [], False,
-                                           False)
-            assert reason is None, reason
-            with torch.no_grad():
-                out, (h, c) = module(x, hx)
-            module.train(False)
-            ref = torch.nn.LSTM(hidden, hidden, bidirectional=True, dtype=torch.float64)
-            ref.load_state_dict({k: v.double().cpu() for k, v in module.state_dict().items()})
-            same = torch.nn.LSTM(hidden, hidden, bidirectional=True, device="cuda", dtype=dtype)
-            same.load_state_dict(module.state_dict())
-            with torch.no_grad():
-                r_out, (r_h, r_c) = ref(x.double().cpu(), tuple(t.double().cpu() for t in hx))
-                t_out, (t_h, t_c) = same(x, hx)
-            from bigkern import testing
-
-            check([testing.compare(out, r_out, t_out), testing.compare(h, r_h, t_h, name="h_n"),
-                   testing.compare(c, r_c, t_c, name="c_n")])
-        else:
-            check(compare("cuda", module, x, hx))
+        check(ops.compare_with_reference(module, x, hx, backward=training))
 
 
 @pytest.mark.gpu
@@ -504,3 +587,36 @@ def test_persistent_plan_reasons():
     small = torch.empty(4 * 256, 256, device="cuda", dtype=torch.float16)
     assert ops.persistent_plan_reason(small, 2) is None
     assert "batch" in ops.persistent_plan_reason(small, 4096)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark suite runs end to end (timings on the CPU only test the harness).
+
+def test_lstm_benchmark_suite_runs_on_cpu(tmp_path):
+    import json
+
+    from bigkern import benchmark
+
+    shapes = {"lstm": {"inference": [{"hidden": 16, "batch": 2, "steps": 3, "quick": True}],
+                       "training": [{"hidden": 7, "batch": 3, "steps": 2, "quick": True}]}}
+    shapes_path = tmp_path / "shapes.json"
+    shapes_path.write_text(json.dumps(shapes))
+    rc = benchmark.main(["--cpu", "--quick", "--family", "lstm", "--shapes", str(shapes_path), "--results",
+                         str(tmp_path / "results"), "--provider", "bigkern-triton", "bigkern-cuda", "torch-eager"])
+    assert rc == 0
+    [path] = (tmp_path / "results").glob("*/*.json")
+    statuses = {(r["mode"], r["provider"]): r["status"] for r in json.loads(path.read_text())["rows"]}
+    assert statuses[("inference", "bigkern-triton")] == "ok"
+    assert statuses[("training", "bigkern-triton")] == "ok"
+    assert statuses[("training", "torch-eager")] == "ok"
+    assert statuses[("inference", "bigkern-cuda")] == "unavailable"
+
+
+def test_handwritten_baseline_is_an_lstm():
+    from bigkern.benchmark.lstm import handwritten_lstm
+
+    module = torch.nn.LSTM(3, 5)
+    x, h0, c0 = make_tensor((4, 2, 3)), make_tensor((2, 5)), make_tensor((2, 5))
+    out, h, c = handwritten_lstm(x, h0, c0, *module._flat_weights)
+    ref, (ref_h, ref_c) = module(x, (h0[None], c0[None]))
+    torch.testing.assert_close((out, h, c), (ref, ref_h[0], ref_c[0]), rtol=1e-4, atol=1e-5)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 SUITES = {"epilogue": "bigkern.benchmark.epilogue", "attention": "bigkern.benchmark.attention",
-          "conv": "bigkern.benchmark.conv", "models": "bigkern.benchmark.models"}
+          "conv": "bigkern.benchmark.conv", "lstm": "bigkern.benchmark.lstm", "models": "bigkern.benchmark.models"}
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -114,6 +114,14 @@ class LSTMCell(torch.nn.LSTMCell):
             return h.squeeze(0), c.squeeze(0)
         return h, c
 
+    def bigkern_explain(self, input, hx=None):
+        """Which implementation the step takes, and why (bigkern.explain(cell, x))."""
+        B, H = (input.shape[0] if input.dim() == 2 else 1), self.hidden_size
+        state = input.new_empty((B, H))
+        save = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        return ops.LSTM_LAYER.explain(input.new_empty((B, 4 * H)), self.weight_hh, self.bias_ih, self.bias_hh, None,
+                                      state, state, [], False, save)
+
 
 register_drop_in(torch.nn.LSTM, LSTM)
 register_drop_in(torch.nn.LSTMCell, LSTMCell)
