@@ -7,9 +7,9 @@
 // shared memory and are 16-byte aligned; cp.async sources are 16-byte aligned and inside the
 // tensors registered as readable; no thread ends with copies it never waited for; no deadlock at a
 // barrier. Shared memory starts as NaN. Copies run either at once ("eager") or only when a
-// cp.async.wait_group retires them ("deferred"), and the fibers run in a shuffled order between
-// barriers, so reading a stage before waiting for it, or refilling one another warp still reads,
-// changes the result.
+// cp.async.wait_group retires them ("deferred"); the fibers run in a shuffled order between
+// barriers, with random warps held back for a round so that warps drift apart. So reading a stage
+// before waiting for it, or refilling one another warp still reads, changes the result.
 //
 // It is a test tool: one CTA at a time, one thread, slow (about a microsecond per fiber switch).
 #pragma once
@@ -281,14 +281,21 @@ inline void run_block(uint3 block_idx, uint3 grid_dim, int threads, size_t share
   }
   std::vector<int> order(threads);
   for (int t = 0; t < threads; ++t) order[t] = t;
+  std::vector<char> paused(warps);
   for (;;) {
-    bool all_done = true, progressed = false;
+    bool all_done = true, progressed = false, held_back = false;
     std::shuffle(order.begin(), order.end(), s.random);
+    // hold random warps back this round (each half the time), so that warps drift apart as on a GPU
+    for (int w = 0; w < warps; ++w) paused[w] = s.random() % 2 == 0;
     for (int t : order) {
       Fiber& fiber = s.fibers[t];
       if (fiber.done) continue;
       all_done = false;
       if (fiber.waiting_on != nullptr && fiber.waiting_on->generation == fiber.waiting_generation) continue;
+      if (paused[t / 32]) {
+        held_back = true;
+        continue;
+      }
       fiber.waiting_on = nullptr;
       s.current = t;
 #if EMULATION_FAST_SWITCH
@@ -299,7 +306,7 @@ inline void run_block(uint3 block_idx, uint3 grid_dim, int threads, size_t share
       progressed = true;
     }
     if (all_done) break;
-    if (!progressed) {
+    if (!progressed && !held_back) {
       fail("deadlock: every live thread waits at a barrier that cannot complete");
       break;
     }
