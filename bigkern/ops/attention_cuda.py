@@ -20,7 +20,7 @@ from bigkern import _ext, dispatch, memory
 
 DTYPES = (torch.float16, torch.bfloat16)
 # head dims compiled into bigkern._C (csrc/attention/attention.cu, attention_head_dim_supported)
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (32, 64, 96, 128, 256)
 _GRID_LIMIT = 65535  # CUDA's limit on gridDim.y (heads) and gridDim.z (batch)
 _SEQ_LIMIT = 2**30  # row indices (plus a block) stay in 32 bits
 _ROW_LIMIT = 2**33  # the delta kernel's grid (8 rows a CTA) stays within gridDim.x

@@ -43,13 +43,21 @@ attention_delta_kernel(const AttentionProblem problem, const AttentionTensor gra
 }  // namespace
 }  // namespace attention
 
-bool attention_head_dim_supported(int head_dim) { return head_dim == 64 || head_dim == 128; }
+bool attention_head_dim_supported(int head_dim) {
+  switch (head_dim) {
+    case 32: case 64: case 96: case 128: case 256: return true;
+    default: return false;
+  }
+}
 
 cudaError_t attention_forward(DType dtype, const AttentionProblem& problem, const AttentionForwardArgs& args,
                               cudaStream_t stream) {
   switch (problem.head_dim) {
+    case 32: return attention::forward_for_head_dim<32>(dtype, problem, args, stream);
     case 64: return attention::forward_for_head_dim<64>(dtype, problem, args, stream);
+    case 96: return attention::forward_for_head_dim<96>(dtype, problem, args, stream);
     case 128: return attention::forward_for_head_dim<128>(dtype, problem, args, stream);
+    case 256: return attention::forward_for_head_dim<256>(dtype, problem, args, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -69,8 +77,11 @@ cudaError_t attention_backward(DType dtype, const AttentionProblem& problem, con
     if (error != cudaSuccess) return error;
   }
   switch (problem.head_dim) {
+    case 32: return attention::backward_for_head_dim<32>(dtype, problem, args, stream);
     case 64: return attention::backward_for_head_dim<64>(dtype, problem, args, stream);
+    case 96: return attention::backward_for_head_dim<96>(dtype, problem, args, stream);
     case 128: return attention::backward_for_head_dim<128>(dtype, problem, args, stream);
+    case 256: return attention::backward_for_head_dim<256>(dtype, problem, args, stream);
     default: return cudaErrorInvalidValue;
   }
 }
