@@ -11,6 +11,7 @@ Both go through attention_cuda.run_forward/run_backward, so alignment copies and
 
 import ctypes
 import math
+import re
 
 import pytest
 import torch
@@ -62,8 +63,10 @@ def emulated_library(request):
         pytest.skip(reason)
     cache = getattr(request.config, "cache", None)
     cache_dir = cache.mkdir("cuda-emulation") if cache is not None else request.config.rootpath / "build"
+    # the sm_80 kernels: attention.cu and attention_{forward,backward}_hdim<D>.cu (not the sm90 files)
     sources = ["attention/attention.cu"] + sorted(
-        str(p.relative_to(emulation.CSRC)) for p in (emulation.CSRC / "attention").glob("attention_*_hdim*.cu"))
+        f"attention/{p.name}" for p in (emulation.CSRC / "attention").glob("attention_*_hdim*.cu")
+        if re.fullmatch(r"attention_(forward|backward)_hdim\d+\.cu", p.name))
     return emulation.build("attention_emulated.cpp", sources, cache_dir)
 
 
@@ -276,6 +279,35 @@ def test_nan_propagates_like_the_reference(runner):
     out, _ = attention_cuda.run_forward(forward_op, q, k, v, True, 0.125)
     expected, _ = reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), True, 0.125)
     assert torch.equal(out.isnan().cpu(), expected.isnan())
+
+
+def hopper_ops(monkeypatch):
+    """The GPU ops with the sm90 forward required (BIGKERN_ATTENTION_SM90=only: no fallback)."""
+    ops = gpu_ops()
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm90 forward runs on compute capability 9.0 only")
+    monkeypatch.setenv("BIGKERN_ATTENTION_SM90", "only")
+    return ops
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if c[-1] in (64, 128)], ids=case_id)
+def test_sm90_forward_matches_fp64(monkeypatch, case, is_causal, dtype):
+    """The Hopper forward (TMA, wgmma, warp-specialised), with the sm_80 backward."""
+    forward_op, backward_op = hopper_ops(monkeypatch)
+    q, k, v = inputs(case, dtype, "cuda")
+    check_attention(forward_op, backward_op, q, k, v, is_causal, 1.0 / math.sqrt(case[-1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_sm90_forward_reads_fused_qkv_views(monkeypatch, head_dim):
+    forward_op, backward_op = hopper_ops(monkeypatch)
+    qkv = make_tensor((2, 300, 3, 5, head_dim), torch.bfloat16, "cuda")
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    check_attention(forward_op, backward_op, q, k, v, True, 0.2)
 
 
 @pytest.mark.gpu

@@ -49,6 +49,16 @@ bigkern::AttentionProblem problem_of(const int64_t* shape, float scale, int caus
 
 }  // namespace
 
+// The emulator runs the sm_80 kernels only: the Hopper forward always declines.
+namespace bigkern {
+namespace attention {
+cudaError_t forward_sm90(DType, const AttentionProblem&, const AttentionForwardArgs&, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
+bool sm90_forward_required() { return false; }
+}  // namespace attention
+}  // namespace bigkern
+
 extern "C" {
 
 // shape: B, Hq, Hkv, L, S, D. data/strides: q, k, v, out (strides 3 each), then lse (data only).
