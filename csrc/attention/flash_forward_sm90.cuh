@@ -27,6 +27,7 @@
 
 #include "attention/flash_forward.cuh"
 #include "attention/tensor_core_sm90.cuh"
+#include "attention/tensor_map.cuh"
 
 namespace bigkern {
 namespace attention {
@@ -65,6 +66,18 @@ struct SharedLayout {
   static constexpr int kBarriers = kV + kStages * kStageBytes;
   static constexpr int kBytes = kBarriers + (1 + 2 * kStages) * 8 + 1024;  // + slack to align to 1024
 };
+
+// A shared-memory matrix descriptor for the 128-byte-swizzled layouts TMA writes with
+// CU_TENSOR_MAP_SWIZZLE_128B (16-byte chunk c of 128-byte row r stored at chunk c ^ (r % 8), rows
+// in 1024-byte groups of 8). Offsets in bytes; the hardware drops their low 4 bits.
+//   K-major (rows of 64 elements along K): leading offset unused, stride offset = 1024 (8 rows).
+//   MN-major (rows of 64 elements along M/N, one per K index): leading offset = from one 64-wide
+//   chunk of M/N to the next, stride offset = 1024 (8 K indices).
+__device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t leading_bytes, uint32_t stride_bytes) {
+  const uint64_t encode_mask = 0x3FFFF;
+  return ((uint64_t(shared_address(smem)) & encode_mask) >> 4) | (((leading_bytes & encode_mask) >> 4) << 16) |
+         (((uint64_t(stride_bytes) & encode_mask) >> 4) << 32) | (uint64_t(1) << 62);  // 1 = 128-byte swizzle
+}
 
 __device__ __forceinline__ void load_box(void* smem, const TmaOperand& operand, uint64_t* barrier, int column,
                                          int row, int head, int batch) {
@@ -186,19 +199,6 @@ __global__ void __launch_bounds__(kThreads, 1) flash_forward_sm90_kernel(const _
 }
 
 // ---- host side ---------------------------------------------------------------------------------
-
-inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* function = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess)
-      function = nullptr;
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
-  }();
-  return encode;
-}
 
 // The tensor map of one operand (batch, heads, rows, D): boxes of 64 head-dim columns by box_rows
 // rows. False when TMA cannot describe it (the caller then uses the sm_80 kernel).

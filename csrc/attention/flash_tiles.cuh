@@ -130,7 +130,7 @@ __device__ __forceinline__ void warp_gemm_rb(float (&acc)[N / 8][4], const float
 #pragma unroll
   for (int k = 0; k < K; k += 16) {
     uint32_t a_frag[4];
-    a_fragment<T>(a_frag, a, k);
+    a_fragment<T, K>(a_frag, a, k);
 #pragma unroll
     for (int n = 0; n < N; n += 16) {
       // transposed matrices: B rows k..k+7 | k+8..k+15 at columns n..n+7 (b0, b1 of tile n / 8),

@@ -65,18 +65,6 @@ __device__ __forceinline__ void tma_load_4d(void* smem, const CUtensorMap* map, 
 
 // ---- warpgroup MMA -------------------------------------------------------------------------------
 
-// A shared-memory matrix descriptor for the 128-byte-swizzled layouts TMA writes with
-// CU_TENSOR_MAP_SWIZZLE_128B (16-byte chunk c of 128-byte row r stored at chunk c ^ (r % 8), rows
-// in 1024-byte groups of 8). Offsets in bytes; the hardware drops their low 4 bits.
-//   K-major (rows of 64 elements along K): leading offset unused, stride offset = 1024 (8 rows).
-//   MN-major (rows of 64 elements along M/N, one per K index): leading offset = from one 64-wide
-//   chunk of M/N to the next, stride offset = 1024 (8 K indices).
-__device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t leading_bytes, uint32_t stride_bytes) {
-  const uint64_t encode_mask = 0x3FFFF;
-  return ((uint64_t(shared_address(smem)) & encode_mask) >> 4) | (((leading_bytes & encode_mask) >> 4) << 16) |
-         (((uint64_t(stride_bytes) & encode_mask) >> 4) << 32) | (uint64_t(1) << 62);  // 1 = 128-byte swizzle
-}
-
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>

@@ -17,7 +17,7 @@ from typing import Optional
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
-FLAGS = ["-std=c++20", "-O2", "-shared", "-fPIC", "-x", "c++", "-Wno-unknown-pragmas", "-Wno-attributes"]
+FLAGS = ["-std=c++20", "-O2", "-shared", "-fPIC", "-x", "c++", "-Wno-unknown-pragmas", "-Wno-attributes", "-Wno-psabi"]
 
 
 def compiler() -> Optional[str]:
