@@ -1,10 +1,13 @@
 """The CUDA attention backend (csrc/attention/, bigkern/ops/attention_cuda.py) against float64.
 
 The kernels run twice over the same randomized cases:
-  emulator  on the CPU: the production sources compiled by g++ with the PTX wrappers and the launch
-            replaced by C++ of the same semantics (tests/cuda_emulation/), every CUDA thread a fiber.
-            It checks the index math, masking, GQA, strides and the cp.async pipeline, not timing.
-  gpu       on a GPU (`gpu` marker; skipped here): the real kernels through torch.ops.bigkern.
+  emulator  on the CPU: the production sources compiled by g++ with the PTX wrappers, the tensor-map
+            encoder and the launch replaced by C++ of the same semantics (tests/cuda_emulation/),
+            every CUDA thread a fiber. It checks the index math, masking, GQA, strides, the cp.async
+            pipeline and, for the Hopper forward, the TMA/mbarrier ring and the wgmma operands as
+            the PTX ISA describes them; not timing.
+  gpu       on a GPU (`gpu` marker; skipped here): the real kernels through torch.ops.bigkern, the
+            Hopper forward with BIGKERN_ATTENTION_SM90=only on compute capability 9.0.
 Both go through attention_cuda.run_forward/run_backward, so alignment copies and output allocation
 (NaN-poisoned, guard-banded) are the production ones.
 """

@@ -1,6 +1,7 @@
 """The `cuda` implementation of scaled_dot_product_attention: hand-written flash attention in
 csrc/attention/ (mma.sync tensor cores, ldmatrix, cp.async; sm_80 and later), forward and a
-deterministic backward.
+deterministic backward. On Hopper, BIGKERN_ATTENTION_SM90=1 also turns on a TMA + wgmma forward
+for head dims 64 and 128 (opt-in until it has run on a GPU; anything it cannot take falls back).
 
 bigkern/ops/attention.py registers `forward`/`backward` with `unsupported` as its reason; it
 normalizes every call first, so these see q (B, Hq, L, D), k and v (B, Hkv, S, D) with Hq % Hkv == 0
