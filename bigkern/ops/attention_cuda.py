@@ -1,6 +1,7 @@
 """The `cuda` implementation of scaled_dot_product_attention: hand-written flash attention in
 csrc/attention/ (mma.sync tensor cores, ldmatrix, cp.async; sm_80 and later), forward and a
-deterministic backward.
+deterministic backward. On Hopper, BIGKERN_ATTENTION_SM90=1 also turns on a TMA + wgmma forward
+for head dims 64 and 128 (opt-in until it has run on a GPU; anything it cannot take falls back).
 
 bigkern/ops/attention.py registers `forward`/`backward` with `unsupported` as its reason; it
 normalizes every call first, so these see q (B, Hq, L, D), k and v (B, Hkv, S, D) with Hq % Hkv == 0
@@ -20,40 +21,32 @@ from bigkern import _ext, dispatch, memory
 
 DTYPES = (torch.float16, torch.bfloat16)
 # head dims compiled into bigkern._C (csrc/attention/attention.cu, attention_head_dim_supported)
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (32, 64, 96, 128, 256)
 _GRID_LIMIT = 65535  # CUDA's limit on gridDim.y (heads) and gridDim.z (batch)
 _SEQ_LIMIT = 2**30  # row indices (plus a block) stay in 32 bits
 _ROW_LIMIT = 2**33  # the delta kernel's grid (8 rows a CTA) stays within gridDim.x
 
 
-def _compiled_archs():
-    """[(major, minor, arch-specific, ptx)] from the build's TORCH_CUDA_ARCH_LIST."""
+def _parse_archs(arch_list):
+    """[(major, minor, arch-specific, ptx)] from a TORCH_CUDA_ARCH_LIST such as "8.0;9.0a;9.0+PTX"."""
     archs = []
-    for entry in (getattr(_ext.build_info(), "cuda_archs", None) or "").replace(",", ";").split(";"):
-        entry = entry.strip()
-        if not entry:
-            continue
+    for entry in (arch_list or "").replace(",", ";").replace(" ", ";").split(";"):
         ptx = entry.endswith("+PTX")
-        entry = entry.removesuffix("+PTX")
-        specific = entry.endswith("a") or entry.endswith("f")
-        major, _, minor = entry.rstrip("af").partition(".")
-        try:
-            archs.append((int(major), int(minor or 0), specific, ptx))
-        except ValueError:
-            continue
+        major, _, minor = entry.removesuffix("+PTX").rstrip("af").partition(".")
+        if major.isdigit() and (minor or "0").isdigit():
+            archs.append((int(major), int(minor or 0), entry.removesuffix("+PTX")[-1:] in ("a", "f"), ptx))
     return archs
 
 
-def _arch_reason(device: torch.device) -> Optional[str]:
-    """Why bigkern._C holds no attention kernel that runs on this GPU, or None."""
-    major, minor = torch.cuda.get_device_capability(device)
-    for a_major, a_minor, specific, ptx in _compiled_archs():
+def arch_reason(capability, arch_list) -> Optional[str]:
+    """Why a build for `arch_list` has no kernel that runs on a GPU of `capability`, or None."""
+    major, minor = capability
+    for a_major, a_minor, specific, ptx in _parse_archs(arch_list):
         if ptx and (a_major, a_minor) <= (major, minor):
             return None  # the driver compiles the PTX for this GPU
         if a_major == major and (a_minor == minor if specific else a_minor <= minor):
-            return None  # a cubin of the same major version runs on later minor versions
-    archs = getattr(_ext.build_info(), "cuda_archs", None)
-    return (f"bigkern._C was built for {archs}, which has no attention kernel for compute capability "
+            return None  # a cubin runs on later minor versions of its major, unless arch-specific
+    return (f"bigkern._C was built for {arch_list}, which has no kernel for compute capability "
             f"{major}.{minor} (rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor})")
 
 
@@ -91,7 +84,9 @@ def unsupported(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
         return reason
     if not hasattr(torch.ops.bigkern, "attention_forward_cuda"):
         return "bigkern._C was built without the attention kernels (csrc/attention/)"
-    return _arch_reason(q.device) or kernel_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale)
+    built_for = getattr(_ext.build_info(), "cuda_archs", None)
+    return (arch_reason(torch.cuda.get_device_capability(q.device), built_for)
+            or kernel_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale))
 
 
 def _aligned(t: Tensor) -> Tensor:
@@ -109,22 +104,32 @@ def _scale(scale, q):
 
 def forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: Optional[float]):
     """(out (B, Hq, L, D) in q's dtype, lse (B, Hq, L) fp32, natural log)."""
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    out = memory.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = memory.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    torch.ops.bigkern.attention_forward_cuda(q, k, v, out, lse, _scale(scale, q), bool(is_causal))
-    return out, lse
+    return run_forward(torch.ops.bigkern.attention_forward_cuda, q, k, v, is_causal, scale)
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool,
              scale: Optional[float]):
     """(dq, dk, dv), contiguous, in q's dtype; dk and dv summed over the query heads of each kv head.
     Deterministic: no atomics."""
+    return run_backward(torch.ops.bigkern.attention_backward_cuda, grad_out, q, k, v, out, lse, is_causal, scale)
+
+
+# The calls around the kernels, for any `kernel` with the registered op's signature (the tests pass
+# the CPU emulator's, tests/cuda_emulation/).
+
+def run_forward(kernel, q, k, v, is_causal, scale):
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    out = memory.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = memory.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    kernel(q, k, v, out, lse, _scale(scale, q), bool(is_causal))
+    return out, lse
+
+
+def run_backward(kernel, grad_out, q, k, v, out, lse, is_causal, scale):
     grad_out, q, k, v, out = (_aligned(t) for t in (grad_out, q, k, v, out))
     lse = lse.to(torch.float32).contiguous()
     dq = memory.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = memory.empty(k.shape, dtype=q.dtype, device=q.device)
     dv = memory.empty(v.shape, dtype=q.dtype, device=q.device)
-    torch.ops.bigkern.attention_backward_cuda(grad_out, q, k, v, out, lse, dq, dk, dv, _scale(scale, q),
-                                              bool(is_causal))
+    kernel(grad_out, q, k, v, out, lse, dq, dk, dv, _scale(scale, q), bool(is_causal))
     return dq, dk, dv

@@ -1,6 +1,7 @@
 // Flash attention: the head-dim dispatch, and the small kernel the backward starts with
 // (delta = rowsum(grad_out * out)). The kernels themselves are in flash_forward.cuh and
-// flash_backward.cuh, instantiated per head dim in attention_{forward,backward}_hdim*.cu.
+// flash_backward.cuh, instantiated per head dim in attention_{forward,backward}_hdim*.cu; the
+// Hopper forward (flash_forward_sm90.cuh) is tried first and declines what it does not serve.
 #include "attention/attention.h"
 #include "attention/flash_tiles.cuh"
 
@@ -14,6 +15,11 @@ cudaError_t forward_for_head_dim(DType dtype, const AttentionProblem& problem, c
 template <int HEAD_DIM>
 cudaError_t backward_for_head_dim(DType dtype, const AttentionProblem& problem, const AttentionBackwardArgs& args,
                                   cudaStream_t stream);
+// The Hopper forward (attention_sm90.cu): cudaErrorNotSupported when it does not serve the call;
+// sm90_forward_required() when BIGKERN_ATTENTION_SM90=only asks it to serve every call (tests).
+cudaError_t forward_sm90(DType dtype, const AttentionProblem& problem, const AttentionForwardArgs& args,
+                         cudaStream_t stream);
+bool sm90_forward_required();
 
 namespace {
 
@@ -43,13 +49,23 @@ attention_delta_kernel(const AttentionProblem problem, const AttentionTensor gra
 }  // namespace
 }  // namespace attention
 
-bool attention_head_dim_supported(int head_dim) { return head_dim == 64 || head_dim == 128; }
+bool attention_head_dim_supported(int head_dim) {
+  switch (head_dim) {
+    case 32: case 64: case 96: case 128: case 256: return true;
+    default: return false;
+  }
+}
 
 cudaError_t attention_forward(DType dtype, const AttentionProblem& problem, const AttentionForwardArgs& args,
                               cudaStream_t stream) {
+  const cudaError_t hopper = attention::forward_sm90(dtype, problem, args, stream);
+  if (hopper != cudaErrorNotSupported || attention::sm90_forward_required()) return hopper;
   switch (problem.head_dim) {
+    case 32: return attention::forward_for_head_dim<32>(dtype, problem, args, stream);
     case 64: return attention::forward_for_head_dim<64>(dtype, problem, args, stream);
+    case 96: return attention::forward_for_head_dim<96>(dtype, problem, args, stream);
     case 128: return attention::forward_for_head_dim<128>(dtype, problem, args, stream);
+    case 256: return attention::forward_for_head_dim<256>(dtype, problem, args, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -69,8 +85,11 @@ cudaError_t attention_backward(DType dtype, const AttentionProblem& problem, con
     if (error != cudaSuccess) return error;
   }
   switch (problem.head_dim) {
+    case 32: return attention::backward_for_head_dim<32>(dtype, problem, args, stream);
     case 64: return attention::backward_for_head_dim<64>(dtype, problem, args, stream);
+    case 96: return attention::backward_for_head_dim<96>(dtype, problem, args, stream);
     case 128: return attention::backward_for_head_dim<128>(dtype, problem, args, stream);
+    case 256: return attention::backward_for_head_dim<256>(dtype, problem, args, stream);
     default: return cudaErrorInvalidValue;
   }
 }

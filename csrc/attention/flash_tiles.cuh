@@ -110,6 +110,16 @@ __device__ __forceinline__ void warp_gemm_abt(float (&acc)[N / 8][4], const T* a
   }
 }
 
+// The mma A fragment (16 rows x columns k..k+15, rounded to T) of a fp32 accumulator tile: tiles
+// k/8 and k/8 + 1, element for element (the accumulator and A layouts agree).
+template <typename T, int K>
+__device__ __forceinline__ void a_fragment(uint32_t (&frag)[4], const float (&acc)[K / 8][4], int k) {
+  frag[0] = pack2<T>(acc[k / 8][0], acc[k / 8][1]);
+  frag[1] = pack2<T>(acc[k / 8][2], acc[k / 8][3]);
+  frag[2] = pack2<T>(acc[k / 8 + 1][0], acc[k / 8 + 1][1]);
+  frag[3] = pack2<T>(acc[k / 8 + 1][2], acc[k / 8 + 1][3]);
+}
+
 // acc (16 x N) += A (16 x K) B, with A this warp's fp32 accumulator tile (rounded to T here) and B
 // row-major (K x N) at `b`, a padded tile. Used for every "probabilities times rows" product:
 // P V, dS K, P^T dO, dS^T Q.
@@ -119,10 +129,8 @@ __device__ __forceinline__ void warp_gemm_rb(float (&acc)[N / 8][4], const float
   static_assert(N % 16 == 0 && K % 16 == 0, "warp products work on 16 x 16 steps");
 #pragma unroll
   for (int k = 0; k < K; k += 16) {
-    // the A fragment of columns k..k+15 is accumulator tiles k/8 and k/8 + 1, element for element
-    const uint32_t a_frag[4] = {pack2<T>(a[k / 8][0], a[k / 8][1]), pack2<T>(a[k / 8][2], a[k / 8][3]),
-                                pack2<T>(a[k / 8 + 1][0], a[k / 8 + 1][1]),
-                                pack2<T>(a[k / 8 + 1][2], a[k / 8 + 1][3])};
+    uint32_t a_frag[4];
+    a_fragment<T, K>(a_frag, a, k);
 #pragma unroll
     for (int n = 0; n < N; n += 16) {
       // transposed matrices: B rows k..k+7 | k+8..k+15 at columns n..n+7 (b0, b1 of tile n / 8),

@@ -1,7 +1,8 @@
 // C entry points that run bigkern's CUDA flash-attention launchers (csrc/attention/) on the CPU
 // through the emulator. tests/test_attention_cuda.py compiles one translation unit that includes
-// this file and then the production sources (attention.cu, attention_{forward,backward}_hdim*.cu),
-// with include/ ahead of csrc/ on the include path, and calls these through ctypes.
+// this file and then the production sources (attention.cu, attention_{forward,backward}_hdim*.cu,
+// attention_sm90_forward_hdim*.cu), with include/ ahead of csrc/ on the include path, and calls
+// these through ctypes.
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -11,7 +12,11 @@
 // the emulated PTX wrappers and launch, so that every later include of them finds these
 #include "attention/launch.cuh"
 #include "attention/tensor_core.cuh"
+#include "attention/tensor_core_sm90.cuh"
 #include "attention/attention.h"
+// compile the Hopper kernel's sm_90a body (after the CUDA headers, which test this macro too)
+#define __CUDA_ARCH_FEAT_SM90_ALL 1
+#include "attention/flash_forward_sm90.cuh"
 
 namespace {
 
@@ -49,6 +54,16 @@ bigkern::AttentionProblem problem_of(const int64_t* shape, float scale, int caus
 
 }  // namespace
 
+// The emulator runs the sm_80 kernels only: the Hopper forward always declines.
+namespace bigkern {
+namespace attention {
+cudaError_t forward_sm90(DType, const AttentionProblem&, const AttentionForwardArgs&, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
+bool sm90_forward_required() { return false; }
+}  // namespace attention
+}  // namespace bigkern
+
 extern "C" {
 
 // shape: B, Hq, Hkv, L, S, D. data/strides: q, k, v, out (strides 3 each), then lse (data only).
@@ -62,6 +77,23 @@ int emulated_attention_forward(int dtype, const int64_t* shape, float scale, int
                                            static_cast<float*>(data[4])};
   const cudaError_t status =
       bigkern::attention_forward(static_cast<bigkern::DType>(dtype), problem_of(shape, scale, causal), args, nullptr);
+  return finish(status, error, error_size);
+}
+
+// The Hopper forward (sm90::forward_for_head_dim), same arguments as emulated_attention_forward.
+int emulated_attention_forward_sm90(int dtype, const int64_t* shape, float scale, int causal, void* const* data,
+                                    const int64_t* strides, const int64_t* spans, int deferred, unsigned seed,
+                                    char* error, int error_size) {
+  configure(data, spans, 3, deferred, seed);
+  const bigkern::AttentionForwardArgs args{tensor_at(data, strides, 0), tensor_at(data, strides, 1),
+                                           tensor_at(data, strides, 2), tensor_at(data, strides, 3),
+                                           static_cast<float*>(data[4])};
+  const bigkern::AttentionProblem problem = problem_of(shape, scale, causal);
+  const bigkern::DType type = static_cast<bigkern::DType>(dtype);
+  cudaError_t status = cudaErrorInvalidValue;
+  if (problem.head_dim == 64) status = bigkern::attention::sm90::forward_for_head_dim<64>(type, problem, args, nullptr);
+  if (problem.head_dim == 128)
+    status = bigkern::attention::sm90::forward_for_head_dim<128>(type, problem, args, nullptr);
   return finish(status, error, error_size);
 }
 

@@ -7,9 +7,9 @@
 // shared memory and are 16-byte aligned; cp.async sources are 16-byte aligned and inside the
 // tensors registered as readable; no thread ends with copies it never waited for; no deadlock at a
 // barrier. Shared memory starts as NaN. Copies run either at once ("eager") or only when a
-// cp.async.wait_group retires them ("deferred"), and the fibers run in a shuffled order between
-// barriers, so reading a stage before waiting for it, or refilling one another warp still reads,
-// changes the result.
+// cp.async.wait_group retires them ("deferred"); the fibers run in a shuffled order between
+// barriers, with random warps held back for a round so that warps drift apart. So reading a stage
+// before waiting for it, or refilling one another warp still reads, changes the result.
 //
 // It is a test tool: one CTA at a time, one thread, slow (about a microsecond per fiber switch).
 #pragma once
@@ -93,6 +93,22 @@ struct Range {
   const char* end;
 };
 
+// An mbarrier (PTX ISA semantics): a phase completes when every expected arrival has arrived and
+// every expected transaction byte has landed; the phase bit then flips.
+struct Mbarrier {
+  int expected = 0;
+  int pending = 0;
+  int64_t transaction_bytes = 0;
+  uint32_t phase = 0;
+};
+
+// A TMA copy in flight: done later by the scheduler (or at once), then counted on its mbarrier.
+struct AsyncCopy {
+  std::function<void()> copy;
+  void* barrier;
+  int64_t bytes;
+};
+
 // Exchange slots for warp-wide operations: each lane posts, the warp meets, each lane reads. Two
 // sets used in turn, so one meeting per operation suffices: a lane can only post into a set again
 // after the next operation's meeting, which every lane reaches after reading this one.
@@ -128,6 +144,9 @@ struct State {
   Barrier block_barrier;
   ucontext_t scheduler;
   void* scheduler_stack_pointer = nullptr;
+  std::vector<std::pair<const void*, Mbarrier>> mbarriers;
+  std::vector<AsyncCopy> async_copies;
+  bool progressed_this_round = false;  // anything but a spin on an mbarrier
   int current = -1;
   std::function<void()> body;
 };
@@ -153,6 +172,7 @@ inline int lane() { return linear_thread() % 32; }
 inline int warp() { return linear_thread() / 32; }
 
 inline void arrive_and_wait(Barrier& barrier) {
+  state().progressed_this_round = true;
   const uint64_t generation = barrier.generation;
   if (++barrier.arrived == barrier.expected) {
     barrier.arrived = 0;
@@ -171,6 +191,41 @@ inline void arrive_and_wait(Barrier& barrier) {
 
 inline void warp_sync() { arrive_and_wait(state().warp_barriers[warp()]); }
 
+// Give the other threads a turn (a thread spinning on an mbarrier).
+inline void spin_yield() {
+  Fiber& fiber = self();
+  fiber.waiting_on = nullptr;
+#if EMULATION_FAST_SWITCH
+  emulation_switch(&fiber.stack_pointer, state().scheduler_stack_pointer);
+#else
+  swapcontext(&fiber.context, &state().scheduler);
+#endif
+}
+
+inline Mbarrier* find_mbarrier(const void* address) {
+  for (auto& entry : state().mbarriers)
+    if (entry.first == address) return &entry.second;
+  return nullptr;
+}
+
+inline void mbarrier_progress(Mbarrier& barrier) {
+  if (barrier.pending == 0 && barrier.transaction_bytes == 0) {
+    barrier.phase ^= 1;
+    barrier.pending = barrier.expected;
+  }
+}
+
+inline void complete_async_copy(AsyncCopy& copy) {
+  copy.copy();
+  Mbarrier* barrier = find_mbarrier(copy.barrier);
+  if (barrier == nullptr) {
+    fail("a TMA copy completes on an uninitialized mbarrier");
+    return;
+  }
+  barrier->transaction_bytes -= copy.bytes;
+  mbarrier_progress(*barrier);
+}
+
 // The slot set this lane posts into for its next warp-wide operation (then read after warp_sync()).
 inline WarpSlots& slots_for_next_operation() {
   WarpExchange& exchange = state().warp_slots[warp()];
@@ -183,10 +238,14 @@ inline WarpSlots& slots_for_next_operation() {
 
 }  // namespace emulation
 
-// The dynamic shared memory of the CTA being run (kernels declare it `extern __shared__`).
+// The dynamic shared memory of the CTA being run (kernels declare it `extern __shared__`; the
+// Hopper kernel does so in namespace sm90, hence the alias). One translation unit includes this.
 namespace bigkern {
 namespace attention {
-alignas(128) inline unsigned char shared_raw[256 * 1024];
+alignas(1024) unsigned char shared_raw[256 * 1024];
+namespace sm90 {
+extern unsigned char shared_raw[256 * 1024] __attribute__((alias("_ZN7bigkern9attention10shared_rawE")));
+}  // namespace sm90
 }  // namespace attention
 }  // namespace bigkern
 
@@ -226,6 +285,7 @@ inline void fiber_main() {
 
 inline void finish_fiber() {
   State& s = state();
+  s.progressed_this_round = true;
   Fiber& fiber = self();
   if (!fiber.uncommitted.empty() || !fiber.in_flight.empty())
     fail("a thread ended with cp.async copies it never waited for");
@@ -256,6 +316,8 @@ inline void run_block(uint3 block_idx, uint3 grid_dim, int threads, size_t share
   s.warp_slots.assign(warps, WarpExchange{});
   s.block_barrier = Barrier{};
   s.block_barrier.expected = threads;
+  s.mbarriers.clear();
+  s.async_copies.clear();
   s.fibers.clear();
   s.fibers.resize(threads);
   while (s.stacks.size() < size_t(threads)) s.stacks.emplace_back(new char[kStackBytes]);
@@ -281,14 +343,33 @@ inline void run_block(uint3 block_idx, uint3 grid_dim, int threads, size_t share
   }
   std::vector<int> order(threads);
   for (int t = 0; t < threads; ++t) order[t] = t;
+  std::vector<char> paused(warps);
+  int idle_rounds = 0;
   for (;;) {
-    bool all_done = true, progressed = false;
+    // copies in flight land at random times (each round, each with probability 1/2)
+    for (size_t i = 0; i < s.async_copies.size();) {
+      if (s.random() % 2 == 0) {
+        AsyncCopy copy = std::move(s.async_copies[i]);
+        s.async_copies.erase(s.async_copies.begin() + i);
+        complete_async_copy(copy);
+        s.progressed_this_round = true;
+      } else {
+        ++i;
+      }
+    }
+    bool all_done = true, progressed = false, held_back = false;
     std::shuffle(order.begin(), order.end(), s.random);
+    // hold random warps back this round (each half the time), so that warps drift apart as on a GPU
+    for (int w = 0; w < warps; ++w) paused[w] = s.random() % 2 == 0;
     for (int t : order) {
       Fiber& fiber = s.fibers[t];
       if (fiber.done) continue;
       all_done = false;
       if (fiber.waiting_on != nullptr && fiber.waiting_on->generation == fiber.waiting_generation) continue;
+      if (paused[t / 32]) {
+        held_back = true;
+        continue;
+      }
       fiber.waiting_on = nullptr;
       s.current = t;
 #if EMULATION_FAST_SWITCH
@@ -299,8 +380,16 @@ inline void run_block(uint3 block_idx, uint3 grid_dim, int threads, size_t share
       progressed = true;
     }
     if (all_done) break;
-    if (!progressed) {
+    if (!progressed && !held_back) {
       fail("deadlock: every live thread waits at a barrier that cannot complete");
+      break;
+    }
+    // threads that only spin on mbarriers, with nothing in flight, wait forever (a warp is held
+    // back half the rounds at random, so 1000 rounds without progress are no accident)
+    idle_rounds = s.progressed_this_round || !s.async_copies.empty() ? 0 : idle_rounds + 1;
+    s.progressed_this_round = false;
+    if (idle_rounds > 1000) {
+      fail("deadlock: threads wait on mbarriers whose phase can never complete");
       break;
     }
   }

@@ -13,6 +13,12 @@
 namespace bigkern {
 namespace attention {
 
+// Shared addresses are offsets into the dynamic shared memory (1024-byte aligned, like the GPU's
+// shared window), so swizzle patterns computed from address bits agree with the GPU's.
+inline uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - bigkern::attention::shared_raw);
+}
+
 inline void cp_async_16(void* smem, const void* gmem, bool valid) {
   using namespace emulation;
   if (!in_shared(smem, 16) || reinterpret_cast<uintptr_t>(smem) % 16) {

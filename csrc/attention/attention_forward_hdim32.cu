@@ -1,0 +1,8 @@
+// Flash attention forward, head dim 32: fp16 and bf16 instances of flash_forward.cuh.
+#include "attention/flash_forward.cuh"
+
+namespace bigkern {
+namespace attention {
+template cudaError_t forward_for_head_dim<32>(DType, const AttentionProblem&, const AttentionForwardArgs&, cudaStream_t);
+}  // namespace attention
+}  // namespace bigkern
