@@ -5,6 +5,9 @@
   without re-tuning. `bigkern info` shows the cache.
 - Under the interpreter only the first config is kept: timing there means nothing, and each extra
   config would cost a full interpreted run.
+- BIGKERN_TRITON_AUTOTUNE=0 keeps the first config that survives the kernel's own pruning, so no
+  tile is timed (the test suite sets it: on a GPU it runs hundreds of shapes and would otherwise
+  compile and time every tile of every kernel variant for each).
 """
 
 import inspect
@@ -18,12 +21,26 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotuning_enabled() -> bool:
+    return os.environ.get("BIGKERN_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+
 def autotune(configs, key, **kwargs):
     if _interpreting():
         configs = configs[:1]
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         kwargs.setdefault("cache_results", True)
-    return triton.autotune(configs=configs, key=key, **kwargs)
+    prune_by = dict(kwargs.pop("prune_configs_by", None) or {})
+    prune_by["early_config_prune"] = pruner(prune_by.get("early_config_prune"))
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune_by, **kwargs)
+
+
+def pruner(kernel_prune=None):
+    """The kernel's own pruning, then only its first survivor when autotuning is off."""
+    def prune(configs, named_args, **kwargs):
+        kept = kernel_prune(configs, named_args, **kwargs) if kernel_prune else configs
+        return kept if autotuning_enabled() else kept[:1]
+    return prune
 
 
 def cache_dir() -> Path:

@@ -37,6 +37,7 @@ one slice per split, that the caller adds up: deterministic, no atomics. The gra
 import triton
 import triton.language as tl
 
+from bigkern.kernels.autotune import autotune
 from bigkern.kernels.epilogue import apply_activation
 
 
@@ -44,14 +45,6 @@ def _interpreting():
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _autotuning():
-    """BIGKERN_TRITON_AUTOTUNE=0 keeps one tile per kernel: the GPU tests run hundreds of shapes and
-    epilogues, and autotuning each would compile and time every tile for every one of them."""
-    import os
-
-    return os.environ.get("BIGKERN_TRITON_AUTOTUNE", "1") not in ("", "0")
 
 
 # Autotuning: a few tile shapes for Hopper / Ampere (bf16/fp16: 64-wide reductions, fp32/TF32: 32).
@@ -63,7 +56,7 @@ def _configs(shapes, interpreter_tile):
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=1)]
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
                for m, n, k, w, s in shapes]
-    return configs if _autotuning() else configs[:1]
+    return configs
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
@@ -90,7 +83,7 @@ def _direct_configs():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in [(64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3), (16, 64, 2, 3)]]
-    return configs if _autotuning() else configs[:1]
+    return configs
 
 
 _GEOMETRY_KEY = ["N", "C_g", "H", "W", "K_g", "P", "Q", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w"]
@@ -139,7 +132,7 @@ def _tap_blocks(C_g, R, S, BLOCK: tl.constexpr, FLAT: tl.constexpr):
         return R * S * tl.cdiv(C_g, BLOCK)
 
 
-@triton.autotune(configs=_configs(FORWARD_TILES, INTERPRETER_TILE),
+@autotune(configs=_configs(FORWARD_TILES, INTERPRETER_TILE),
                  key=_GEOMETRY_KEY + ["splits", "HAS_RESIDUAL", "FLAT", "DOT_PRECISION"])
 @triton.jit
 def conv2d_forward_kernel(
@@ -265,7 +258,7 @@ def _forward_epilogue(acc, n, p, q, m_ok, channel, channel_ok, bias_ptr, residua
              y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_direct_configs(), key=_GEOMETRY_KEY + ["HAS_RESIDUAL"])
+@autotune(configs=_direct_configs(), key=_GEOMETRY_KEY + ["HAS_RESIDUAL"])
 @triton.jit
 def conv2d_direct_forward_kernel(
     x_ptr, w_ptr, bias_ptr, residual_ptr, y_ptr, z_ptr,
@@ -330,7 +323,7 @@ def _contributing_taps(residue, pad, dil, R, gcd, inverse, step):
     return first, count
 
 
-@triton.autotune(configs=_configs(FORWARD_TILES, INTERPRETER_TILE), key=_GEOMETRY_KEY + ["FLAT", "DOT_PRECISION"])
+@autotune(configs=_configs(FORWARD_TILES, INTERPRETER_TILE), key=_GEOMETRY_KEY + ["FLAT", "DOT_PRECISION"])
 @triton.jit
 def conv2d_input_grad_kernel(
     g_ptr, w_ptr, dx_ptr,
@@ -403,7 +396,7 @@ def conv2d_input_grad_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
-@triton.autotune(configs=_configs(WGRAD_TILES, WGRAD_INTERPRETER_TILE),
+@autotune(configs=_configs(WGRAD_TILES, WGRAD_INTERPRETER_TILE),
                  key=_GEOMETRY_KEY + ["splits", "BIAS_GRAD", "FLAT", "DOT_PRECISION"])
 @triton.jit
 def conv2d_weight_grad_kernel(

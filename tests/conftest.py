@@ -8,6 +8,9 @@ Every test draws a fresh seed (printed when it fails).
 import os
 
 os.environ.setdefault("BIGKERN_POISON_OUTPUTS", "1")
+# one tile per kernel (kernels/autotune.py): on a GPU the suite runs hundreds of shapes and would
+# otherwise compile and time every tile of every kernel variant for each
+os.environ.setdefault("BIGKERN_TRITON_AUTOTUNE", "0")
 if "TRITON_INTERPRET" not in os.environ:
     import torch
 

@@ -32,3 +32,17 @@ def test_interpreter_keeps_only_the_first_config_and_runs():
     torch.testing.assert_close(y, 2 * x)
     if hasattr(double, "cache_results") and not interpreting:
         assert double.cache_results, "autotune results should be cached on disk"
+
+
+def test_autotune_off_keeps_the_first_config_the_kernel_allows(monkeypatch):
+    import triton
+
+    from bigkern.kernels.autotune import pruner
+
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64)]
+    prune = pruner(lambda configs, named_args, **kw: configs[1:])  # the kernel rules out the first
+    monkeypatch.setenv("BIGKERN_TRITON_AUTOTUNE", "0")
+    assert [c.kwargs["BLOCK"] for c in prune(configs, {})] == [32]
+    monkeypatch.setenv("BIGKERN_TRITON_AUTOTUNE", "1")
+    assert [c.kwargs["BLOCK"] for c in prune(configs, {})] == [32, 64]
+    assert [c.kwargs["BLOCK"] for c in pruner()(configs, {})] == [16, 32, 64]

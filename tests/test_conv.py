@@ -3,22 +3,17 @@ randomized geometry (stride, padding, dilation, groups, odd sizes), both memory 
 epilogue; the drop-in nn.Conv2d; torch.library checks; torch's errors for bad input."""
 
 import math
-import os
 import random
 
-# One Triton tile per kernel on a GPU: these tests run hundreds of shape/epilogue combinations, and
-# autotuning would compile and time every tile for each (`bigkern verify` and the benchmark autotune).
-os.environ.setdefault("BIGKERN_TRITON_AUTOTUNE", "0")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import bigkern  # noqa: E402
-from bigkern import dispatch, memory  # noqa: E402
-from bigkern.nn import functional as F  # noqa: E402
-from bigkern.ops import conv, epilogue  # noqa: E402
-from bigkern.testing import make_tensor  # noqa: E402
-from conftest import DEVICE, backend_skip_reason  # noqa: E402
+import bigkern
+from bigkern import dispatch, memory
+from bigkern.nn import functional as F
+from bigkern.ops import conv, epilogue
+from bigkern.testing import make_tensor
+from conftest import DEVICE, backend_skip_reason
 
 ACTIVATIONS = [None if a == "none" else a for a in epilogue.ACTIVATIONS]
 LAYOUTS = ["contiguous", "channels_last"]

@@ -188,7 +188,8 @@ def test_float64_runs_on_the_reference():
 
 
 def test_autocast_like_torch():
-    """On CUDA torch runs LSTMs in the autocast dtype; elsewhere (CPU) it leaves them alone."""
+    """torch runs whole LSTMs in the autocast dtype on CUDA (cuDNN) and CPU (oneDNN's
+    mkldnn_rnn_layer is on CPU autocast's list), and LSTMCell in it on CUDA only."""
     torch_cell, torch_lstm = torch.nn.LSTMCell(3, 5, device=DEVICE), torch.nn.LSTM(3, 5, device=DEVICE)
     cell, lstm = rnn.LSTMCell(3, 5, device=DEVICE), rnn.LSTM(3, 5, device=DEVICE)
     cell.load_state_dict(torch_cell.state_dict())
@@ -205,8 +206,9 @@ def test_autocast_like_torch():
             expected, _ = torch_lstm(x)
         assert out.dtype == expected.dtype == torch.float16
         torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
-    else:
-        torch.testing.assert_close(out, torch_lstm(x)[0], rtol=1e-4, atol=1e-5)
+    else:  # torch's own CPU LSTM fails under autocast here (oneDNN); its policy is bf16 throughout
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), torch_lstm(x)[0], rtol=2e-2, atol=2e-2)
 
 
 def test_empty_batch(backend):

@@ -472,23 +472,27 @@ def _cast_floats(value, dtype):
     return value
 
 
-def _autocast_like_torch(fn):
-    """Autocast as torch applies it to LSTMs: on CUDA, lstm_cell and cuDNN's RNNs run in the
-    autocast dtype (every floating argument but float64 cast to it); elsewhere they keep their
-    dtypes. Either way the math inside is not autocast piece by piece."""
-    @functools.wraps(fn)
-    def wrapper(input, *args, **kwargs):
-        if not isinstance(input, Tensor) or not torch.is_autocast_enabled(input.device.type):
-            return fn(input, *args, **kwargs)
-        device_type = input.device.type
-        with torch.autocast(device_type, enabled=False):
-            if device_type == "cuda":
-                input, args, kwargs = _cast_floats((input, args, kwargs), torch.get_autocast_dtype(device_type))
-            return fn(input, *args, **kwargs)
-    return wrapper
+def _autocast_like_torch(cast_devices):
+    """Autocast as torch applies it to LSTMs: on the devices whose autocast lists the op as lower
+    precision, every floating argument but float64 is cast to the autocast dtype -- CUDA for
+    lstm_cell and whole LSTMs (cuDNN), and also CPU for whole LSTMs (oneDNN's mkldnn_rnn_layer is
+    on CPU autocast's list; lstm_cell is not). Elsewhere dtypes are kept. Either way the math inside
+    is not autocast piece by piece."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(input, *args, **kwargs):
+            if not isinstance(input, Tensor) or not torch.is_autocast_enabled(input.device.type):
+                return fn(input, *args, **kwargs)
+            device_type = input.device.type
+            with torch.autocast(device_type, enabled=False):
+                if device_type in cast_devices:
+                    input, args, kwargs = _cast_floats((input, args, kwargs), torch.get_autocast_dtype(device_type))
+                return fn(input, *args, **kwargs)
+        return wrapper
+    return decorate
 
 
-@_autocast_like_torch
+@_autocast_like_torch(("cuda", "cpu"))
 def lstm_layer(input: Tensor, hx: Optional[tuple] = None, weight_ih: Tensor = None, weight_hh: Tensor = None,
                bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
                weight_hr: Optional[Tensor] = None, *, reverse: bool = False,
@@ -538,7 +542,7 @@ def _initial_state(hx, input, h_shape, c_shape, fn, names=("hx[0]", "hx[1]")):
     return h0, c0
 
 
-@_autocast_like_torch
+@_autocast_like_torch(("cuda",))
 def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
               b_hh: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One LSTM step, torch.lstm_cell's signature: input (B, input_size), hx (h (B, H), c (B, H))
@@ -560,7 +564,7 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
     return out, cn
 
 
-@_autocast_like_torch
+@_autocast_like_torch(("cuda", "cpu"))
 def lstm(input: Tensor, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
          bidirectional: bool, batch_first=False):
     """torch.lstm (what torch.nn.LSTM calls), both overloads:
