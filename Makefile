@@ -10,13 +10,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS := torch numpy pytest pytest-benchmark expecttest ninja pybind11 setuptools wheel matplotlib rich
+TEST_DEPS := torchvision timm transformers
 SOURCES := setup.py pyproject.toml bench/shapes.json $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: test bench gpu-check install wheel clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q $(DEPS)
+	$(PIP) install -q $(DEPS) $(TEST_DEPS)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

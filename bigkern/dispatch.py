@@ -214,7 +214,10 @@ class Op:
         raise UnsupportedError(f"{self.name}: the requested backend cannot serve this call ({detail})")
 
     def __call__(self, *args, **kwargs):
-        return self.select(*args, **kwargs).run(*args, **kwargs)
+        implementation = self.select(*args, **kwargs)
+        for calls in _RECORDERS:
+            calls[(self.name, implementation.backend)] += 1
+        return implementation.run(*args, **kwargs)
 
     def explain(self, *args, **kwargs) -> Explanation:
         try:
@@ -225,6 +228,25 @@ class Op:
 
 
 REGISTRY: dict = {}
+_RECORDERS: list = []
+
+
+@contextlib.contextmanager
+def record():
+    """Count which implementation served each op call inside the block:
+
+        >>> with bigkern.record() as calls: model(x).sum().backward()
+        >>> calls   # Counter({('conv2d', 'triton'): 20, ('conv2d_input_grad', 'triton'): 19, ...})
+    Eager calls only: inside a compiled graph the op runs when the graph runs, and is counted then.
+    """
+    import collections
+
+    calls = collections.Counter()
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls)
 
 
 def entry_point(op: Op, prepare: Callable):

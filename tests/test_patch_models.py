@@ -1,0 +1,149 @@
+"""`bigkern.patch` on models users bring: torchvision's resnet18, a timm ViT, Hugging Face GPT-2 and
+BERT built from configs (no weights). The patched model must give the unpatched model's outputs and
+gradients by FlashAttention's rule against a float64 copy, with bigkern's kernels doing the work:
+Triton is forced (the interpreter on CPU) and `bigkern.record()` must show its ops ran.
+
+torchvision, timm and transformers are test dependencies (the Makefile installs them); a machine
+without them (the bare GPU image) skips these tests.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import bigkern
+from bigkern import dispatch
+from bigkern.patch import patched_modules
+from bigkern.testing import assert_close, make_tensor
+
+
+def outputs_and_gradients(model, forward, cotangent):
+    """forward(model) -> output; backward with `cotangent`; (output, {parameter name: grad})."""
+    model.zero_grad(set_to_none=True)
+    output = forward(model)
+    output.backward(cotangent.to(output.dtype))
+    return output.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def check_patched_model(model, forward, expected_ops, *, scoped_functional=False, include=None):
+    """Patched (Triton forced) vs unpatched, both fp32, against the model in fp64.
+
+    forward(model) must build its inputs in the model's dtype (fp64 for the reference) from
+    tensors drawn once by the caller. Returns the record of which implementations served."""
+    model = model.eval()
+    reference_model = copy.deepcopy(model).double()
+    patched = bigkern.patch(copy.deepcopy(model), include=include)
+    huggingface_attention = getattr(getattr(patched, "config", None), "_attn_implementation", None)
+    assert patched_modules(patched) or huggingface_attention == "bigkern", "nothing was patched: the test would prove nothing"
+
+    with torch.no_grad():
+        cotangent = make_tensor(tuple(forward(model).shape))
+    torch_output, torch_grads = outputs_and_gradients(model, forward, cotangent)
+    reference_output, reference_grads = outputs_and_gradients(reference_model, forward, cotangent.double())
+    with bigkern.use_backend("triton"), bigkern.record() as calls:
+        if scoped_functional:
+            with bigkern.enable():
+                output, grads = outputs_and_gradients(patched, forward, cotangent)
+        else:
+            output, grads = outputs_and_gradients(patched, forward, cotangent)
+
+    for op in expected_ops:
+        assert calls[(op, "triton")] > 0, f"{op} never ran on Triton: {dict(calls)}"
+    assert not [key for key in calls if key[1] != "triton"], f"a non-Triton implementation served: {dict(calls)}"
+    assert_close(output, reference_output, torch_output, name="output")
+    assert grads.keys() == reference_grads.keys()
+    for name in grads:
+        if reference_grads[name] is None:  # unused by this forward (BERT's pooler, say)
+            assert grads[name] is None, f"grad {name}: expected none"
+            continue
+        assert_close(grads[name], reference_grads[name], torch_grads[name], name=f"grad {name}", factor=3.0)
+    return patched, calls
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision
+
+def test_torchvision_resnet18():
+    """Every conv on a GPU; in the interpreter (where a 512-channel conv takes minutes) the stem and
+    the first stage, the rest staying torch's."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    images = make_tensor((2, 3, 16, 16))
+    include = ["conv1", "layer1.*"] if dispatch.triton_interpreter_enabled() else None
+    patched, calls = check_patched_model(
+        model, lambda m: m(images.to(next(m.parameters()).dtype)),
+        ["conv2d", "conv2d_input_grad", "conv2d_weight_grad"], include=include)
+    swapped = 5 if include else 20
+    assert len(patched_modules(patched)) == swapped
+    assert calls[("conv2d", "triton")] == swapped
+
+    bigkern.unpatch(patched)
+    assert not patched_modules(patched)
+    assert all(type(m) is torch.nn.Conv2d for m in patched.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_timm_vision_transformer_patched_and_scoped():
+    """timm's attention calls F.scaled_dot_product_attention itself: `bigkern.enable()` routes it;
+    the patch embedding is an nn.Conv2d that `patch` swaps."""
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+    assert all(block.attn.fused_attn for block in model.blocks), "timm would not call scaled_dot_product_attention"
+    images = make_tensor((2, 3, 32, 32))
+    check_patched_model(model, lambda m: m(images.to(next(m.parameters()).dtype)),
+                        ["conv2d", "sdpa_forward", "sdpa_backward"], scoped_functional=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face transformers
+
+def gpt2_model(**kwargs):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def test_huggingface_gpt2_patched():
+    model = gpt2_model()
+    tokens = torch.randint(0, 97, (2, 13))
+    original = model.config._attn_implementation
+    patched, _ = check_patched_model(model, lambda m: m(tokens).logits, ["sdpa_forward", "sdpa_backward"])
+    assert patched.config._attn_implementation == "bigkern"
+    bigkern.unpatch(patched)
+    assert patched.config._attn_implementation == original
+
+
+def test_huggingface_bert_with_padding_patched():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    model = transformers.BertModel(config)
+    tokens = torch.randint(0, 97, (3, 11))
+    lengths = torch.tensor([11, 7, 1])
+    padding = (torch.arange(11)[None, :] < lengths[:, None]).long()
+    check_patched_model(model, lambda m: m(input_ids=tokens, attention_mask=padding).last_hidden_state,
+                        ["sdpa_forward", "sdpa_backward"])
+
+
+def test_huggingface_attn_implementation_bigkern():
+    """After registration, `attn_implementation="bigkern"` selects bigkern without patching."""
+    pytest.importorskip("transformers")
+    from bigkern.integrations import huggingface
+
+    assert huggingface.register()
+    unpatched = gpt2_model().eval()
+    selected = gpt2_model(attn_implementation="bigkern").eval()
+    selected.load_state_dict(unpatched.state_dict())
+    assert selected.config._attn_implementation == "bigkern"
+    tokens = torch.randint(0, 97, (2, 9))
+    with bigkern.use_backend("triton"), bigkern.record() as calls:
+        logits = selected(tokens).logits
+    assert calls[("sdpa_forward", "triton")] == 2
+    with torch.no_grad():
+        expected = copy.deepcopy(unpatched).double()(tokens).logits
+        torch_logits = unpatched(tokens).logits
+    assert_close(logits, expected, torch_logits)
