@@ -94,7 +94,8 @@ def test_results_report_plot_and_readme(tmp_path):
     updated = readme.read_text()
     assert "stale" not in updated and "NVIDIA Test GPU" in updated and updated.endswith("bottom\n")
     assert "| demo | triton | float16 | ✓ CPU interpreter (2026-11-23, 3/3) | NVIDIA Test GPU |" in updated
-    assert "| demo | cuda |" not in updated  # skipped rows claim nothing
+    # a skipped op x backend claims nothing, but its gap is shown
+    assert "| demo | cuda | - | not yet: skipped on CPU interpreter (no GPU) |" in updated
 
 
 def test_bench_without_gpu_verifies_instead(capsys, monkeypatch):

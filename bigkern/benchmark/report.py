@@ -132,14 +132,20 @@ def verification_markdown(documents, benchmarked) -> str:
     if not documents:
         return "No verification results stored yet (`bigkern verify --save bench/results`)."
     cells = defaultdict(list)
+    skipped = defaultdict(list)  # (op, backend) -> why each machine could not run it
     for document in documents:
         where = document["environment"]["device"]
         when = document["environment"]["timestamp"][:10]
         for row in document["rows"]:
             if row["status"] == "skipped":
+                skipped[(row["op"], row["backend"])].append(f"not yet: skipped on {where} ({row['detail']})")
                 continue
             mark = "✓" if row["status"] == "ok" else "✗"
             cells[(row["op"], row["backend"], row["dtype"])].append(f"{mark} {where} ({when}, {row['passed']})")
+    # an op x backend no machine could run still gets a row, so the table never hides a gap
+    for (op, backend), reasons in skipped.items():
+        if not any(key[:2] == (op, backend) for key in cells):
+            cells[(op, backend, "-")] = sorted(set(reasons))
     lines = ["| op | backend | dtype | verified | benchmarked |", "|---|---|---|---|---|"]
     for (op, backend, dtype), places in sorted(cells.items()):
         bench = ", ".join(sorted(benchmarked.get((op, backend, dtype), []))) or "not yet"
