@@ -176,18 +176,27 @@ def attention_forward_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh,
+    stride_os, stride_ls, keys_per_split,  # SPLIT only: a split's offset in Out and Lse, its keys
     n_heads, group_size, seq_q, seq_k,
     qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi,
     q_bucket, k_bucket,  # autotuning keys only
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """SPLIT (flash-decoding): program_id(0) is (query block, split); each split walks only its
+    `keys_per_split` keys and writes a partial output, normalized by its own l, and its own lse
+    (-inf where it saw no key) into fp32 scratch, which attention_split_combine_kernel merges."""
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start, seq_q = _sequence(CuSeqQ, b, seq_q, VARLEN)
     k_start, seq_k = _sequence(CuSeqK, b, seq_k, VARLEN)
-    if IS_CAUSAL:
+    split = 0
+    if SPLIT:
+        n_splits = tl.cdiv(seq_k, keys_per_split)
+        split = tl.program_id(0) % n_splits
+        pid_m = tl.program_id(0) // n_splits
+    elif IS_CAUSAL:
         # the longest query blocks (the last ones) first: they finish with the rest
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
@@ -223,7 +232,12 @@ def attention_forward_kernel(
     else:
         end = seq_k
         full_end = (seq_k // BLOCK_N) * BLOCK_N
-    for n0 in range(0, full_end, BLOCK_N):
+    start = 0
+    if SPLIT:  # this split's keys [start, end): whole blocks, since keys_per_split is a multiple of BLOCK_N
+        start = split * keys_per_split
+        end = tl.minimum(end, start + keys_per_split)
+        full_end = tl.maximum(tl.minimum(full_end, end), start)
+    for n0 in range(start, full_end, BLOCK_N):
         acc, l_i, m_i = _forward_block(
             acc, l_i, m_i, q, k_base, v_base, mask_base, n0, offs_m, offs_n, offs_d, offs_dv,
             seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
@@ -241,12 +255,64 @@ def attention_forward_kernel(
     l_safe = tl.where(empty_row, 1.0, l_i)
     inv_l = tl.where(empty_row, 0.0, 1.0 / l_safe)
     out = acc * inv_l[:, None]
-    lse = tl.where(empty_row, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    o_base = Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
+    lse = (m_i + tl.math.log2(l_safe)) * LN2
+    if SPLIT:  # a split that saw no key weighs nothing in the merge
+        lse = tl.where(empty_row, float("-inf"), lse)
+        o_base = Out + split.to(tl.int64) * stride_os
+        lse_base = Lse + split.to(tl.int64) * stride_ls
+    else:
+        lse = tl.where(empty_row, float("inf"), lse)
+        o_base = Out
+        lse_base = Lse
+    o_base += b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
     tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
-    lse_base = Lse + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64)
+    lse_base += b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64)
     tl.store(lse_base + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def attention_split_combine_kernel(
+    Part, PartLse, Out, Lse,
+    stride_pb, stride_ph, stride_ps, stride_pm,
+    stride_qb, stride_qh, stride_qs,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    n_splits, seq_q,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Merge the splits of one query block (Part (B, H, splits, L, Dv), PartLse (B, H, splits, L)):
+
+        lse = log sum_s exp(lse_s);   out = sum_s exp(lse_s - lse) * out_s
+
+    A row no split saw a key for gets out 0 and lse +inf, as the unsplit kernel gives it."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < seq_q
+    offs_dv = tl.arange(0, BLOCK_DV)
+    lse_base = PartLse + b * stride_qb + h * stride_qh + rows
+    part_base = Part + b * stride_pb + h * stride_ph + rows[:, None] * stride_pm + offs_dv[None, :]
+    part_ok = row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
+
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    for s in range(0, n_splits):
+        m = tl.maximum(m, tl.load(lse_base + s * stride_qs, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    for s in range(0, n_splits):
+        lse_s = tl.load(lse_base + s * stride_qs, mask=row_ok, other=float("-inf"))
+        weight = tl.math.exp2((lse_s - m_safe) * LOG2E)
+        total += weight
+        acc += weight[:, None] * tl.load(part_base + s * stride_ps, mask=part_ok, other=0.0)
+    empty_row = total == 0.0
+    total_safe = tl.where(empty_row, 1.0, total)
+    out = acc * tl.where(empty_row, 0.0, 1.0 / total_safe)[:, None]
+    lse = tl.where(empty_row, float("inf"), m_safe + tl.log(total_safe))
+    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :],
+             out.to(Out.dtype.element_ty), mask=part_ok)
+    tl.store(Lse + b * stride_lb + h * stride_lh + rows, lse, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,7 +649,7 @@ def _dq_prune(configs, named_args, **kwargs):
     return [_config(*c) for c in chosen]
 
 
-_TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "DROPOUT", "q_bucket", "k_bucket"]
+_TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "DROPOUT", "SPLIT", "q_bucket", "k_bucket"]
 _PLACEHOLDER = [_config(64, 64, 4, 2)]  # replaced by the prune functions above
 # Unequal tiles on purpose: the tests then see query and key blocks that do not line up.
 _INTERPRETER_TILES = {"forward": {"BLOCK_M": 32, "BLOCK_N": 16}, "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
@@ -682,16 +748,68 @@ def attention_forward(q, k, v, mask, out, lse, *, scale, is_causal, dropout=None
     threshold, dropout_scale, seed_lo, seed_hi = _dropout_args(dropout)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
-    args = (q, k, v, mask if mask is not None else q, out, lse, cu_q, cu_k,
-            *_batch_strides(q, 3, varlen), *_batch_strides(k, 3, varlen), *_batch_strides(v, 3, varlen),
-            *_strides(mask, 4), *_batch_strides(out, 3, varlen), *_batch_strides(lse, 2, varlen),
-            heads, heads // kv_heads, seq_q, seq_k,
-            scale * 1.4426950408889634, threshold, dropout_scale, seed_lo, seed_hi,
-            _bucket(seq_q), _bucket(seq_k))
+    inputs = (*_batch_strides(q, 3, varlen), *_batch_strides(k, 3, varlen), *_batch_strides(v, 3, varlen),
+              *_strides(mask, 4))
+    scalars = (heads, heads // kv_heads, seq_q, seq_k, scale * 1.4426950408889634, threshold, dropout_scale,
+               seed_lo, seed_hi, _bucket(seq_q), _bucket(seq_k))
+    mask_arg = mask if mask is not None else q
+    keys_per_split = split_keys(batch, heads, seq_q, seq_k, is_causal, varlen, q.device)
+    if keys_per_split is None:
+        _launch("forward", attention_forward_kernel, lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), heads, batch),
+                (q, k, v, mask_arg, out, lse, cu_q, cu_k, *inputs, *_batch_strides(out, 3, varlen),
+                 *_batch_strides(lse, 2, varlen), 0, 0, 0, *scalars), {**meta, "SPLIT": False})
+        return
 
-    def grid(meta):
-        return (triton.cdiv(seq_q, meta["BLOCK_M"]), heads, batch)
-    _launch("forward", attention_forward_kernel, grid, args, meta)
+    # each split writes (B, H, split, L, Dv) fp32 partial outputs and (B, H, split, L) lse; then merge
+    import torch
+
+    splits = triton.cdiv(seq_k, keys_per_split)
+    part = torch.empty((batch, heads, splits, seq_q, v.shape[3]), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((batch, heads, splits, seq_q), dtype=torch.float32, device=q.device)
+    _launch("forward", attention_forward_kernel,
+            lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]) * splits, heads, batch),
+            (q, k, v, mask_arg, part, part_lse, cu_q, cu_k, *inputs,
+             part.stride(0), part.stride(1), part.stride(3), part_lse.stride(0), part_lse.stride(1),
+             part.stride(2), part_lse.stride(2), keys_per_split, *scalars), {**meta, "SPLIT": True})
+    block_m = 16
+    attention_split_combine_kernel[(triton.cdiv(seq_q, block_m), heads, batch)](
+        part, part_lse, out, lse, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+        *_strides(part_lse, 3), *_strides(out, 3), *_strides(lse, 2), splits, seq_q,
+        HEAD_DIM_V=meta["HEAD_DIM_V"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block_m)
+
+
+# Flash-decoding: with few query rows (decoding) the unsplit grid has batch * heads programs, too
+# few to fill the GPU, each walking every key. Splitting the key walk over several programs and
+# merging their partial results (one small extra kernel) puts every SM to work.
+SPLIT_MAX_QUERY_ROWS = 16  # the decoding tiles' BLOCK_M: one query block per (batch, head)
+SPLIT_KEY_GRANULE = 128  # keys per split are a multiple of every decoding tile's BLOCK_N
+SPLIT_MIN_GRANULES = 2  # each split walks at least this many granules (the merge is not free)
+SPLIT_ENV = "BIGKERN_ATTENTION_SPLIT_KV"  # 0 turns splitting off (for before/after benchmarks)
+
+
+def split_keys(batch, heads, seq_q, seq_k, is_causal, varlen, device):
+    """Keys each split of the forward walks, or None to run unsplit."""
+    import os
+
+    if varlen or is_causal or seq_q > SPLIT_MAX_QUERY_ROWS or os.environ.get(SPLIT_ENV, "1") == "0":
+        return None  # causal rows see at most seq_q keys here; varlen sequences vary
+    granule = _INTERPRETER_TILES["forward"]["BLOCK_N"] if _interpreting() else SPLIT_KEY_GRANULE
+    programs = batch * heads
+    target = 2 * _multiprocessors(device)
+    granules = triton.cdiv(seq_k, granule)
+    splits = min(triton.cdiv(target, programs), granules // SPLIT_MIN_GRANULES)
+    if splits < 2:
+        return None
+    return triton.cdiv(granules, splits) * granule
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device):
+    import torch
+
+    if device.type != "cuda":
+        return 4  # the interpreter: small test shapes still split
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def attention_backward(grad_out, q, k, v, mask, out, lse, grad_lse, delta, grad_q, grad_k, grad_v, grad_mask, *,

@@ -205,11 +205,14 @@ def test_torch_implementation_is_torch_sdpa(what):
         torch.testing.assert_close(mine.grad, theirs.grad)
 
 
-def test_fully_masked_rows_give_zero_output_gradients_and_inf_lse(backend):
+# S=100: the Triton forward splits the key walk in the interpreter (flash-decoding), so the merge
+# of partial results must keep these semantics too.
+@pytest.mark.parametrize("S", [6, 100])
+def test_fully_masked_rows_give_zero_output_gradients_and_inf_lse(backend, S):
     q = make_tensor((1, 2, 5, 16), torch.float32, DEVICE, requires_grad=True)
-    k = make_tensor((1, 2, 6, 16), torch.float32, DEVICE, requires_grad=True)
-    v = make_tensor((1, 2, 6, 16), torch.float32, DEVICE, requires_grad=True)
-    mask = torch.rand(5, 6, device=DEVICE) > 0.3
+    k = make_tensor((1, 2, S, 16), torch.float32, DEVICE, requires_grad=True)
+    v = make_tensor((1, 2, S, 16), torch.float32, DEVICE, requires_grad=True)
+    mask = torch.rand(5, S, device=DEVICE) > 0.3
     mask[1] = False
     skip_unless_served(q, k, v, mask)
     out = F.scaled_dot_product_attention(q, k, v, mask)
@@ -219,19 +222,20 @@ def test_fully_masked_rows_give_zero_output_gradients_and_inf_lse(backend):
     args, _ = attention.prepare_sdpa(q, k, v, mask)
     _, lse = attention.sdpa_forward_op(*args)
     assert torch.isinf(lse[:, :, 1]).all() and (lse[:, :, 1] > 0).all()
-    scores = (q.double() @ k.double().transpose(-1, -2)) / 4 + torch.zeros(5, 6).masked_fill(~mask, -math.inf)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / 4 + torch.zeros(5, S).masked_fill(~mask, -math.inf)
     expected = torch.logsumexp(scores, -1)
     keep = torch.ones(5, dtype=torch.bool)
     keep[1] = False
     torch.testing.assert_close(lse[:, :, keep].double(), expected[:, :, keep])
 
 
+@pytest.mark.parametrize("S", [9, 100])
 @pytest.mark.parametrize("where", ["query_row", "visible_key", "masked_key", "value", "inf_value"])
-def test_nan_and_inf_propagate_as_in_torch(backend, where):
+def test_nan_and_inf_propagate_as_in_torch(backend, where, S):
     q = make_tensor((1, 2, 7, 16), torch.float32, DEVICE)
-    k = make_tensor((1, 2, 9, 16), torch.float32, DEVICE)
-    v = make_tensor((1, 2, 9, 16), torch.float32, DEVICE)
-    mask = torch.ones(7, 9, dtype=torch.bool, device=DEVICE)
+    k = make_tensor((1, 2, S, 16), torch.float32, DEVICE)
+    v = make_tensor((1, 2, S, 16), torch.float32, DEVICE)
+    mask = torch.ones(7, S, dtype=torch.bool, device=DEVICE)
     mask[:, 4] = False
     if where == "query_row":
         q[0, 1, 3, 2] = float("nan")
@@ -251,6 +255,55 @@ def test_nan_and_inf_propagate_as_in_torch(backend, where):
     out = F.scaled_dot_product_attention(q, k, v, mask)
     assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())
     check(attention.compare_with_reference(q, k, v, mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# Flash-decoding: few query rows, many keys. The Triton forward splits the key walk over several
+# programs and merges their partial outputs by their logsumexp; backward is unchanged (it reads
+# the merged out and lse). Key counts scale up on a GPU, where a split covers >= 256 keys.
+
+DECODING_CASES = [
+    dict(batch=1, heads=2, kv_heads=1, L=1, S=129, E=16, Ev=16, mask=None, layout="contiguous",
+         dtype=torch.float32, dropout=0.0),
+    dict(batch=2, heads=3, kv_heads=1, L=7, S=300, E=40, Ev=24, mask="bool", layout="blhd",
+         dtype=torch.float16, dropout=0.0),
+    dict(batch=1, heads=2, kv_heads=2, L=16, S=200, E=16, Ev=16, mask="float_full", layout="strided",
+         dtype=torch.float32, dropout=0.0),
+    dict(batch=1, heads=2, kv_heads=2, L=3, S=150, E=16, Ev=16, mask=None, layout="contiguous",
+         dtype=torch.float32, dropout=0.2),
+    dict(batch=2, heads=1, kv_heads=1, L=1, S=257, E=64, Ev=64, mask="float_bcast", layout="transposed",
+         dtype=torch.float16, dropout=0.0),
+]
+
+
+@pytest.mark.parametrize("case", DECODING_CASES, ids=lambda c: case_id({**c, "causal": False, "scale": None}))
+def test_split_kv_decoding_matches_fp64(case):
+    reason = backend_skip_reason("triton")
+    if reason:
+        pytest.skip(reason)
+    from bigkern.kernels import attention as attention_kernels
+
+    case = {**case, "causal": False, "scale": None, "S": case["S"] * (32 if GPU else 1)}
+    q, k, v, mask = build(case)
+    assert attention_kernels.split_keys(case["batch"], case["heads"], case["L"], case["S"], False, False,
+                                        q.device), "this case would not split: the test would prove nothing"
+    with bigkern.use_backend("triton"):
+        check(attention.compare_with_reference(q, k, v, mask, case["dropout"], False, None,
+                                               case["heads"] != case["kv_heads"]))
+
+
+def test_split_kv_is_chosen_for_decoding_only(monkeypatch):
+    from bigkern.kernels import attention as attention_kernels
+
+    cpu = torch.device("cpu")
+    assert attention_kernels.split_keys(1, 2, 1, 129, False, False, cpu)  # decoding
+    assert attention_kernels.split_keys(1, 2, 33, 129, False, False, cpu) is None  # many query rows
+    assert attention_kernels.split_keys(1, 2, 1, 129, True, False, cpu) is None  # causal: row 0 sees key 0
+    assert attention_kernels.split_keys(1, 2, 1, 129, False, True, cpu) is None  # varlen
+    assert attention_kernels.split_keys(1, 2, 1, 20, False, False, cpu) is None  # too few keys to share
+    assert attention_kernels.split_keys(64, 8, 1, 129, False, False, cpu) is None  # the grid is full already
+    monkeypatch.setenv(attention_kernels.SPLIT_ENV, "0")
+    assert attention_kernels.split_keys(1, 2, 1, 129, False, False, cpu) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,13 +672,16 @@ from triton.compiler import ASTSource
 from bigkern.kernels import attention as kernels
 
 pointers = {"Mask": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "GradLse": "*fp32", "GradMask": "*fp32",
-            "CuSeqQ": "*i32", "CuSeqK": "*i32"}
+            "CuSeqQ": "*i32", "CuSeqK": "*i32", "Part": "*fp32", "PartLse": "*fp32"}
 meta = dict(HEAD_DIM=80, HEAD_DIM_V=80, BLOCK_D=128, BLOCK_DV=128, MASK_KIND=2, IS_CAUSAL=False, VARLEN=False,
             DROPOUT=True, PRECISION="tf32")
-for kernel, tile, extra in ((kernels.attention_forward_kernel, (128, 64), {}),
+for kernel, tile, extra in ((kernels.attention_forward_kernel, (128, 64), {"SPLIT": False}),
+                            (kernels.attention_forward_kernel, (16, 128), {"SPLIT": True}),
+                            (kernels.attention_split_combine_kernel, (16, 0), {}),
                             (kernels.attention_backward_dkdv_kernel, (32, 128), {}),
                             (kernels.attention_backward_dq_kernel, (128, 32), {"MASK_GRAD": True})):
-    constexprs = dict(meta, BLOCK_M=tile[0], BLOCK_N=tile[1], **extra)
+    constexprs = {name: value for name, value in dict(meta, BLOCK_M=tile[0], BLOCK_N=tile[1], **extra).items()
+                  if name in kernel.arg_names}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
