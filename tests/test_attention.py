@@ -226,7 +226,7 @@ def test_fully_masked_rows_give_zero_output_gradients_and_inf_lse(backend, S):
     expected = torch.logsumexp(scores, -1)
     keep = torch.ones(5, dtype=torch.bool)
     keep[1] = False
-    torch.testing.assert_close(lse[:, :, keep].double(), expected[:, :, keep])
+    torch.testing.assert_close(lse[:, :, keep], expected[:, :, keep].float())  # fp32 tolerances
 
 
 @pytest.mark.parametrize("S", [9, 100])
