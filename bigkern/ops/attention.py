@@ -440,6 +440,19 @@ def _broadcast(shapes_by_name, what):
         raise RuntimeError(f"{_NAME}: the {what} of {described} do not broadcast together") from None
 
 
+def _check_like_query(op_name, query, key, value):
+    """key and value share query's dtype and device; query is floating point (torch: RuntimeError)."""
+    for t, name in ((key, "key"), (value, "value")):
+        if t.dtype != query.dtype:
+            raise RuntimeError(f"{op_name}: expected argument '{name}' to have the dtype of 'query' ({query.dtype}), "
+                               f"but got {t.dtype}")
+        if t.device != query.device:
+            raise RuntimeError(f"{op_name}: expected argument '{name}' on the device of 'query' ({query.device}), "
+                               f"but it is on {t.device}")
+    if not query.is_floating_point():
+        raise RuntimeError(f"{op_name}: expected argument 'query' to be a floating-point tensor, not {query.dtype}")
+
+
 def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """Raise what torch raises for bad input (its exception types), naming the argument."""
     for position, (t, name) in enumerate(((query, "query"), (key, "key"), (value, "value")), 1):
@@ -448,15 +461,7 @@ def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, e
         if t.dim() < 2:
             raise RuntimeError(f"{_NAME}: expected argument '{name}' to be at least 2-dimensional, "
                                f"but got a {t.dim()}-d tensor")
-    for t, name in ((key, "key"), (value, "value")):
-        if t.dtype != query.dtype:
-            raise RuntimeError(f"{_NAME}: expected argument '{name}' to have the dtype of 'query' ({query.dtype}), "
-                               f"but got {t.dtype}")
-        if t.device != query.device:
-            raise RuntimeError(f"{_NAME}: expected argument '{name}' on the device of 'query' ({query.device}), "
-                               f"but it is on {t.device}")
-    if not query.is_floating_point():
-        raise RuntimeError(f"{_NAME}: expected argument 'query' to be a floating-point tensor, not {query.dtype}")
+    _check_like_query(_NAME, query, key, value)
     if key.shape[-1] != query.shape[-1]:
         raise RuntimeError(f"{_NAME}: argument 'key' must have the embedding size of 'query' "
                            f"({query.shape[-1]}) in its last dimension, but has {key.shape[-1]}")
@@ -719,14 +724,7 @@ def check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropo
         if t.dim() != 3:
             raise RuntimeError(f"{_VARLEN}: expected argument '{name}' to be 3-dimensional (total tokens, heads, "
                                f"head dim), but got a {t.dim()}-d tensor")
-        if t.dtype != query.dtype:
-            raise RuntimeError(f"{_VARLEN}: expected argument '{name}' to have the dtype of 'query' ({query.dtype}), "
-                               f"but got {t.dtype}")
-        if t.device != query.device:
-            raise RuntimeError(f"{_VARLEN}: expected argument '{name}' on the device of 'query' ({query.device}), "
-                               f"but it is on {t.device}")
-    if not query.is_floating_point():
-        raise RuntimeError(f"{_VARLEN}: expected argument 'query' to be a floating-point tensor, not {query.dtype}")
+    _check_like_query(_VARLEN, query, key, value)
     if key.shape[2] != query.shape[2]:
         raise RuntimeError(f"{_VARLEN}: argument 'key' must have the head dim of 'query' ({query.shape[2]}), "
                            f"but has {key.shape[2]}")
