@@ -268,11 +268,16 @@ def wgrad_splits(n_pixels, tiles, device):
     return max(1, min(-(-programs // max(tiles, 1)), n_pixels // 512, 64))
 
 
-def _weight_grad_outputs(weight, bias_grad, like):
+def _weight_grad_outputs(grad, input, weight, bias_grad):
+    """(grad_w, grad_b, pixels reduced over); with nothing to reduce over, both gradients are zero."""
     grad_w = memory.empty_strided(tuple(weight.shape), dense_strides(weight.shape, suggests_channels_last(weight)),
                                   dtype=weight.dtype, device=weight.device)
     grad_b = memory.empty((weight.shape[0] if bias_grad else 0,), dtype=weight.dtype, device=weight.device)
-    return grad_w, grad_b
+    n_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
+    if n_pixels == 0 or input.shape[1] == 0:
+        grad_w.zero_()
+        grad_b.zero_()
+    return grad_w, grad_b, n_pixels * input.shape[1]
 
 
 def _reduce_partials(partial, out):
@@ -283,12 +288,10 @@ def _reduce_partials(partial, out):
 def _weight_grad_triton(grad, input, weight, stride, padding, dilation, groups, bias_grad):
     from bigkern.kernels import conv as kernels
 
-    grad_w, grad_b = _weight_grad_outputs(weight, bias_grad, input)
-    n_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
-    if n_pixels == 0 or input.shape[1] == 0:
-        grad_w.zero_()
-        grad_b.zero_()
+    grad_w, grad_b, work = _weight_grad_outputs(grad, input, weight, bias_grad)
+    if work == 0:
         return grad_w, grad_b
+    n_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
     K, C_g, R, S = weight.shape
     tiles = -(-K // groups // 128) * -(-C_g // 128) * R * S * groups
     splits = wgrad_splits(n_pixels, tiles, input.device)
@@ -304,12 +307,10 @@ def _weight_grad_triton(grad, input, weight, stride, padding, dilation, groups, 
 
 @CONV2D_WEIGHT_GRAD.register("cuda", _cuda_unsupported, auto=False)
 def _weight_grad_cuda(grad, input, weight, stride, padding, dilation, groups, bias_grad):
-    grad_w, grad_b = _weight_grad_outputs(weight, bias_grad, input)
-    n_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
-    if n_pixels == 0 or input.shape[1] == 0:
-        grad_w.zero_()
-        grad_b.zero_()
+    grad_w, grad_b, work = _weight_grad_outputs(grad, input, weight, bias_grad)
+    if work == 0:
         return grad_w, grad_b
+    n_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
     K, C_g, R, S = weight.shape
     tiles = -(-K // groups // 64) * -(-C_g // 64) * R * S * groups
     splits = wgrad_splits(n_pixels, tiles, input.device)
@@ -332,7 +333,7 @@ def _weight_grad_torch(grad, input, weight, stride, padding, dilation, groups, b
     grad_w_t = torch.ops.aten.convolution_backward(
         grad, padded, weight, None, list(stride), [0, 0], list(dilation), False, [0, 0], groups,
         [False, True, False])[1]
-    grad_w, grad_b = _weight_grad_outputs(weight, bias_grad, input)
+    grad_w, grad_b, _ = _weight_grad_outputs(grad, input, weight, bias_grad)
     grad_w.copy_(grad_w_t)
     if bias_grad:
         grad_b.copy_(grad.sum((0, 2, 3), dtype=torch.float32))
