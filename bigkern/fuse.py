@@ -92,15 +92,7 @@ def _activation(node, modules, source):
     if node is None or not node.args or node.args[0] is not source:
         return None
     if node.op == "call_module":
-        module = modules[node.target]
-        kind = type(module)
-        if kind in _ACTIVATION_MODULES:
-            return _ACTIVATION_MODULES[kind], 0.01
-        if kind is nn.GELU:
-            return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), 0.01
-        if kind is nn.LeakyReLU:
-            return "leaky_relu", float(module.negative_slope)
-        return None
+        return _activation_module(modules[node.target])
     if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
         name = _ACTIVATION_FUNCTIONS[node.target]
         if name == "gelu":

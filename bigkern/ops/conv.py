@@ -168,15 +168,20 @@ def forward_splits(n_pixels, k_per_group, groups, reduction, device):
 CONV2D = dispatch.Op("conv2d")
 
 
+def _forward_outputs(input, weight, stride, padding, dilation, save_z):
+    """(output shape, y, z or None): y and the pre-activation z in the layout torch would give."""
+    channels_last = output_channels_last(input, weight)
+    shape = _conv_output_shape(input, weight, stride, padding, dilation)
+    y = _empty(shape, channels_last, input)
+    return shape, y, (_empty(shape, channels_last, input) if save_z else None)
+
+
 @CONV2D.register("triton", _triton_unsupported)
 def _conv2d_triton(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope,
                    save_z):
     from bigkern.kernels import conv as kernels
 
-    channels_last = output_channels_last(input, weight)
-    shape = _conv_output_shape(input, weight, stride, padding, dilation)
-    y = _empty(shape, channels_last, input)
-    z = _empty(shape, channels_last, input) if save_z else None
+    shape, y, z = _forward_outputs(input, weight, stride, padding, dilation, save_z)
     if y.numel():
         x, w = _channels_innermost(input), _channels_innermost(weight)
         K, C_g, R, S = weight.shape
@@ -190,10 +195,7 @@ def _conv2d_triton(input, weight, bias, residual, stride, padding, dilation, gro
 @CONV2D.register("cuda", _cuda_unsupported, auto=False)
 def _conv2d_cuda(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope,
                  save_z):
-    channels_last = output_channels_last(input, weight)
-    shape = _conv_output_shape(input, weight, stride, padding, dilation)
-    y = _empty(shape, channels_last, input)
-    z = _empty(shape, channels_last, input) if save_z else None
+    shape, y, z = _forward_outputs(input, weight, stride, padding, dilation, save_z)
     if y.numel():
         x, w = _channels_innermost(input), _channels_innermost(weight)
         torch.ops.bigkern.conv2d_forward_cuda(
