@@ -127,21 +127,27 @@ def _sequence(CuSeq, b, fixed_len, VARLEN: tl.constexpr):
 # Forward
 
 @triton.jit
-def _forward_block(acc, l_i, m_i, q, k_base, v_base, mask_base, n0, offs_m, offs_n, offs_d, offs_dv,
-                   seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
+def _forward_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kv_head, mask_base, n0, offs_m, offs_n,
+                   offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
                    dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                   DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BOUNDARY: tl.constexpr):
+                   BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   TMA: tl.constexpr, BOUNDARY: tl.constexpr):
     """One key block of the online softmax. BOUNDARY blocks may hold keys past seq_k or past the
     causal diagonal; the others are read without any bounds check."""
     cols = n0 + offs_n
     col_ok = cols < seq_k
     # K^T tile (BLOCK_D, BLOCK_N) and V tile (BLOCK_N, BLOCK_DV)
-    k_t = _load_tile(k_base + cols[None, :] * stride_kn + offs_d[:, None], (offs_d < HEAD_DIM)[:, None],
-                     col_ok[None, :], HEAD_DIM != BLOCK_D, BOUNDARY, 0.0)
-    v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
-                   (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY, HEAD_DIM_V != BLOCK_DV, 0.0)
+    if TMA:
+        # the copy engine fills the tile; rows past S and columns past D arrive as zeros
+        k_t = tl.trans(k_desc.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_D))
+        v = v_desc.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_DV)
+    else:
+        k_t = _load_tile(k_base + cols[None, :] * stride_kn + offs_d[:, None], (offs_d < HEAD_DIM)[:, None],
+                         col_ok[None, :], HEAD_DIM != BLOCK_D, BOUNDARY, 0.0)
+        v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
+                       (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY, HEAD_DIM_V != BLOCK_DV, 0.0)
     s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
     rows2 = offs_m[:, None]
     cols2 = cols[None, :]
@@ -170,6 +176,7 @@ def _forward_block(acc, l_i, m_i, q, k_base, v_base, mask_base, n0, offs_m, offs
 @triton.jit
 def attention_forward_kernel(
     Q, K, V, Mask, Out, Lse, CuSeqQ, CuSeqK,
+    KDesc, VDesc,  # TMA only: descriptors of the (B, Hkv, S, D) K and V views, else unused
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -182,9 +189,11 @@ def attention_forward_kernel(
     q_bucket, k_bucket,  # autotuning keys only
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """SPLIT (flash-decoding): program_id(0) is (query block, split); each split walks only its
+    """TMA (Hopper): K and V tiles come through tensor descriptors, copied by the copy engine
+    (never with VARLEN). SPLIT (flash-decoding): program_id(0) is (query block, split); each split walks only its
     `keys_per_split` keys and writes a partial output, normalized by its own l, and its own lse
     (-inf where it saw no key) into fp32 scratch, which attention_split_combine_kernel merges."""
     h = tl.program_id(1)
@@ -239,16 +248,18 @@ def attention_forward_kernel(
         full_end = tl.maximum(tl.minimum(full_end, end), start)
     for n0 in range(start, full_end, BLOCK_N):
         acc, l_i, m_i = _forward_block(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, n0, offs_m, offs_n, offs_d, offs_dv,
-            seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
+            acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, n0, offs_m, offs_n,
+            offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
             dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, False)
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
+            False)
     for n0 in range(full_end, end, BLOCK_N):
         acc, l_i, m_i = _forward_block(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, n0, offs_m, offs_n, offs_d, offs_dv,
-            seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
+            acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, n0, offs_m, offs_n,
+            offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
             dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, True)
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
+            True)
 
     # l = 0: every key masked -> output 0 (acc * 0 keeps a NaN that reached acc, as torch's does)
     empty_row = l_i == 0.0
@@ -620,6 +631,8 @@ def _forward_prune(configs, named_args, **kwargs):
     else:
         chosen = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)] if hopper else \
                  [(64, 32, 4, 2), (64, 64, 4, 2)]
+    if args["TMA"]:  # the descriptors were built for one key tile: tune the rest around it
+        chosen = [c for c in chosen if c[1] == args["KDesc"].block_shape[2]]
     return [_config(*c) for c in chosen]
 
 
@@ -649,7 +662,7 @@ def _dq_prune(configs, named_args, **kwargs):
     return [_config(*c) for c in chosen]
 
 
-_TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "DROPOUT", "SPLIT", "q_bucket", "k_bucket"]
+_TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "DROPOUT", "SPLIT", "TMA", "q_bucket", "k_bucket"]
 _PLACEHOLDER = [_config(64, 64, 4, 2)]  # replaced by the prune functions above
 # Unequal tiles on purpose: the tests then see query and key blocks that do not line up.
 _INTERPRETER_TILES = {"forward": {"BLOCK_M": 32, "BLOCK_N": 16}, "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
@@ -753,10 +766,17 @@ def attention_forward(q, k, v, mask, out, lse, *, scale, is_causal, dropout=None
     scalars = (heads, heads // kv_heads, seq_q, seq_k, scale * 1.4426950408889634, threshold, dropout_scale,
                seed_lo, seed_hi, _bucket(seq_q), _bucket(seq_k))
     mask_arg = mask if mask is not None else q
+    descriptors = key_value_descriptors(k, v, seq_q, meta, varlen)
+    pointers = (q, k, v, mask_arg)
+    if descriptors is None:
+        pointers += (q, q)  # placeholders: the descriptors are never read
+    else:
+        pointers += descriptors
+    meta["TMA"] = descriptors is not None
     keys_per_split = split_keys(batch, heads, seq_q, seq_k, is_causal, varlen, q.device)
     if keys_per_split is None:
         _launch("forward", attention_forward_kernel, lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), heads, batch),
-                (q, k, v, mask_arg, out, lse, cu_q, cu_k, *inputs, *_batch_strides(out, 3, varlen),
+                (*pointers[:4], out, lse, cu_q, cu_k, *pointers[4:], *inputs, *_batch_strides(out, 3, varlen),
                  *_batch_strides(lse, 2, varlen), 0, 0, 0, *scalars), {**meta, "SPLIT": False})
         return
 
@@ -768,7 +788,7 @@ def attention_forward(q, k, v, mask, out, lse, *, scale, is_causal, dropout=None
     part_lse = torch.empty((batch, heads, splits, seq_q), dtype=torch.float32, device=q.device)
     _launch("forward", attention_forward_kernel,
             lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]) * splits, heads, batch),
-            (q, k, v, mask_arg, part, part_lse, cu_q, cu_k, *inputs,
+            (*pointers[:4], part, part_lse, cu_q, cu_k, *pointers[4:], *inputs,
              part.stride(0), part.stride(1), part.stride(3), part_lse.stride(0), part_lse.stride(1),
              part.stride(2), part_lse.stride(2), keys_per_split, *scalars), {**meta, "SPLIT": True})
     block_m = 16
@@ -776,6 +796,60 @@ def attention_forward(q, k, v, mask, out, lse, *, scale, is_causal, dropout=None
         part, part_lse, out, lse, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         *_strides(part_lse, 3), *_strides(out, 3), *_strides(lse, 2), splits, seq_q,
         HEAD_DIM_V=meta["HEAD_DIM_V"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block_m)
+
+
+# TMA (Hopper's copy engine) for the key and value tiles of the forward: one instruction per tile
+# instead of every thread computing addresses, and the out-of-bounds rows and columns come back as
+# zeros with no masks. A host-side descriptor fixes its tile shape, so the launcher picks the key
+# tile (BLOCK_N) and autotuning chooses among the configs that use it. Off unless
+# BIGKERN_ATTENTION_TMA=1 until a GPU run has verified and measured it (bench/NOTES.md, v3).
+TMA_ENV = "BIGKERN_ATTENTION_TMA"
+
+
+def tma_enabled(device):
+    import os
+
+    if os.environ.get(TMA_ENV, "0") in ("", "0"):
+        return False
+    return _interpreting() or (device.type == "cuda" and _capability()[0] >= 9)
+
+
+def _tma_key_tile(seq_q, meta):
+    """The forward's BLOCK_N under TMA: that of the first config _forward_prune offers the shape."""
+    if _interpreting():
+        return _INTERPRETER_TILES["forward"]["BLOCK_N"]
+    first = _forward_prune(None, dict(meta, q_bucket=_bucket(seq_q), TMA=False))[0]
+    return first.kwargs["BLOCK_N"]
+
+
+def _describable(t):
+    """Can a TMA descriptor address t: 16-byte aligned base and strides, unit last stride."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(st > 0 and st * size % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
+
+
+def key_value_descriptors(k, v, seq_q, meta, varlen):
+    """(K, V) TensorDescriptors over the (B, Hkv, S, D) views for the TMA forward, or None where it
+    cannot serve: not enabled, a packed variable-length batch, 32-bit inputs or unaligned strides."""
+    import torch
+
+    if varlen or k.dtype not in (torch.float16, torch.bfloat16) or not tma_enabled(k.device):
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    if not (_describable(k) and _describable(v)):
+        return None
+    block_n = _tma_key_tile(seq_q, meta)
+
+    def describe(t, block_d):
+        # a size-1 dimension's stride is never used; give it one the copy engine accepts
+        strides = [st if n > 1 else 16 // t.element_size() for st, n in zip(t.stride(), t.shape)]
+        strides[-1] = 1
+        return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_n, block_d])
+    return describe(k, meta["BLOCK_D"]), describe(v, meta["BLOCK_DV"])
 
 
 # Flash-decoding: with few query rows (decoding) the unsplit grid has batch * heads programs, too

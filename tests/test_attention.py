@@ -307,6 +307,80 @@ def test_split_kv_is_chosen_for_decoding_only(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# TMA (BIGKERN_ATTENTION_TMA=1): the forward reads K and V tiles through tensor descriptors. The
+# interpreter runs the descriptor loads (zero fill past S and past D included); a GPU runs them on
+# Hopper's copy engine. 16-bit inputs only (fp16 here: bf16 tl.dot is broken in the interpreter).
+
+TMA_CASES = [
+    dict(batch=2, heads=4, kv_heads=2, L=37, S=45, E=64, Ev=64, mask=None, causal=False, layout="contiguous"),
+    dict(batch=1, heads=3, kv_heads=1, L=33, S=17, E=40, Ev=24, mask=None, causal=True, layout="blhd"),
+    dict(batch=2, heads=2, kv_heads=2, L=7, S=33, E=80, Ev=80, mask="bool_rows", causal=False, layout="fused_qkv"),
+    dict(batch=1, heads=2, kv_heads=2, L=33, S=33, E=16, Ev=16, mask="float", causal=False, layout="fused_qkv",
+         dropout=0.2),
+    dict(batch=1, heads=2, kv_heads=1, L=1, S=1, E=16, Ev=16, mask=None, causal=False, layout="contiguous"),
+    dict(batch=1, heads=2, kv_heads=2, L=3, S=150, E=64, Ev=64, mask="float_bcast", causal=False,
+         layout="transposed"),  # decoding: split key walk
+]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: case_id({"dropout": 0.0, "scale": None, **c,
+                                                                      "dtype": torch.float16}))
+def test_tma_forward_matches_fp64(case, monkeypatch):
+    reason = backend_skip_reason("triton")
+    if reason:
+        pytest.skip(reason)
+    from bigkern.kernels import attention as attention_kernels
+
+    if GPU and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper")
+    monkeypatch.setenv(attention_kernels.TMA_ENV, "1")
+    described = []
+    real = attention_kernels.key_value_descriptors
+
+    def spy(*args, **kwargs):
+        descriptors = real(*args, **kwargs)
+        described.append(descriptors is not None)
+        return descriptors
+    monkeypatch.setattr(attention_kernels, "key_value_descriptors", spy)
+    dtypes = [torch.float16, torch.bfloat16] if GPU else [torch.float16]
+    for dtype in dtypes:
+        scale = 32 if GPU else 1
+        full = {"dropout": 0.0, "scale": None, **case, "dtype": dtype, "L": case["L"] * scale,
+                "S": case["S"] * scale}
+        q, k, v, mask = build(full)
+        with bigkern.use_backend("triton"):
+            check(attention.compare_with_reference(q, k, v, mask, full["dropout"], full["causal"], None,
+                                                   full["heads"] != full["kv_heads"]))
+    assert described and all(described), "the forward did not take the TMA path: the test proves nothing"
+
+
+def test_tma_serves_only_what_it_can_describe(monkeypatch):
+    from bigkern.kernels import attention as attention_kernels
+
+    def describes(k, v, varlen=False):
+        meta = dict(HEAD_DIM=k.shape[-1], BLOCK_D=attention_kernels._block_dim(k.shape[-1]),
+                    BLOCK_DV=attention_kernels._block_dim(v.shape[-1]))
+        return attention_kernels.key_value_descriptors(k, v, 7, meta, varlen) is not None
+
+    k = torch.randn(2, 2, 9, 16, dtype=torch.float16, device=DEVICE)
+    v = torch.randn(2, 2, 9, 16, dtype=torch.float16, device=DEVICE)
+    assert not describes(k, v)  # off unless asked for
+    monkeypatch.setenv(attention_kernels.TMA_ENV, "1")
+    if GPU and torch.cuda.get_device_capability()[0] < 9:
+        assert not describes(k, v)  # no copy engine before Hopper
+        return
+    assert describes(k, v)
+    assert describes(k[:1], v[:1])  # batch of one: its stride is never used
+    assert not describes(k, v, varlen=True)
+    assert not describes(k.float(), v.float())  # 32-bit: the pointer path
+    odd = torch.randn(2, 2, 9, 12, dtype=torch.float16, device=DEVICE)[..., :4]  # rows 24 bytes apart
+    assert not describes(odd, odd)
+    offset = torch.randn(2 * 2 * 9 * 16 + 1, dtype=torch.float16, device=DEVICE)[1:].view(2, 2, 9, 16)
+    assert not describes(offset, offset)  # base not 16-byte aligned
+    assert not describes(k.expand(2, 2, 9, 16).transpose(-1, -2), v)  # last dimension strided
+
+
+# ---------------------------------------------------------------------------------------------
 # Dropout
 
 def _dropout_pattern(p, batch=1, heads=2, L=64, S=64):
@@ -675,8 +749,10 @@ pointers = {"Mask": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "GradLse": "*fp32
             "CuSeqQ": "*i32", "CuSeqK": "*i32", "Part": "*fp32", "PartLse": "*fp32"}
 meta = dict(HEAD_DIM=80, HEAD_DIM_V=80, BLOCK_D=128, BLOCK_DV=128, MASK_KIND=2, IS_CAUSAL=False, VARLEN=False,
             DROPOUT=True, PRECISION="tf32")
-for kernel, tile, extra in ((kernels.attention_forward_kernel, (128, 64), {"SPLIT": False}),
-                            (kernels.attention_forward_kernel, (16, 128), {"SPLIT": True}),
+for kernel, tile, extra in ((kernels.attention_forward_kernel, (128, 64), {"SPLIT": False, "TMA": False}),
+                            (kernels.attention_forward_kernel, (16, 128), {"SPLIT": True, "TMA": False}),
+                            (kernels.attention_forward_kernel, (128, 64), {"SPLIT": False, "TMA": True}),
+                            (kernels.attention_forward_kernel, (16, 128), {"SPLIT": True, "TMA": True}),
                             (kernels.attention_split_combine_kernel, (16, 0), {}),
                             (kernels.attention_backward_dkdv_kernel, (32, 128), {}),
                             (kernels.attention_backward_dq_kernel, (128, 32), {"MASK_GRAD": True})):
@@ -686,6 +762,8 @@ for kernel, tile, extra in ((kernels.attention_forward_kernel, (128, 64), {"SPLI
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in ("KDesc", "VDesc") and extra.get("TMA"):
+            signature[name] = f"tensordesc<bf16[1,1,{tile[1]},{meta['BLOCK_D']}]>"
         elif name in pointers:
             signature[name] = pointers[name]
         elif name[0].isupper():
@@ -698,7 +776,9 @@ for kernel, tile, extra in ((kernels.attention_forward_kernel, (128, 64), {"SPLI
                               options=dict(num_warps=8, num_stages=2))
     shared = compiled.metadata.shared
     assert 0 < shared <= 227 * 1024, (kernel.__name__, shared)
-    print(kernel.__name__, shared)
+    if extra.get("TMA"):  # the tiles really come through the copy engine
+        assert "cp.async.bulk.tensor" in compiled.asm["ptx"], kernel.__name__
+    print(kernel.__name__, extra, shared)
 """
 
 

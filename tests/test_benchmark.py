@@ -1,6 +1,7 @@
 """The benchmark harness, tested on the CPU so it works the first time a GPU runs it."""
 
 import json
+import os
 import time
 
 import pytest
@@ -122,3 +123,23 @@ def test_epilogue_suite_runs_end_to_end_on_cpu(tmp_path):
     assert statuses[("forward", "bigkern-triton")] == "ok"
     assert statuses[("forward+backward", "torch-eager")] == "ok"
     assert statuses[("forward", "bigkern-cuda")] == "unavailable"
+
+
+def test_kernel_switch_variants_are_reported_against_their_default_never_as_best(monkeypatch):
+    """bigkern-triton-tma (a switch timed beside bigkern-triton) gets its own ratio to the default
+    and does not become the headline "best" even when faster: users do not get it by default."""
+    from bigkern.benchmark.providers import with_environment
+
+    monkeypatch.delenv("BIGKERN_DEMO_SWITCH", raising=False)
+    seen = []
+    switched = with_environment(lambda: seen.append(os.environ.get("BIGKERN_DEMO_SWITCH")) or "tma",
+                                BIGKERN_DEMO_SWITCH="1")
+    case = make_case()
+    case.providers["bigkern-triton-tma"] = lambda: switched
+    rows = harness.run_case(case, FakeTimer({"triton": 2.0, "tma": 1.0, "eager": 5.0, "compile": 3.0}), CEILINGS)
+    assert seen and set(seen) == {"1"} and "BIGKERN_DEMO_SWITCH" not in os.environ
+    env = dict(timestamp="2026-11-23T12:00:00+00:00", device="NVIDIA Test GPU", git="abc", torch="x", triton="y",
+               cuda="z")
+    text = report.markdown(dict(environment=env, ceilings=CEILINGS.__dict__, rows=rows, timer="fake", quick=True))
+    assert "| case 1 | float16 | forward | triton | 2 | 5 | 3 | 2.50x | 1.50x |" in text
+    assert "| case 1 | float16 | forward | triton-tma | 1 | 2.00x |" in text

@@ -12,7 +12,7 @@ each per head), halved when causal; backward 2.5x the forward (five matmuls to t
 import torch
 
 from bigkern.benchmark.harness import Case, Unavailable
-from bigkern.benchmark.providers import bigkern_backends
+from bigkern.benchmark.providers import bigkern_backends, with_environment
 from bigkern.ops import attention
 
 # the math backend materializes (B, H, L, S) scores (and their gradient): beyond this it only
@@ -46,6 +46,19 @@ def _torch_provider(backend):
 
 def _bigkern_call(q, k, v, is_causal, gqa):
     return attention.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
+
+
+def _triton_variants(device, seq_q, causal):
+    """The Triton kernel's switches, timed beside its default in the same run: the TMA key/value
+    loads (Hopper, opt-in until measured) and, where it would split, the unsplit decoding walk."""
+    from bigkern.kernels import attention as kernels
+
+    variants = {}
+    if torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        variants["bigkern-triton-tma"] = {kernels.TMA_ENV: "1"}
+    if seq_q <= kernels.SPLIT_MAX_QUERY_ROWS and not causal:
+        variants["bigkern-triton-nosplit"] = {kernels.SPLIT_ENV: "0"}
+    return variants
 
 
 def _entries(shapes, quick):
@@ -94,8 +107,10 @@ def cases(shapes, device, dtypes, quick=False):
                         return step
                     return make
 
-                providers = {f"bigkern-{backend}": timed(wrap(_bigkern_call))
-                             for backend, wrap in bigkern_backends(("triton", "cuda")).items()}
+                backends = bigkern_backends(("triton", "cuda"))
+                providers = {f"bigkern-{backend}": timed(wrap(_bigkern_call)) for backend, wrap in backends.items()}
+                for variant, env in _triton_variants(device, L, causal).items():
+                    providers[variant] = timed(backends["triton"](with_environment(_bigkern_call, **env)))
                 for provider, backend in _torch_backends().items():
                     if provider == "torch-math" and B * Hq * L * S > MATH_MAX_SCORES:
                         def skipped():

@@ -27,3 +27,23 @@ def compiled(fn, mode=None):
     """torch.compile(fn); compilation happens on the untimed first call."""
     compiled_fn = torch.compile(fn, mode=mode, dynamic=False)
     return compiled_fn
+
+
+def with_environment(fn, **variables):
+    """fn run with environment variables set for the call (a kernel's before/after switch, such as
+    BIGKERN_ATTENTION_SPLIT_KV=0, measured in the same run as the default)."""
+    import os
+
+    def call(*args, **kwargs):
+        saved = {name: os.environ.get(name) for name in variables}
+        os.environ.update(variables)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    return call
+

@@ -34,8 +34,15 @@ def grouped(document):
     return groups
 
 
+def is_variant(name):
+    """bigkern-<backend>-<switch>: a kernel switch timed beside its backend's default (e.g.
+    bigkern-triton-tma), reported as a ratio to that default, never as bigkern's best."""
+    return name.startswith("bigkern-") and name.count("-") > 1
+
+
 def best_bigkern(providers):
-    ok = {name: row for name, row in providers.items() if name.startswith("bigkern-") and row["status"] == "ok"}
+    ok = {name: row for name, row in providers.items()
+          if name.startswith("bigkern-") and not is_variant(name) and row["status"] == "ok"}
     if not ok:
         return None, None
     name = min(ok, key=lambda n: ok[n]["median_ms"])
@@ -77,6 +84,16 @@ def markdown(document) -> str:
             fraction = best.get("fraction_of_ceiling") if best else None
             cells.append(f"{fraction:.0%}" if fraction is not None else "—")
             lines.append("| " + " | ".join(cells) + " |")
+        variants = []
+        for (fam, case, dtype, mode), providers in entries:
+            for name, row in providers.items():
+                default = providers.get(name.rsplit("-", 1)[0])
+                if is_variant(name) and row["status"] == "ok" and default and default["status"] == "ok":
+                    variants.append(f"| {case} | {dtype} | {mode} | {name.removeprefix('bigkern-')} | "
+                                    f"{_fmt(row['median_ms'])} | {default['median_ms'] / row['median_ms']:.2f}x |")
+        if variants:
+            lines += ["", "Kernel switches timed in the same run (speedup over the backend's default):", "",
+                      "| case | dtype | mode | variant | ms | vs default |", "|---|---|---|---|---|---|", *variants]
         failed = [(case, p, r.get("reason", "")) for (_, case, _, _), ps in entries for p, r in ps.items()
                   if r["status"] == "error"]
         if failed:
@@ -167,7 +184,7 @@ def update_readme(readme: Path, results_dir: Path):
     sections = []
     for device, document in documents.items():
         for row in document["rows"]:
-            if row["status"] == "ok" and row["provider"].startswith("bigkern-"):
+            if row["status"] == "ok" and row["provider"].startswith("bigkern-") and not is_variant(row["provider"]):
                 benchmarked[(row["family"], row["provider"].removeprefix("bigkern-"), row["dtype"])].add(
                     document["environment"]["device"])
         sections.append(f"#### {document['environment']['device']}\n\n" + markdown(document))
