@@ -611,55 +611,62 @@ def _head_dim_class(kwargs):
     return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
-def _forward_prune(configs, named_args, **kwargs):
-    """(BLOCK_M, BLOCK_N, warps, stages) for the forward kernel. Hopper: 128-row tiles of 8 warps
-    (two warpgroups of wgmma) with 3-4 stage pipelines; Ampere: shallower pipelines, and half the
-    key tile at head dim 256 to stay within its 164 KB of shared memory."""
-    args = {**named_args, **kwargs}
-    hopper = _capability()[0] >= 9
+def forward_tiles(args, hopper):
+    """(BLOCK_M, BLOCK_N, warps, stages) for the forward kernel, best guess first. Hopper: 128-row
+    tiles of 8 warps (two warpgroups of wgmma) with 3-4 stage pipelines; Ampere: shallower
+    pipelines, and half the key tile at head dim 256 to stay within its 164 KB of shared memory.
+    No default tile spills registers on sm_90 or sm_80 with Triton 3.6 or 3.8, and no other tile
+    more than 8 bytes (scripts/kernel_resources.py, bench/kernel_resources.md)."""
     d = _head_dim_class(args)
     if args["q_bucket"] <= 16:  # decoding-like: few query rows, long key walks
-        chosen = [(16, 128, 4, 3), (16, 64, 4, 3)] if d <= 128 else [(16, 64, 4, 2), (16, 32, 4, 2)]
-    elif args["q_bucket"] <= 64:
-        chosen = [(64, 64, 4, 3), (64, 128, 4, 3)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 4, 2)]
-    elif d == 64:
-        chosen = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)] if hopper else \
-                 [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
-    elif d == 128:
-        chosen = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 2)] if hopper else \
-                 [(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2)]
-    else:
-        chosen = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)] if hopper else \
-                 [(64, 32, 4, 2), (64, 64, 4, 2)]
+        if d > 128:
+            return [(16, 64, 4, 2), (16, 32, 4, 2)]
+        return [(16, 128, 4, 3), (16, 64, 4, 3)] if hopper else [(16, 64, 4, 3), (16, 128, 4, 3)]
+    if args["q_bucket"] <= 64:
+        return [(64, 64, 4, 3), (64, 128, 4, 3)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 4, 2)]
+    if d == 64:
+        return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)] if hopper else \
+               [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
+    if d == 128:
+        return [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)] if hopper else \
+               [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)]
+    return [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)] if hopper else [(64, 32, 8, 2), (64, 64, 8, 2)]
+
+
+def dkdv_tiles(args, hopper):
+    """dK/dV: a tall key tile (it accumulates two (BLOCK_N, D) fp32 tiles) walking short query tiles."""
+    d = _head_dim_class(args)
+    if d == 64:
+        return [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)] if hopper else [(32, 128, 8, 2), (32, 64, 4, 2)]
+    if d == 128:
+        return [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2)] if hopper else [(32, 64, 4, 2), (64, 64, 8, 1)]
+    return [(16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)] if hopper else [(16, 64, 8, 1), (32, 32, 4, 1)]
+
+
+def dq_tiles(args, hopper):
+    """dQ: a tall query tile walking short key tiles."""
+    d = _head_dim_class(args)
+    if d == 64:
+        return [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)] if hopper else [(128, 32, 4, 2), (64, 32, 4, 2)]
+    if d == 128:
+        return [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)] if hopper else [(64, 32, 4, 2), (128, 32, 8, 1)]
+    return [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 4, 2)] if hopper else [(64, 16, 8, 1), (32, 32, 4, 1)]
+
+
+def _forward_prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    chosen = forward_tiles(args, _capability()[0] >= 9)
     if args["TMA"]:  # the descriptors were built for one key tile: tune the rest around it
         chosen = [c for c in chosen if c[1] == args["KDesc"].block_shape[2]]
     return [_config(*c) for c in chosen]
 
 
 def _dkdv_prune(configs, named_args, **kwargs):
-    """dK/dV: a tall key tile (it accumulates two (BLOCK_N, D) fp32 tiles) walking short query tiles."""
-    d = _head_dim_class({**named_args, **kwargs})
-    hopper = _capability()[0] >= 9
-    if d == 64:
-        chosen = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)] if hopper else [(32, 128, 4, 2), (32, 64, 4, 2)]
-    elif d == 128:
-        chosen = [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)] if hopper else [(32, 64, 4, 2), (32, 128, 8, 1)]
-    else:
-        chosen = [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)] if hopper else [(16, 64, 4, 1), (32, 32, 4, 1)]
-    return [_config(*c) for c in chosen]
+    return [_config(*c) for c in dkdv_tiles({**named_args, **kwargs}, _capability()[0] >= 9)]
 
 
 def _dq_prune(configs, named_args, **kwargs):
-    """dQ: a tall query tile walking short key tiles."""
-    d = _head_dim_class({**named_args, **kwargs})
-    hopper = _capability()[0] >= 9
-    if d == 64:
-        chosen = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)] if hopper else [(128, 32, 4, 2), (64, 32, 4, 2)]
-    elif d == 128:
-        chosen = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)] if hopper else [(64, 32, 4, 2), (128, 32, 8, 1)]
-    else:
-        chosen = [(64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2)] if hopper else [(64, 16, 4, 1), (32, 32, 4, 1)]
-    return [_config(*c) for c in chosen]
+    return [_config(*c) for c in dq_tiles({**named_args, **kwargs}, _capability()[0] >= 9)]
 
 
 _TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "DROPOUT", "SPLIT", "TMA", "q_bucket", "k_bucket"]
@@ -818,8 +825,7 @@ def _tma_key_tile(seq_q, meta):
     """The forward's BLOCK_N under TMA: that of the first config _forward_prune offers the shape."""
     if _interpreting():
         return _INTERPRETER_TILES["forward"]["BLOCK_N"]
-    first = _forward_prune(None, dict(meta, q_bucket=_bucket(seq_q), TMA=False))[0]
-    return first.kwargs["BLOCK_N"]
+    return forward_tiles(dict(meta, q_bucket=_bucket(seq_q)), _capability()[0] >= 9)[0][1]
 
 
 def _describable(t):

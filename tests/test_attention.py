@@ -354,6 +354,32 @@ def test_tma_forward_matches_fp64(case, monkeypatch):
     assert described and all(described), "the forward did not take the TMA path: the test proves nothing"
 
 
+@pytest.mark.parametrize("hopper", [True, False])
+def test_tile_lists_fit_the_launchers_assumptions(hopper, monkeypatch):
+    """The autotuning lists (kernels.attention *_tiles) on a GPU: never empty; every decoding tile
+    covers the query rows and its key tile divides the split granule; under TMA the pruned list
+    keeps the tiles of the key tile the launcher built its descriptors for."""
+    from types import SimpleNamespace
+
+    from bigkern.kernels import attention as attention_kernels
+
+    monkeypatch.setattr(attention_kernels, "_interpreting", lambda: False)
+    monkeypatch.setattr(attention_kernels, "_capability", lambda: (9, 0) if hopper else (8, 0))
+    for d, dv in ((16, 16), (64, 64), (80, 112), (128, 128), (128, 256), (256, 256)):
+        meta = dict(HEAD_DIM=d, BLOCK_D=attention_kernels._block_dim(d), BLOCK_DV=attention_kernels._block_dim(dv))
+        for seq_q in (1, 9, 16, 17, 33, 64, 100, 4096):
+            args = dict(meta, q_bucket=attention_kernels._bucket(seq_q))
+            tiles = attention_kernels.forward_tiles(args, hopper)
+            assert tiles
+            if seq_q <= attention_kernels.SPLIT_MAX_QUERY_ROWS:
+                assert all(t[0] >= seq_q and attention_kernels.SPLIT_KEY_GRANULE % t[1] == 0 for t in tiles)
+            block_n = attention_kernels._tma_key_tile(seq_q, meta)
+            descriptor = SimpleNamespace(block_shape=[1, 1, block_n, meta["BLOCK_D"]])
+            kept = attention_kernels._forward_prune(None, dict(args, TMA=True, KDesc=descriptor))
+            assert kept and all(c.kwargs["BLOCK_N"] == block_n for c in kept)
+        assert attention_kernels.dkdv_tiles(meta, hopper) and attention_kernels.dq_tiles(meta, hopper)
+
+
 def test_tma_serves_only_what_it_can_describe(monkeypatch):
     from bigkern.kernels import attention as attention_kernels
 
@@ -739,14 +765,12 @@ def test_benchmark_suite_runs_end_to_end_on_cpu(tmp_path):
 
 
 _COMPILE_CHECK = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from bigkern.codegen import compile_for_gpu, resource_usage
 from bigkern.kernels import attention as kernels
 
-pointers = {"Mask": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "GradLse": "*fp32", "GradMask": "*fp32",
-            "CuSeqQ": "*i32", "CuSeqK": "*i32", "Part": "*fp32", "PartLse": "*fp32"}
+types = {"Mask": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "GradLse": "*fp32", "GradMask": "*fp32",
+         "CuSeqQ": "*i32", "CuSeqK": "*i32", "Part": "*fp32", "PartLse": "*fp32",
+         "qk_scale": "fp32", "dropout_scale": "fp32", "sm_scale": "fp32", "dropout_threshold": "i64"}
 meta = dict(HEAD_DIM=80, HEAD_DIM_V=80, BLOCK_D=128, BLOCK_DV=128, MASK_KIND=2, IS_CAUSAL=False, VARLEN=False,
             DROPOUT=True, PRECISION="tf32")
 for kernel, tile, extra in ((kernels.attention_forward_kernel, (128, 64), {"SPLIT": False, "TMA": False}),
@@ -758,27 +782,17 @@ for kernel, tile, extra in ((kernels.attention_forward_kernel, (128, 64), {"SPLI
                             (kernels.attention_backward_dq_kernel, (128, 32), {"MASK_GRAD": True})):
     constexprs = {name: value for name, value in dict(meta, BLOCK_M=tile[0], BLOCK_N=tile[1], **extra).items()
                   if name in kernel.arg_names}
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ("KDesc", "VDesc") and extra.get("TMA"):
-            signature[name] = f"tensordesc<bf16[1,1,{tile[1]},{meta['BLOCK_D']}]>"
-        elif name in pointers:
-            signature[name] = pointers[name]
-        elif name[0].isupper():
-            signature[name] = "*bf16"
-        elif name in ("qk_scale", "dropout_scale", "sm_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i64" if name == "dropout_threshold" else "i32"
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=8, num_stages=2))
-    shared = compiled.metadata.shared
-    assert 0 < shared <= 227 * 1024, (kernel.__name__, shared)
-    if extra.get("TMA"):  # the tiles really come through the copy engine
-        assert "cp.async.bulk.tensor" in compiled.asm["ptx"], kernel.__name__
-    print(kernel.__name__, extra, shared)
+    descriptor = f"tensordesc<bf16[1,1,{tile[1]},{meta['BLOCK_D']}]>"
+    kernel_types = dict(types, KDesc=descriptor, VDesc=descriptor) if extra.get("TMA") else types
+    compiled = compile_for_gpu(kernel, constexprs, 90, types=kernel_types, is_pointer=lambda name: name[0].isupper(),
+                               num_warps=8, num_stages=2)
+    usage = resource_usage(compiled)
+    assert 0 < usage["shared_bytes"] <= 227 * 1024, (kernel.__name__, usage)
+    if "BLOCK_N" in constexprs and tile[0] >= 64:  # the matmuls run on Hopper's tensor cores
+        assert usage["wgmma"] > 0, (kernel.__name__, usage)
+    if extra.get("TMA"):  # the key and value tiles come through the copy engine
+        assert usage["tma"] > 0, (kernel.__name__, usage)
+    print(kernel.__name__, extra, usage)
 """
 
 

@@ -342,26 +342,12 @@ def test_cuda_ops_are_registered():
 # The Triton kernels compile for the GPUs too (the interpreter checks semantics, not codegen).
 
 COMPILE_FOR_GPUS = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
+from bigkern.codegen import compile_for_gpu
 from bigkern.kernels import lstm as kernels
 
 
 def compile_for(kernel, arch, dtype, constexprs, fp32_names=()):
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in fp32_names else "*" + dtype
-        else:
-            signature[name] = "i64" if name.startswith("stride") else "i32"
-    index = {name: (i,) for i, name in enumerate(kernel.arg_names)}
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={index[name]: value for name, value in constexprs.items()})
-    triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    compile_for_gpu(kernel, constexprs, arch, pointer="*" + dtype, types={name: "*fp32" for name in fp32_names})
 
 
 state = ("bias_ptr", "cells_ptr", "gates_ptr", "dc_ptr")
