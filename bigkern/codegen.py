@@ -119,24 +119,30 @@ def _attention_launches(arch):
     launches = []
     for d in (64, 128, 256):
         meta = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, MASK_KIND=0, IS_CAUSAL=False, VARLEN=False,
-                    DROPOUT=False, PRECISION="tf32")
-        forward = dict(meta, SPLIT=False, TMA=False)
-        launches.append(launch(f"forward hd{d} seq 4k", kernels.attention_forward_kernel, forward,
-                               kernels.forward_tiles(dict(meta, q_bucket=4096), hopper)))
-        decoding = kernels.forward_tiles(dict(meta, q_bucket=1), hopper)
+                    DROPOUT=False, PRECISION="tf32", TMA=False, MASK_GRAD=False)
+        long_rows = kernels.forward_tiles(dict(meta, q_bucket=4096), hopper)
+        launches.append(launch(f"forward hd{d} seq 4k", kernels.attention_forward_kernel, dict(meta, SPLIT=False),
+                               long_rows))
         launches.append(launch(f"forward hd{d} decoding (split)", kernels.attention_forward_kernel,
-                               dict(forward, SPLIT=True), decoding))
-        if hopper:
-            tiles = [t for t in kernels.forward_tiles(dict(meta, q_bucket=4096), hopper)]
-            tiles = [t for t in tiles if t[1] == tiles[0][1]]
-            descriptor = f"tensordesc<bf16[1,1,{tiles[0][1]},{d}]>"
-            launches.append(launch(f"forward hd{d} seq 4k TMA", kernels.attention_forward_kernel,
-                                   dict(forward, TMA=True), tiles,
-                                   types=dict(types, KDesc=descriptor, VDesc=descriptor)))
+                               dict(meta, SPLIT=True), kernels.forward_tiles(dict(meta, q_bucket=1), hopper)))
         launches.append(launch(f"backward dK/dV hd{d}", kernels.attention_backward_dkdv_kernel, meta,
                                kernels.dkdv_tiles(meta, hopper)))
-        launches.append(launch(f"backward dQ hd{d}", kernels.attention_backward_dq_kernel, dict(meta, MASK_GRAD=False),
+        launches.append(launch(f"backward dQ hd{d}", kernels.attention_backward_dq_kernel, meta,
                                kernels.dq_tiles(meta, hopper)))
+        if not hopper:
+            continue
+        # TMA: the tiles that keep the launcher's walked tile (the first one's), as the pruning does
+        for name, kernel, tiles, fixed, descriptors, extra in (
+                ("forward", kernels.attention_forward_kernel, long_rows, 1, ("KDesc", "VDesc"), dict(SPLIT=False)),
+                ("backward dK/dV", kernels.attention_backward_dkdv_kernel, kernels.dkdv_tiles(meta, hopper), 0,
+                 ("QDesc", "GradOutDesc"), {}),
+                ("backward dQ", kernels.attention_backward_dq_kernel, kernels.dq_tiles(meta, hopper), 1,
+                 ("KDesc", "VDesc"), {})):
+            rows = tiles[0][fixed]
+            descriptor = f"tensordesc<bf16[1,1,{rows},{d}]>"
+            launches.append(launch(f"{name} hd{d} TMA", kernel, dict(meta, TMA=True, **extra),
+                                   [t for t in tiles if t[fixed] == rows],
+                                   types=dict(types, **{arg: descriptor for arg in descriptors})))
     return launches
 
 

@@ -361,20 +361,25 @@ def attention_backward_delta_kernel(
 
 
 @triton.jit
-def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, m0, cols,
-                         offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_dom, stride_mm, stride_mn,
-                         qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, delta_base, mask_base,
+                         m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_dom, stride_mm,
+                         stride_mn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DIAGONAL: tl.constexpr):
+                         BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr,
+                         IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                         TMA: tl.constexpr, DIAGONAL: tl.constexpr):
     """dK, dV contributions of one query block, in transposed tiles (keys along rows). Query rows
     past seq_q read lse = +inf, so their p is 0 without a mask; DIAGONAL blocks apply causality."""
     rows = m0 + offs_m
     row_ok = rows < seq_q
-    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+    if TMA:  # rows past L and columns past D arrive as zeros
+        q = q_desc.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_D)
+        do = do_desc.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_DV)
+    else:
+        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :],
+                    mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :],
+                     mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
     lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
@@ -402,6 +407,7 @@ def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ma
 @triton.jit
 def attention_backward_dkdv_kernel(
     Q, K, V, Mask, GradOut, Lse, Delta, GradK, GradV, CuSeqQ, CuSeqK,
+    QDesc, GradOutDesc,  # TMA only: descriptors of the (B, Hq, L, D) query and output-gradient views
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -415,10 +421,11 @@ def attention_backward_dkdv_kernel(
     q_bucket, k_bucket,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per BLOCK_N keys of one kv head: dK and dV summed over every query row of every
-    query head that reads this kv head."""
+    query head that reads this kv head. TMA: the query and output-gradient tiles come through
+    tensor descriptors (never with VARLEN)."""
     kv_head = tl.program_id(1)
     b = tl.program_id(2)
     q_start, seq_q = _sequence(CuSeqQ, b, seq_q, VARLEN)
@@ -457,16 +464,18 @@ def attention_backward_dkdv_kernel(
         mask_base = Mask + b64 * stride_mb + h64 * stride_mh
         for m0 in range(start, diag_end, BLOCK_M):
             dk, dv = _backward_dkdv_block(
-                dk, dv, k, v, q_base, do_base, Lse + lse_offset, Delta + lse_offset, mask_base, m0, cols,
-                offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_gm, stride_mm, stride_mn,
-                qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, True)
+                dk, dv, k, v, q_base, do_base, QDesc, GradOutDesc, b, h, Lse + lse_offset, Delta + lse_offset,
+                mask_base, m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_gm, stride_mm,
+                stride_mn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
+                True)
         for m0 in range(tl.maximum(start, diag_end), seq_q, BLOCK_M):
             dk, dv = _backward_dkdv_block(
-                dk, dv, k, v, q_base, do_base, Lse + lse_offset, Delta + lse_offset, mask_base, m0, cols,
-                offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_gm, stride_mm, stride_mn,
-                qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, False)
+                dk, dv, k, v, q_base, do_base, QDesc, GradOutDesc, b, h, Lse + lse_offset, Delta + lse_offset,
+                mask_base, m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_gm, stride_mm,
+                stride_mn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
+                False)
 
     dk = dk * sm_scale
     tl.store(GradK + b64 * stride_dkb + kv_head.to(tl.int64) * stride_dkh + k_rows[:, None] * stride_dkn
@@ -477,20 +486,25 @@ def attention_backward_dkdv_kernel(
 
 
 @triton.jit
-def _backward_dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, grad_mask_base, n0, rows, offs_n,
-                       offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn,
-                       stride_gmm, stride_gmn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+def _backward_dq_block(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, b, kv_head, mask_base,
+                       grad_mask_base, n0, rows, offs_n, offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn,
+                       stride_mm, stride_mn, stride_gmm, stride_gmn, qk_scale, dropout_threshold, dropout_scale,
+                       seed_lo, seed_hi, stream,
                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                       DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                       BOUNDARY: tl.constexpr):
+                       BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                       IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
+                       PRECISION: tl.constexpr, TMA: tl.constexpr, BOUNDARY: tl.constexpr):
     """dQ contribution of one key block (and, with MASK_GRAD, that block of the mask's gradient)."""
     cols = n0 + offs_n
     col_ok = cols < seq_k
-    k = _load_tile(k_base + cols[:, None] * stride_kn + offs_d[None, :], col_ok[:, None],
-                   (offs_d < HEAD_DIM)[None, :], BOUNDARY, HEAD_DIM != BLOCK_D, 0.0)
-    v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
-                   (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY, HEAD_DIM_V != BLOCK_DV, 0.0)
+    if TMA:  # rows past S and columns past D arrive as zeros
+        k = k_desc.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_desc.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_DV)
+    else:
+        k = _load_tile(k_base + cols[:, None] * stride_kn + offs_d[None, :], col_ok[:, None],
+                       (offs_d < HEAD_DIM)[None, :], BOUNDARY, HEAD_DIM != BLOCK_D, 0.0)
+        v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
+                       (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY, HEAD_DIM_V != BLOCK_DV, 0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     rows2 = rows[:, None]
     cols2 = cols[None, :]
@@ -519,6 +533,7 @@ def _backward_dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, grad_m
 @triton.jit
 def attention_backward_dq_kernel(
     Q, K, V, Mask, GradOut, Lse, Delta, GradQ, GradMask, CuSeqQ, CuSeqK,
+    KDesc, VDesc,  # TMA only: descriptors of the (B, Hkv, S, D) key and value views
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -532,9 +547,11 @@ def attention_backward_dq_kernel(
     q_bucket, k_bucket,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-    MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """One program per BLOCK_M query rows of one head: dQ over every key block it sees."""
+    """One program per BLOCK_M query rows of one head: dQ over every key block it sees (TMA: the key
+    and value tiles through tensor descriptors, never with VARLEN)."""
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start, seq_q = _sequence(CuSeqQ, b, seq_q, VARLEN)
@@ -577,16 +594,18 @@ def attention_backward_dq_kernel(
         full_end = (seq_k // BLOCK_N) * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         dq = _backward_dq_block(
-            dq, q, do, lse2, delta, k_base, v_base, mask_base, grad_mask_base, n0, rows, offs_n, offs_d, offs_dv,
-            seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm, stride_gmn, qk_scale,
-            dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION, False)
+            dq, q, do, lse2, delta, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, grad_mask_base, n0, rows,
+            offs_n, offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm,
+            stride_gmn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION,
+            TMA, False)
     for n0 in range(full_end, end, BLOCK_N):
         dq = _backward_dq_block(
-            dq, q, do, lse2, delta, k_base, v_base, mask_base, grad_mask_base, n0, rows, offs_n, offs_d, offs_dv,
-            seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm, stride_gmn, qk_scale,
-            dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION, True)
+            dq, q, do, lse2, delta, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, grad_mask_base, n0, rows,
+            offs_n, offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm,
+            stride_gmn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION,
+            TMA, True)
     dq = dq * sm_scale
     tl.store(GradQ + b64 * stride_dqb + h64 * stride_dqh + q_rows[:, None] * stride_dqm + offs_d[None, :],
              dq.to(GradQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
@@ -653,20 +672,25 @@ def dq_tiles(args, hopper):
     return [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 4, 2)] if hopper else [(64, 16, 8, 1), (32, 32, 4, 1)]
 
 
-def _forward_prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    chosen = forward_tiles(args, _capability()[0] >= 9)
-    if args["TMA"]:  # the descriptors were built for one key tile: tune the rest around it
-        chosen = [c for c in chosen if c[1] == args["KDesc"].block_shape[2]]
-    return [_config(*c) for c in chosen]
+# Under TMA the descriptors were built for one tile along the walked rows (the launcher took the
+# first tile's): autotuning chooses among the configs that use it. (kernel -> tile list, which
+# tile dimension the descriptors fix, the descriptor argument)
+_TMA_TILE = {"forward": (forward_tiles, 1, "KDesc"), "dkdv": (dkdv_tiles, 0, "QDesc"), "dq": (dq_tiles, 1, "KDesc")}
 
 
-def _dkdv_prune(configs, named_args, **kwargs):
-    return [_config(*c) for c in dkdv_tiles({**named_args, **kwargs}, _capability()[0] >= 9)]
+def _pruner(name):
+    tiles, fixed, descriptor = _TMA_TILE[name]
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        chosen = tiles(args, _capability()[0] >= 9)
+        if args["TMA"]:
+            chosen = [c for c in chosen if c[fixed] == args[descriptor].block_shape[2]]
+        return [_config(*c) for c in chosen]
+    return prune
 
 
-def _dq_prune(configs, named_args, **kwargs):
-    return [_config(*c) for c in dq_tiles({**named_args, **kwargs}, _capability()[0] >= 9)]
+_forward_prune, _dkdv_prune, _dq_prune = _pruner("forward"), _pruner("dkdv"), _pruner("dq")
 
 
 _TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "DROPOUT", "SPLIT", "TMA", "q_bucket", "k_bucket"]
@@ -773,13 +797,9 @@ def attention_forward(q, k, v, mask, out, lse, *, scale, is_causal, dropout=None
     scalars = (heads, heads // kv_heads, seq_q, seq_k, scale * 1.4426950408889634, threshold, dropout_scale,
                seed_lo, seed_hi, _bucket(seq_q), _bucket(seq_k))
     mask_arg = mask if mask is not None else q
-    descriptors = key_value_descriptors(k, v, seq_q, meta, varlen)
-    pointers = (q, k, v, mask_arg)
-    if descriptors is None:
-        pointers += (q, q)  # placeholders: the descriptors are never read
-    else:
-        pointers += descriptors
+    descriptors = tma_descriptors("forward", k, v, seq_q, meta, varlen)
     meta["TMA"] = descriptors is not None
+    pointers = (q, k, v, mask_arg) + (descriptors or (q, q))  # placeholders without TMA: never read
     keys_per_split = split_keys(batch, heads, seq_q, seq_k, is_causal, varlen, q.device)
     if keys_per_split is None:
         _launch("forward", attention_forward_kernel, lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), heads, batch),
@@ -805,11 +825,12 @@ def attention_forward(q, k, v, mask, out, lse, *, scale, is_causal, dropout=None
         HEAD_DIM_V=meta["HEAD_DIM_V"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block_m)
 
 
-# TMA (Hopper's copy engine) for the key and value tiles of the forward: one instruction per tile
-# instead of every thread computing addresses, and the out-of-bounds rows and columns come back as
-# zeros with no masks. A host-side descriptor fixes its tile shape, so the launcher picks the key
-# tile (BLOCK_N) and autotuning chooses among the configs that use it. Off unless
-# BIGKERN_ATTENTION_TMA=1 until a GPU run has verified and measured it (bench/NOTES.md, v3).
+# TMA (Hopper's copy engine) for the tiles each kernel walks -- forward and dQ: key and value
+# blocks; dK/dV: query and output-gradient blocks: one instruction per tile instead of every
+# thread computing addresses, and out-of-bounds rows and columns come back as zeros with no masks.
+# A host-side descriptor fixes its tile shape, so the launcher picks the walked tile and
+# autotuning chooses among the configs that use it (_pruner). Off unless BIGKERN_ATTENTION_TMA=1
+# until a GPU run has verified and measured it (bench/NOTES.md, v3).
 TMA_ENV = "BIGKERN_ATTENTION_TMA"
 
 
@@ -821,11 +842,12 @@ def tma_enabled(device):
     return _interpreting() or (device.type == "cuda" and _capability()[0] >= 9)
 
 
-def _tma_key_tile(seq_q, meta):
-    """The forward's BLOCK_N under TMA: that of the first config _forward_prune offers the shape."""
+def _tma_rows(name, seq_q, meta):
+    """The rows of each descriptor tile under TMA: the first tile's, as _pruner keeps it."""
+    tiles, fixed, _ = _TMA_TILE[name]
     if _interpreting():
-        return _INTERPRETER_TILES["forward"]["BLOCK_N"]
-    return forward_tiles(dict(meta, q_bucket=_bucket(seq_q)), _capability()[0] >= 9)[0][1]
+        return _INTERPRETER_TILES[name]["BLOCK_N" if fixed else "BLOCK_M"]
+    return tiles(dict(meta, q_bucket=_bucket(seq_q)), _capability()[0] >= 9)[0][fixed]
 
 
 def _describable(t):
@@ -835,27 +857,28 @@ def _describable(t):
             and all(st > 0 and st * size % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
 
 
-def key_value_descriptors(k, v, seq_q, meta, varlen):
-    """(K, V) TensorDescriptors over the (B, Hkv, S, D) views for the TMA forward, or None where it
-    cannot serve: not enabled, a packed variable-length batch, 32-bit inputs or unaligned strides."""
+def tma_descriptors(name, first, second, seq_q, meta, varlen):
+    """TensorDescriptors over two (B, H, rows, dim) views for kernel `name`'s TMA path -- forward
+    and dQ: K and V; dK/dV: Q and dO -- or None where TMA cannot serve: not enabled, a packed
+    variable-length batch, 32-bit inputs or unaligned strides."""
     import torch
 
-    if varlen or k.dtype not in (torch.float16, torch.bfloat16) or not tma_enabled(k.device):
+    if varlen or first.dtype not in (torch.float16, torch.bfloat16) or not tma_enabled(first.device):
         return None
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
         return None
-    if not (_describable(k) and _describable(v)):
+    if not (_describable(first) and _describable(second)):
         return None
-    block_n = _tma_key_tile(seq_q, meta)
+    rows = _tma_rows(name, seq_q, meta)
 
     def describe(t, block_d):
         # a size-1 dimension's stride is never used; give it one the copy engine accepts
         strides = [st if n > 1 else 16 // t.element_size() for st, n in zip(t.stride(), t.shape)]
         strides[-1] = 1
-        return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_n, block_d])
-    return describe(k, meta["BLOCK_D"]), describe(v, meta["BLOCK_DV"])
+        return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, block_d])
+    return describe(first, meta["BLOCK_D"]), describe(second, meta["BLOCK_DV"])
 
 
 # Flash-decoding: with few query rows (decoding) the unsplit grid has batch * heads programs, too
@@ -918,13 +941,17 @@ def attention_backward(grad_out, q, k, v, mask, out, lse, grad_lse, delta, grad_
                threshold, dropout_scale, seed_lo, seed_hi, _bucket(seq_q), _bucket(seq_k))
     mask_arg = mask if mask is not None else q
     if seq_k > 0:
+        descriptors = tma_descriptors("dkdv", q, grad_out, seq_q, meta, varlen)
         _launch("dkdv", attention_backward_dkdv_kernel,
                 lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), kv_heads, batch),
-                (q, k, v, mask_arg, grad_out, lse, delta, grad_k, grad_v, cu_q, cu_k, *common,
-                 *_batch_strides(grad_k, 3, varlen), *_batch_strides(grad_v, 3, varlen), *scalars), meta)
+                (q, k, v, mask_arg, grad_out, lse, delta, grad_k, grad_v, cu_q, cu_k, *(descriptors or (q, q)),
+                 *common, *_batch_strides(grad_k, 3, varlen), *_batch_strides(grad_v, 3, varlen), *scalars),
+                {**meta, "TMA": descriptors is not None})
     if seq_q > 0:
+        descriptors = tma_descriptors("dq", k, v, seq_q, meta, varlen)
         _launch("dq", attention_backward_dq_kernel,
                 lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), heads, batch),
                 (q, k, v, mask_arg, grad_out, lse, delta, grad_q, grad_mask if grad_mask is not None else q,
-                 cu_q, cu_k, *common, *_batch_strides(grad_q, 3, varlen), *_strides(grad_mask, 4), *scalars),
-                {**meta, "MASK_GRAD": grad_mask is not None})
+                 cu_q, cu_k, *(descriptors or (q, q)), *common, *_batch_strides(grad_q, 3, varlen),
+                 *_strides(grad_mask, 4), *scalars),
+                {**meta, "MASK_GRAD": grad_mask is not None, "TMA": descriptors is not None})

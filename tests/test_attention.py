@@ -307,9 +307,10 @@ def test_split_kv_is_chosen_for_decoding_only(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# TMA (BIGKERN_ATTENTION_TMA=1): the forward reads K and V tiles through tensor descriptors. The
-# interpreter runs the descriptor loads (zero fill past S and past D included); a GPU runs them on
-# Hopper's copy engine. 16-bit inputs only (fp16 here: bf16 tl.dot is broken in the interpreter).
+# TMA (BIGKERN_ATTENTION_TMA=1): the forward and dQ kernels read K and V tiles, the dK/dV kernel
+# Q and dO tiles, through tensor descriptors. The interpreter runs the descriptor loads (zero fill
+# past the rows and past D included); a GPU runs them on Hopper's copy engine. 16-bit inputs only
+# (fp16 here: bf16 tl.dot is broken in the interpreter).
 
 TMA_CASES = [
     dict(batch=2, heads=4, kv_heads=2, L=37, S=45, E=64, Ev=64, mask=None, causal=False, layout="contiguous"),
@@ -325,7 +326,7 @@ TMA_CASES = [
 
 @pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: case_id({"dropout": 0.0, "scale": None, **c,
                                                                       "dtype": torch.float16}))
-def test_tma_forward_matches_fp64(case, monkeypatch):
+def test_tma_forward_and_backward_match_fp64(case, monkeypatch):
     reason = backend_skip_reason("triton")
     if reason:
         pytest.skip(reason)
@@ -335,13 +336,13 @@ def test_tma_forward_matches_fp64(case, monkeypatch):
         pytest.skip("TMA needs Hopper")
     monkeypatch.setenv(attention_kernels.TMA_ENV, "1")
     described = []
-    real = attention_kernels.key_value_descriptors
+    real = attention_kernels.tma_descriptors
 
-    def spy(*args, **kwargs):
-        descriptors = real(*args, **kwargs)
-        described.append(descriptors is not None)
+    def spy(name, *args, **kwargs):
+        descriptors = real(name, *args, **kwargs)
+        described.append((name, descriptors is not None))
         return descriptors
-    monkeypatch.setattr(attention_kernels, "key_value_descriptors", spy)
+    monkeypatch.setattr(attention_kernels, "tma_descriptors", spy)
     dtypes = [torch.float16, torch.bfloat16] if GPU else [torch.float16]
     for dtype in dtypes:
         scale = 32 if GPU else 1
@@ -351,7 +352,8 @@ def test_tma_forward_matches_fp64(case, monkeypatch):
         with bigkern.use_backend("triton"):
             check(attention.compare_with_reference(q, k, v, mask, full["dropout"], full["causal"], None,
                                                    full["heads"] != full["kv_heads"]))
-    assert described and all(described), "the forward did not take the TMA path: the test proves nothing"
+    # every kernel took the TMA path, else the test proves nothing
+    assert {name for name, _ in described} == {"forward", "dkdv", "dq"} and all(ok for _, ok in described)
 
 
 @pytest.mark.parametrize("hopper", [True, False])
@@ -373,10 +375,13 @@ def test_tile_lists_fit_the_launchers_assumptions(hopper, monkeypatch):
             assert tiles
             if seq_q <= attention_kernels.SPLIT_MAX_QUERY_ROWS:
                 assert all(t[0] >= seq_q and attention_kernels.SPLIT_KEY_GRANULE % t[1] == 0 for t in tiles)
-            block_n = attention_kernels._tma_key_tile(seq_q, meta)
-            descriptor = SimpleNamespace(block_shape=[1, 1, block_n, meta["BLOCK_D"]])
-            kept = attention_kernels._forward_prune(None, dict(args, TMA=True, KDesc=descriptor))
-            assert kept and all(c.kwargs["BLOCK_N"] == block_n for c in kept)
+            for name, prune, descriptor, fixed in (("forward", attention_kernels._forward_prune, "KDesc", "BLOCK_N"),
+                                                   ("dkdv", attention_kernels._dkdv_prune, "QDesc", "BLOCK_M"),
+                                                   ("dq", attention_kernels._dq_prune, "KDesc", "BLOCK_N")):
+                rows = attention_kernels._tma_rows(name, seq_q, meta)
+                described = SimpleNamespace(block_shape=[1, 1, rows, meta["BLOCK_D"]])
+                kept = prune(None, dict(args, TMA=True, **{descriptor: described}))
+                assert kept and all(c.kwargs[fixed] == rows for c in kept), name
         assert attention_kernels.dkdv_tiles(meta, hopper) and attention_kernels.dq_tiles(meta, hopper)
 
 
@@ -386,7 +391,7 @@ def test_tma_serves_only_what_it_can_describe(monkeypatch):
     def describes(k, v, varlen=False):
         meta = dict(HEAD_DIM=k.shape[-1], BLOCK_D=attention_kernels._block_dim(k.shape[-1]),
                     BLOCK_DV=attention_kernels._block_dim(v.shape[-1]))
-        return attention_kernels.key_value_descriptors(k, v, 7, meta, varlen) is not None
+        return attention_kernels.tma_descriptors("forward", k, v, 7, meta, varlen) is not None
 
     k = torch.randn(2, 2, 9, 16, dtype=torch.float16, device=DEVICE)
     v = torch.randn(2, 2, 9, 16, dtype=torch.float16, device=DEVICE)
@@ -778,19 +783,23 @@ for kernel, tile, extra in ((kernels.attention_forward_kernel, (128, 64), {"SPLI
                             (kernels.attention_forward_kernel, (128, 64), {"SPLIT": False, "TMA": True}),
                             (kernels.attention_forward_kernel, (16, 128), {"SPLIT": True, "TMA": True}),
                             (kernels.attention_split_combine_kernel, (16, 0), {}),
-                            (kernels.attention_backward_dkdv_kernel, (32, 128), {}),
-                            (kernels.attention_backward_dq_kernel, (128, 32), {"MASK_GRAD": True})):
+                            (kernels.attention_backward_dkdv_kernel, (32, 128), {"TMA": False}),
+                            (kernels.attention_backward_dq_kernel, (128, 32), {"MASK_GRAD": True, "TMA": False}),
+                            (kernels.attention_backward_dkdv_kernel, (32, 128), {"TMA": True}),
+                            (kernels.attention_backward_dq_kernel, (128, 32), {"MASK_GRAD": True, "TMA": True})):
     constexprs = {name: value for name, value in dict(meta, BLOCK_M=tile[0], BLOCK_N=tile[1], **extra).items()
                   if name in kernel.arg_names}
-    descriptor = f"tensordesc<bf16[1,1,{tile[1]},{meta['BLOCK_D']}]>"
-    kernel_types = dict(types, KDesc=descriptor, VDesc=descriptor) if extra.get("TMA") else types
+    walked = tile[0] if kernel is kernels.attention_backward_dkdv_kernel else tile[1]
+    descriptor = f"tensordesc<bf16[1,1,{walked},{meta['BLOCK_D']}]>"
+    descriptors = {name: descriptor for name in ("KDesc", "VDesc", "QDesc", "GradOutDesc")}
+    kernel_types = dict(types, **descriptors) if extra.get("TMA") else types
     compiled = compile_for_gpu(kernel, constexprs, 90, types=kernel_types, is_pointer=lambda name: name[0].isupper(),
                                num_warps=8, num_stages=2)
     usage = resource_usage(compiled)
     assert 0 < usage["shared_bytes"] <= 227 * 1024, (kernel.__name__, usage)
     if "BLOCK_N" in constexprs and tile[0] >= 64:  # the matmuls run on Hopper's tensor cores
         assert usage["wgmma"] > 0, (kernel.__name__, usage)
-    if extra.get("TMA"):  # the key and value tiles come through the copy engine
+    if extra.get("TMA"):  # the walked tiles come through the copy engine
         assert usage["tma"] > 0, (kernel.__name__, usage)
     print(kernel.__name__, extra, usage)
 """
