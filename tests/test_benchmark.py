@@ -143,3 +143,47 @@ def test_kernel_switch_variants_are_reported_against_their_default_never_as_best
     text = report.markdown(dict(environment=env, ceilings=CEILINGS.__dict__, rows=rows, timer="fake", quick=True))
     assert "| case 1 | float16 | forward | triton | 2 | 5 | 3 | 2.50x | 1.50x |" in text
     assert "| case 1 | float16 | forward | triton-tma | 1 | 2.00x |" in text
+
+
+def test_a_run_cut_short_keeps_its_timings_marked_partial(tmp_path):
+    """Results are written after every case to the same files: a run killed at a time limit leaves
+    what it measured, and the report says it is partial; the finished run's file says nothing."""
+    rows = harness.run_case(make_case(), FakeTimer({"triton": 2.0, "eager": 5.0, "compile": 3.0}), CEILINGS)
+    env = dict(timestamp="2026-11-23T12:00:00+00:00", device="NVIDIA Test GPU", git="abc", torch="x", triton="y",
+               cuda="z")
+    first = harness.write_results(tmp_path, env, CEILINGS, rows[:2], "fake", quick=True, progress=(1, 3))
+    document = json.loads(first.read_text())
+    assert document["partial"] == {"cases_done": 1, "cases": 3} and len(document["rows"]) == 2
+    assert "**Partial run**: 1 of 3 cases" in report.markdown(document)
+    last = harness.write_results(tmp_path, env, CEILINGS, rows, "fake", quick=True, progress=(3, 3))
+    assert last == first and len(list(first.parent.glob("*.json"))) == 1
+    document = json.loads(last.read_text())
+    assert "partial" not in document and len(document["rows"]) == 5
+    assert "Partial" not in report.markdown(document)
+
+
+def test_gpu_check_keeps_its_deadline_and_always_packages_what_it_has(tmp_path):
+    """scripts/gpu_check.py (what a lent GPU runs, without make): every step's limit is cut to
+    the deadline, steps with no time left are skipped and said so, and the tarball for $OUT is
+    written whatever happened (a lent machine's command is killed at its limit, taking anything
+    not yet packaged with it)."""
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    command = [sys.executable, str(root / "scripts" / "gpu_check.py"), "--skip-build", "--deadline", "40",
+               "--tests", "tests/test_testing.py -k compare", "--results", str(tmp_path / "results"),
+               "--readme", str(tmp_path / "README.md"), "--logs", str(tmp_path / "logs")]
+    (tmp_path / "README.md").write_text("readme\n")
+    result = subprocess.run(command, cwd=root, env=dict(os.environ, OUT=str(out)), capture_output=True, text=True,
+                            timeout=120)
+    summary = result.stdout.split("=== gpu-check summary")[-1]
+    steps = {line.split()[0]: line.split()[1] for line in summary.strip().splitlines()}
+    assert steps["info"] == steps["tests"] == "rc=0", result.stdout[-2000:] + result.stderr[-2000:]
+    assert "rc=skip" in summary and result.returncode == 1  # 40 s cannot hold them all: skipped, and said
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    assert "README.md" in names and any(name.startswith("gpu-check-logs/") for name in names)

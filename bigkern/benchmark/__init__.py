@@ -77,6 +77,9 @@ def run(args) -> int:
              for case in importlib.import_module(SUITES[family]).cases(shapes, device, dtypes, args.quick)]
     if args.limit:
         cases = cases[: args.limit]
+    if not cases:
+        print("bigkern bench: no case matches", flush=True)
+        return 1
     env = harness.environment()
     print(f"bigkern bench on {env['device']}: {len(cases)} cases; measuring ceilings first", flush=True)
     ceilings = harness.measure_ceilings(timer, device, args.quick)
@@ -85,10 +88,11 @@ def run(args) -> int:
     only = set(args.provider) if args.provider else None
     progress, advance = _progress(len(cases))
     with progress:
-        for case in cases:
+        for done, case in enumerate(cases, 1):
             rows += harness.run_case(case, timer, ceilings, only)
             advance(f"{case.family} {case.name} {case.mode}")
-    path = harness.write_results(args.results, env, ceilings, rows, timer.name, args.quick)
+            path = harness.write_results(args.results, env, ceilings, rows, timer.name, args.quick,
+                                         progress=(done, len(cases)))
     document = json.loads(path.read_text())
     print(f"\nwrote {path} and {path.with_suffix('.csv')}\n")
     print(report.markdown(document))

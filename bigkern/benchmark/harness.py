@@ -243,13 +243,18 @@ def device_slug(device_name: str) -> str:
     return "-".join(filter(None, keep.split("-")))[:60] or "unknown"
 
 
-def write_results(results_dir: Path, env: dict, ceilings: Ceilings, rows: list, timer_name: str, quick: bool):
-    """bench/results/<device>/<timestamp>-<git>.json and .csv; returns the JSON path."""
+def write_results(results_dir: Path, env: dict, ceilings: Ceilings, rows: list, timer_name: str, quick: bool,
+                  progress=None):
+    """bench/results/<device>/<timestamp>-<git>.json and .csv; returns the JSON path. A run writes
+    after every case (progress = (cases done, cases in all)) to the same files, so a run cut short
+    -- a time limit on a lent GPU -- still leaves every timing it took, marked partial."""
     directory = Path(results_dir) / device_slug(env["device"])
     directory.mkdir(parents=True, exist_ok=True)
     stamp = env["timestamp"].replace(":", "").replace("-", "").replace("+0000", "Z")
     stem = directory / f"{stamp}-{env['git']}"
     document = dict(environment=env, timer=timer_name, quick=quick, ceilings=dataclasses.asdict(ceilings), rows=rows)
+    if progress is not None and progress[0] < progress[1]:
+        document["partial"] = dict(cases_done=progress[0], cases=progress[1])
     stem.with_suffix(".json").write_text(json.dumps(document, indent=1, default=str) + "\n")
     columns = ["family", "case", "dtype", "mode", "provider", "status", "median_ms", "p20_ms", "p80_ms", "tflops",
                "gbps", "fraction_of_ceiling", "speedup", "reason"]

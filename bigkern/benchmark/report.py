@@ -58,6 +58,10 @@ def markdown(document) -> str:
              f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}), timer "
              f"{document['timer']}{', quick run' if document.get('quick') else ''}. Ceilings measured in the "
              f"same run: matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbps']:.0f} GB/s.", ""]
+    if document.get("partial"):
+        partial = document["partial"]
+        lines[0] += (f" **Partial run**: {partial['cases_done']} of {partial['cases']} cases before it was cut "
+                     "short; the rest were not measured.")
     by_family = defaultdict(list)
     for key, providers in grouped(document).items():
         by_family[key[0]].append((key, providers))
