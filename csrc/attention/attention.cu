@@ -79,7 +79,7 @@ cudaError_t attention_backward(DType dtype, const AttentionProblem& problem, con
     attention::dispatch_half_types(dtype, [&](auto element) {
       using T = decltype(element);
       const dim3 grid(static_cast<unsigned>((rows + attention::kDeltaWarps - 1) / attention::kDeltaWarps));
-      error = attention::launch(attention::attention_delta_kernel<T>, grid, attention::kDeltaWarps * 32, 0, stream,
+      error = bigkern::launch(attention::attention_delta_kernel<T>, grid, attention::kDeltaWarps * 32, 0, stream,
                                 problem, args.grad_out, args.out, args.delta);
     });
     if (error != cudaSuccess) return error;

@@ -17,7 +17,7 @@
 #include <cstdint>
 
 #include "attention/attention.h"
-#include "attention/launch.cuh"
+#include "common/launch.cuh"
 #include "attention/tensor_core.cuh"
 
 namespace bigkern {

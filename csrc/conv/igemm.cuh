@@ -20,6 +20,7 @@
 
 #include "common/activation.cuh"
 #include "common/dtype.cuh"
+#include "common/launch.cuh"
 #include "conv/conv.h"
 
 namespace bigkern {
@@ -257,16 +258,12 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(Problem problem_arg) {
 // Launch `problem` with the math its dtype and the TF32 policy ask for.
 template <template <typename> class Problem, typename T>
 cudaError_t launch_problem(const Problem<T>& problem, dim3 grid, bool tf32, cudaStream_t stream) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   if constexpr (std::is_same<T, float>::value) {
-    if (tf32)
-      igemm_kernel<T, WmmaMath<float>, Problem<T>><<<grid, kThreads, 0, stream>>>(problem);
-    else
-      igemm_kernel<T, SimtMath, Problem<T>><<<grid, kThreads, 0, stream>>>(problem);
+    if (!tf32) return launch(igemm_kernel<T, SimtMath, Problem<T>>, grid, kThreads, 0, stream, problem);
+    return launch(igemm_kernel<T, WmmaMath<float>, Problem<T>>, grid, kThreads, 0, stream, problem);
   } else {
-    igemm_kernel<T, WmmaMath<T>, Problem<T>><<<grid, kThreads, 0, stream>>>(problem);
+    return launch(igemm_kernel<T, WmmaMath<T>, Problem<T>>, grid, kThreads, 0, stream, problem);
   }
-  return cudaGetLastError();
 }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }

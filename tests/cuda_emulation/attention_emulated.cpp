@@ -10,7 +10,7 @@
 
 #include "emulator.h"
 // the emulated PTX wrappers and launch, so that every later include of them finds these
-#include "attention/launch.cuh"
+#include "common/launch.cuh"
 #include "attention/tensor_core.cuh"
 #include "attention/tensor_core_sm90.cuh"
 #include "attention/attention.h"

@@ -1,4 +1,4 @@
-// The emulator's stand-in for csrc/attention/launch.cuh: runs every CTA of the grid on the CPU,
+// The emulator's stand-in for csrc/common/launch.cuh: runs every CTA of the grid on the CPU,
 // checking the launch configuration the way the GPU would.
 #pragma once
 
@@ -10,7 +10,6 @@
 #include "emulator.h"
 
 namespace bigkern {
-namespace attention {
 
 // What an sm_80 / sm_90 GPU allows: 1024 threads, 227 KiB of shared memory per block (A100: 163 KiB).
 constexpr size_t kEmulatedMaxSharedBytes = 227 * 1024;
@@ -20,7 +19,7 @@ inline cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem_byt
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   if (grid.y > 65535 || grid.z > 65535) return cudaErrorInvalidConfiguration;
   if (threads > 1024 || threads % 32 || smem_bytes > kEmulatedMaxSharedBytes ||
-      smem_bytes > sizeof(shared_raw)) {
+      smem_bytes > sizeof(attention::shared_raw)) {
     emulation::fail("launch: " + std::to_string(threads) + " threads, " + std::to_string(smem_bytes) +
                     " bytes of shared memory exceed the GPU's limits");
     return cudaErrorInvalidConfiguration;
@@ -35,5 +34,4 @@ inline cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem_byt
   return cudaSuccess;
 }
 
-}  // namespace attention
 }  // namespace bigkern

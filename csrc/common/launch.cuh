@@ -1,4 +1,4 @@
-// Kernel launch for the attention kernels: opts into large dynamic shared memory, launches, and
+// Kernel launch for every family's kernels: opts into large dynamic shared memory, launches, and
 // returns the launch error. tests/cuda_emulation/ replaces this header to run the kernels on a CPU.
 #pragma once
 
@@ -7,7 +7,6 @@
 #include <cstddef>
 
 namespace bigkern {
-namespace attention {
 
 // Opt a kernel into `bytes` of dynamic shared memory (above 48 KiB needs asking) and launch it.
 template <typename Kernel, typename... Args>
@@ -22,5 +21,4 @@ inline cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem_byt
   return cudaGetLastError();
 }
 
-}  // namespace attention
 }  // namespace bigkern

@@ -1,0 +1,154 @@
+"""The CUDA implicit-GEMM convolution (csrc/conv/) on the CPU, through the emulator
+(tests/cuda_emulation/): the production sources compiled by g++ with WMMA and the launch replaced by
+C++ of the same semantics, every thread of a block a fiber. The registered "cuda" implementations of
+bigkern/ops/conv.py run unchanged, their launchers swapped for the emulated ones (CUDA_KERNELS), and
+forward, input gradient, weight gradient and bias gradient are compared with float64 by the
+FlashAttention rule, as the Triton kernels are in tests/test_conv.py. On a GPU the same cases run
+in tests/test_conv.py with the real kernels."""
+
+import ctypes
+import random
+
+import pytest
+import torch
+
+import bigkern
+from bigkern import testing
+from bigkern.ops import conv
+from cuda_emulation import emulation
+from conftest import DEVICE
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@pytest.fixture(scope="session")
+def emulated_library(request):
+    reason = emulation.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cache = getattr(request.config, "cache", None)
+    cache_dir = cache.mkdir("cuda-emulation") if cache is not None else request.config.rootpath / "build"
+    sources = ["conv/conv_forward.cu", "conv/conv_input_grad.cu", "conv/conv_weight_grad.cu"]
+    return emulation.build("conv_emulated.cpp", sources, cache_dir)
+
+
+def _ints(ctype, values):
+    return (ctype * max(1, len(values)))(*values)
+
+
+def _strides(t):
+    return _ints(ctypes.c_int64, list(t.stride()) if t is not None else [0, 0, 0, 0])
+
+
+def _pointer(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+class EmulatedKernels(conv.CudaKernels):
+    """conv.CudaKernels with the CPU emulation of the same CUDA sources: same signatures as
+    torch.ops.bigkern.conv2d_*_cuda, checked like csrc/conv/conv_op.cpp checks them."""
+
+    def __init__(self, library, seed):
+        self.library = library
+        self.seed = seed
+
+    def unsupported(self, tensors):
+        if any(t.device.type != "cpu" for t in tensors):
+            return "the CUDA emulator takes CPU tensors"
+        return None
+
+    def _run(self, entry, *args):
+        error = ctypes.create_string_buffer(1024)
+        status = entry(*args, ctypes.c_uint(self.seed), error, len(error))
+        assert status == 0, f"emulated conv kernel: {error.value.decode()}"
+
+    @staticmethod
+    def _geometry(x, weight_shape, out_hw, stride, padding, dilation, groups):
+        values = [*x.shape, weight_shape[0], weight_shape[2], weight_shape[3], *out_hw, *stride, *padding, *dilation,
+                  groups]
+        return _ints(ctypes.c_int, values)
+
+    def forward(self, x, w, bias, residual, y, z, stride, padding, dilation, groups, activation, negative_slope,
+                tf32):
+        assert bias is None or (bias.is_contiguous() and bias.numel() == w.shape[0])
+        for t in (residual, z):
+            assert t is None or t.shape == y.shape
+        self._run(self.library.emulated_conv2d_forward, _DTYPE_CODES[x.dtype], int(tf32),
+                  self._geometry(x, w.shape, y.shape[2:], stride, padding, dilation, groups),
+                  _pointer(x), _strides(x), _pointer(w), _strides(w), _pointer(bias), _pointer(residual),
+                  _strides(residual), _pointer(y), _strides(y), _pointer(z), _strides(z), int(activation),
+                  ctypes.c_float(negative_slope))
+
+    def input_grad(self, grad, w, dx, stride, padding, dilation, groups, tf32):
+        self._run(self.library.emulated_conv2d_input_grad, _DTYPE_CODES[grad.dtype], int(tf32),
+                  self._geometry(dx, w.shape, grad.shape[2:], stride, padding, dilation, groups),
+                  _pointer(grad), _strides(grad), _pointer(w), _strides(w), _pointer(dx), _strides(dx))
+
+    def weight_grad(self, grad, x, partial, bias_partial, weight_shape, stride, padding, dilation, groups, bias_grad,
+                    tf32):
+        assert partial.dtype == torch.float32 and partial.is_contiguous() and partial.shape[1] == weight_shape[0]
+        splits = partial.shape[0]
+        assert not bias_grad or (bias_partial.is_contiguous() and bias_partial.numel() == splits * weight_shape[0])
+        self._run(self.library.emulated_conv2d_weight_grad, _DTYPE_CODES[grad.dtype], int(tf32),
+                  self._geometry(x, weight_shape, grad.shape[2:], stride, padding, dilation, groups),
+                  _pointer(grad), _strides(grad), _pointer(x), _strides(x), _pointer(partial),
+                  _pointer(bias_partial if bias_grad else None), int(splits))
+
+
+@pytest.fixture
+def emulated(emulated_library, monkeypatch, fresh_seed):
+    """Forcing "cuda" runs the conv ops' CUDA implementations through the emulation. The backward's
+    activation gradient and grad_bias come from the epilogue's own op (bias_act_backward, a
+    different family's CUDA kernels, not emulated): it serves through its torch implementation."""
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU tests/test_conv.py runs the real CUDA kernels")
+    from bigkern import dispatch
+
+    monkeypatch.setattr(conv, "CUDA_KERNELS", EmulatedKernels(emulated_library, fresh_seed))
+    epilogue = dispatch.REGISTRY["bias_act_backward"]
+    monkeypatch.setitem(epilogue.implementations, "cuda", epilogue.implementations["torch"])
+
+
+def check(results):
+    failures = [str(r) for r in results if not r.ok]
+    assert not failures, "; ".join(failures)
+
+
+# (dtype, math): fp32 runs fp32 FMAs (TF32 not allowed) or TF32 WMMA (allowed); 16-bit runs WMMA.
+MATH = [(torch.float32, "fma"), (torch.float32, "tf32"), (torch.float16, "wmma"), (torch.bfloat16, "wmma")]
+ACTIVATIONS = [None, "relu", "gelu", "silu", "leaky_relu", "sigmoid"]
+
+
+@pytest.mark.parametrize("dtype,math", MATH, ids=lambda v: str(v).removeprefix("torch."))
+@pytest.mark.parametrize("draw", range(4))
+def test_random_geometries_forward_and_every_gradient(emulated, monkeypatch, dtype, math, draw):
+    if math == "tf32":  # what torch.backends.cudnn.allow_tf32 decides on a GPU
+        monkeypatch.setattr(conv, "_dot_precision", lambda x: "tf32" if x.dtype == torch.float32 else "ieee")
+    rng = random.Random(f"{dtype}-{math}-{draw}")
+    x_shape, w_shape, stride, padding, dilation, groups = conv.random_geometry(rng, max_hw=8)
+    layout = rng.choice(["contiguous", "channels_last", "strided"])
+    x = testing.make_tensor(x_shape, dtype, layout=layout, requires_grad=True)
+    w = testing.make_tensor(w_shape, dtype, layout=rng.choice(["contiguous", "channels_last"]),
+                            scale=w_shape[1] ** -0.5, requires_grad=True)
+    bias = testing.make_tensor((w_shape[0],), dtype, requires_grad=True) if rng.random() < 0.7 else None
+    residual = None
+    if rng.random() < 0.4:
+        shape = conv.reference(x.detach(), w.detach(), None, stride, padding, dilation, groups).shape
+        residual = testing.make_tensor(shape, dtype, layout=layout, requires_grad=True)
+    with bigkern.use_backend("cuda"), bigkern.record() as calls:
+        check(conv.compare_with_reference(x, w, bias, stride, padding, dilation, groups, rng.choice(ACTIVATIONS),
+                                          residual))
+    served = {op for op, backend in calls if backend == "cuda"}
+    assert {"conv2d", "conv2d_input_grad", "conv2d_weight_grad"} <= served, calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_resnet_sized_layer_spans_several_tiles(emulated, dtype):
+    """More than one 128 x 64 output tile, a reduction of several 32-wide steps and a weight
+    gradient split over pixels: the tiling and accumulation across blocks, not just one block."""
+    x = testing.make_tensor((2, 40, 9, 9), dtype, layout="channels_last", requires_grad=True)
+    w = testing.make_tensor((70, 40, 3, 3), dtype, layout="channels_last", scale=(40 * 9) ** -0.5,
+                            requires_grad=True)
+    bias = testing.make_tensor((70,), dtype, requires_grad=True)
+    with bigkern.use_backend("cuda"):
+        check(conv.compare_with_reference(x, w, bias, 1, 1, 1, 1, "relu"))
