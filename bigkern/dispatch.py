@@ -127,6 +127,19 @@ def cuda_unsupported(*tensors) -> Optional[str]:
     return _capability_reason(tensors, "CUDA")
 
 
+class CompiledKernels:
+    """The compiled launchers a family's "cuda" implementations call -- `kernels.<name>(...)` is
+    torch.ops.bigkern.<name>_cuda, looked up at call time -- and whether they can take these
+    tensors. One per family (e.g. bigkern.ops.conv.CUDA_KERNELS): the seam where the tests put the
+    CPU emulation of the same CUDA sources (tests/cuda_emulation/)."""
+
+    def unsupported(self, tensors) -> Optional[str]:
+        return cuda_unsupported(*tensors)
+
+    def __getattr__(self, name):
+        return getattr(torch.ops.bigkern, f"{name}_cuda")
+
+
 # ---------------------------------------------------------------------------------------------
 # Ops and their implementations.
 

@@ -1,10 +1,11 @@
-"""The CUDA implicit-GEMM convolution (csrc/conv/) on the CPU, through the emulator
-(tests/cuda_emulation/): the production sources compiled by g++ with WMMA and the launch replaced by
-C++ of the same semantics, every thread of a block a fiber. The registered "cuda" implementations of
-bigkern/ops/conv.py run unchanged, their launchers swapped for the emulated ones (CUDA_KERNELS), and
-forward, input gradient, weight gradient and bias gradient are compared with float64 by the
-FlashAttention rule, as the Triton kernels are in tests/test_conv.py. On a GPU the same cases run
-in tests/test_conv.py with the real kernels."""
+"""The CUDA implicit-GEMM convolution (csrc/conv/) and the fused bias + activation its backward
+uses (csrc/epilogue/) on the CPU, through the emulator (tests/cuda_emulation/): the production
+sources compiled by g++ with WMMA and the launch replaced by C++ of the same semantics, every thread
+of a block a fiber. The registered "cuda" implementations of bigkern/ops/conv.py and
+bigkern/ops/epilogue.py run unchanged, their launchers swapped for the emulated ones (each family's
+CUDA_KERNELS), and the outputs and every gradient are compared with float64 by the FlashAttention
+rule, as the Triton kernels are in tests/test_conv.py and tests/test_epilogue.py. On a GPU the same
+cases run there with the real kernels."""
 
 import ctypes
 import random
@@ -13,10 +14,11 @@ import pytest
 import torch
 
 import bigkern
-from bigkern import testing
-from bigkern.ops import conv
+from bigkern import dispatch, testing
+from bigkern.ops import conv, epilogue
 from cuda_emulation import emulation
 from conftest import DEVICE
+from test_epilogue import CASES as EPILOGUE_CASES
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -28,7 +30,8 @@ def emulated_library(request):
         pytest.skip(reason)
     cache = getattr(request.config, "cache", None)
     cache_dir = cache.mkdir("cuda-emulation") if cache is not None else request.config.rootpath / "build"
-    sources = ["conv/conv_forward.cu", "conv/conv_input_grad.cu", "conv/conv_weight_grad.cu"]
+    sources = ["conv/conv_forward.cu", "conv/conv_input_grad.cu", "conv/conv_weight_grad.cu",
+               "epilogue/bias_act_forward.cu", "epilogue/bias_act_backward.cu"]
     return emulation.build("conv_emulated.cpp", sources, cache_dir)
 
 
@@ -44,9 +47,9 @@ def _pointer(t):
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
 
-class EmulatedKernels(conv.CudaKernels):
-    """conv.CudaKernels with the CPU emulation of the same CUDA sources: same signatures as
-    torch.ops.bigkern.conv2d_*_cuda, checked like csrc/conv/conv_op.cpp checks them."""
+class EmulatedKernels(dispatch.CompiledKernels):
+    """The CPU emulation of the conv and bias_act CUDA sources, with the signatures of
+    torch.ops.bigkern.conv2d_*_cuda and bias_act_*_cuda, checked as csrc/*/..._op.cpp checks them."""
 
     def __init__(self, library, seed):
         self.library = library
@@ -68,7 +71,7 @@ class EmulatedKernels(conv.CudaKernels):
                   groups]
         return _ints(ctypes.c_int, values)
 
-    def forward(self, x, w, bias, residual, y, z, stride, padding, dilation, groups, activation, negative_slope,
+    def conv2d_forward(self, x, w, bias, residual, y, z, stride, padding, dilation, groups, activation, negative_slope,
                 tf32):
         assert bias is None or (bias.is_contiguous() and bias.numel() == w.shape[0])
         for t in (residual, z):
@@ -79,12 +82,12 @@ class EmulatedKernels(conv.CudaKernels):
                   _strides(residual), _pointer(y), _strides(y), _pointer(z), _strides(z), int(activation),
                   ctypes.c_float(negative_slope))
 
-    def input_grad(self, grad, w, dx, stride, padding, dilation, groups, tf32):
+    def conv2d_input_grad(self, grad, w, dx, stride, padding, dilation, groups, tf32):
         self._run(self.library.emulated_conv2d_input_grad, _DTYPE_CODES[grad.dtype], int(tf32),
                   self._geometry(dx, w.shape, grad.shape[2:], stride, padding, dilation, groups),
                   _pointer(grad), _strides(grad), _pointer(w), _strides(w), _pointer(dx), _strides(dx))
 
-    def weight_grad(self, grad, x, partial, bias_partial, weight_shape, stride, padding, dilation, groups, bias_grad,
+    def conv2d_weight_grad(self, grad, x, partial, bias_partial, weight_shape, stride, padding, dilation, groups, bias_grad,
                     tf32):
         assert partial.dtype == torch.float32 and partial.is_contiguous() and partial.shape[1] == weight_shape[0]
         splits = partial.shape[0]
@@ -94,19 +97,35 @@ class EmulatedKernels(conv.CudaKernels):
                   _pointer(grad), _strides(grad), _pointer(x), _strides(x), _pointer(partial),
                   _pointer(bias_partial if bias_grad else None), int(splits))
 
+    def bias_act_forward(self, x, bias, y, activation, channel_stride, channels, negative_slope):
+        assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == x.dtype
+        assert bias is None or (bias.is_contiguous() and bias.dtype == x.dtype)
+        self._run(self.library.emulated_bias_act_forward, _DTYPE_CODES[x.dtype], _pointer(x), _pointer(bias),
+                  _pointer(y), ctypes.c_int64(x.numel()), ctypes.c_int64(channel_stride), ctypes.c_int64(channels),
+                  int(activation), ctypes.c_float(negative_slope))
+
+    def bias_act_backward(self, grad_y, x, bias, grad_x, n_rows, n_cols, channels, channel_in_rows, activation,
+                          negative_slope):
+        assert grad_y.stride() == x.stride() and grad_x.stride() == x.stride()
+        programs = self.library.emulated_bias_act_backward_row_programs
+        programs.restype = ctypes.c_int64
+        rows = programs(ctypes.c_int64(n_rows), ctypes.c_int64(n_cols), int(channel_in_rows))
+        partial = torch.empty(rows if channel_in_rows else rows * n_cols, dtype=torch.float32)
+        self._run(self.library.emulated_bias_act_backward, _DTYPE_CODES[x.dtype], _pointer(grad_y), _pointer(x),
+                  _pointer(bias), _pointer(grad_x), _pointer(partial), ctypes.c_int64(x.numel()),
+                  ctypes.c_int64(n_rows), ctypes.c_int64(n_cols), ctypes.c_int64(channels), int(channel_in_rows),
+                  int(activation), ctypes.c_float(negative_slope))
+        return partial
+
 
 @pytest.fixture
 def emulated(emulated_library, monkeypatch, fresh_seed):
-    """Forcing "cuda" runs the conv ops' CUDA implementations through the emulation. The backward's
-    activation gradient and grad_bias come from the epilogue's own op (bias_act_backward, a
-    different family's CUDA kernels, not emulated): it serves through its torch implementation."""
+    """Forcing "cuda" runs the conv and bias_act ops' CUDA implementations through the emulation."""
     if DEVICE == "cuda":
-        pytest.skip("on a GPU tests/test_conv.py runs the real CUDA kernels")
-    from bigkern import dispatch
-
-    monkeypatch.setattr(conv, "CUDA_KERNELS", EmulatedKernels(emulated_library, fresh_seed))
-    epilogue = dispatch.REGISTRY["bias_act_backward"]
-    monkeypatch.setitem(epilogue.implementations, "cuda", epilogue.implementations["torch"])
+        pytest.skip("on a GPU tests/test_conv.py and tests/test_epilogue.py run the real CUDA kernels")
+    kernels = EmulatedKernels(emulated_library, fresh_seed)
+    monkeypatch.setattr(conv, "CUDA_KERNELS", kernels)
+    monkeypatch.setattr(epilogue, "CUDA_KERNELS", kernels)
 
 
 def check(results):
@@ -140,6 +159,7 @@ def test_random_geometries_forward_and_every_gradient(emulated, monkeypatch, dty
                                           residual))
     served = {op for op, backend in calls if backend == "cuda"}
     assert {"conv2d", "conv2d_input_grad", "conv2d_weight_grad"} <= served, calls
+    assert all(backend == "cuda" for _, backend in calls), calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -152,3 +172,16 @@ def test_a_resnet_sized_layer_spans_several_tiles(emulated, dtype):
     bias = testing.make_tensor((70,), dtype, requires_grad=True)
     with bigkern.use_backend("cuda"):
         check(conv.compare_with_reference(x, w, bias, 1, 1, 1, 1, "relu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh", "leaky_relu", "none"])
+@pytest.mark.parametrize("shape,dim,layout", EPILOGUE_CASES, ids=lambda c: str(c).replace(" ", ""))
+def test_bias_act_forward_and_backward(emulated, dtype, activation, shape, dim, layout):
+    """bias_act's CUDA kernels (16-byte packed forward, row and column backward reductions) over
+    the storage walks tests/test_epilogue.py gives the Triton kernels."""
+    x = testing.make_tensor(shape, dtype, layout=layout, scale=2.0, requires_grad=True)
+    bias = testing.make_tensor((shape[dim],), dtype, requires_grad=True)
+    with bigkern.use_backend("cuda"), bigkern.record() as calls:
+        check(epilogue.compare_with_reference(x, bias, activation, dim))
+    assert calls[("bias_act", "cuda")] and calls[("bias_act_backward", "cuda")], calls

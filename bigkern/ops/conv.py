@@ -140,25 +140,7 @@ def _triton_unsupported(*args):
     return dispatch.triton_unsupported(*tensors) or _kernel_dtype_reason(*tensors)
 
 
-class CudaKernels:
-    """The compiled launchers the "cuda" implementations call (bigkern._C), and whether they can
-    take these tensors. One seam, so that tests/test_conv_cuda.py can put the CPU emulation of the
-    same CUDA sources here (tests/cuda_emulation/) and run every "cuda" implementation through it."""
-
-    def unsupported(self, tensors):
-        return dispatch.cuda_unsupported(*tensors)
-
-    def forward(self, *args):
-        return torch.ops.bigkern.conv2d_forward_cuda(*args)
-
-    def input_grad(self, *args):
-        return torch.ops.bigkern.conv2d_input_grad_cuda(*args)
-
-    def weight_grad(self, *args):
-        return torch.ops.bigkern.conv2d_weight_grad_cuda(*args)
-
-
-CUDA_KERNELS = CudaKernels()
+CUDA_KERNELS = dispatch.CompiledKernels()  # conv2d_forward, conv2d_input_grad, conv2d_weight_grad
 
 
 def _cuda_unsupported(*args):
@@ -219,7 +201,7 @@ def _conv2d_cuda(input, weight, bias, residual, stride, padding, dilation, group
     shape, y, z = _forward_outputs(input, weight, stride, padding, dilation, save_z)
     if y.numel():
         x, w = _channels_innermost(input), _channels_innermost(weight)
-        CUDA_KERNELS.forward(
+        CUDA_KERNELS.conv2d_forward(
             x, w, None if bias is None else bias.contiguous(), residual, y, z, list(stride), list(padding[:2]),
             list(dilation), groups, activation, negative_slope, _dot_precision(input) == "tf32")
     return y, (z if save_z else _nothing(input))
@@ -258,8 +240,8 @@ def _input_grad_cuda(grad, input, weight, stride, padding, dilation, groups):
     dx = _empty(input.shape, output_channels_last(input, weight), input)
     if dx.numel():
         g, w = _channels_innermost(grad), _channels_innermost(weight)
-        CUDA_KERNELS.input_grad(g, w, dx, list(stride), list(padding[:2]), list(dilation), groups,
-                                _dot_precision(input) == "tf32")
+        CUDA_KERNELS.conv2d_input_grad(g, w, dx, list(stride), list(padding[:2]), list(dilation), groups,
+                                       _dot_precision(input) == "tf32")
     return dx
 
 
@@ -340,8 +322,9 @@ def _weight_grad_cuda(grad, input, weight, stride, padding, dilation, groups, bi
     partial = memory.empty((splits, K, C_g, R, S), dtype=torch.float32, device=input.device)
     bias_partial = memory.empty((splits, K if bias_grad else 0), dtype=torch.float32, device=input.device)
     g, x = _channels_innermost(grad), _channels_innermost(input)
-    CUDA_KERNELS.weight_grad(g, x, partial, bias_partial, list(weight.shape), list(stride), list(padding[:2]),
-                             list(dilation), groups, bias_grad, _dot_precision(input) == "tf32")
+    CUDA_KERNELS.conv2d_weight_grad(g, x, partial, bias_partial, list(weight.shape), list(stride),
+                                    list(padding[:2]), list(dilation), groups, bias_grad,
+                                    _dot_precision(input) == "tf32")
     _reduce_partials(partial, grad_w)
     if bias_grad:
         _reduce_partials(bias_partial, grad_b)

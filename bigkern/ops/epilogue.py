@@ -109,8 +109,11 @@ def _triton_unsupported(x, bias, *rest):
     return dispatch.triton_unsupported(x, bias) or _kernel_dtypes_reason(x, bias)
 
 
+CUDA_KERNELS = dispatch.CompiledKernels()  # bias_act_forward, bias_act_backward
+
+
 def _cuda_unsupported(x, bias, *rest):
-    return dispatch.cuda_unsupported(x, bias) or _kernel_dtypes_reason(x, bias)
+    return CUDA_KERNELS.unsupported([t for t in (x, bias) if t is not None]) or _kernel_dtypes_reason(x, bias)
 
 
 def _always(*args):
@@ -141,7 +144,7 @@ def _bias_act_cuda(x, bias, activation, dim, negative_slope):
     y = memory.empty_like(x)
     if x.numel():
         channel_stride, n_channels, *_ = channel_layout(x, dim, bias is not None)
-        torch.ops.bigkern.bias_act_forward_cuda(x, bias, y, activation, channel_stride, n_channels, negative_slope)
+        CUDA_KERNELS.bias_act_forward(x, bias, y, activation, channel_stride, n_channels, negative_slope)
     return y
 
 
@@ -189,7 +192,7 @@ def _bias_act_backward_cuda(grad_y, x, bias, activation, dim, negative_slope):
     grad_bias = memory.empty((0 if bias is None else bias.numel(),), dtype=x.dtype, device=x.device)
     if x.numel():
         _, n_channels, n_rows, n_cols, channel_in_rows = channel_layout(x, dim, bias is not None)
-        partial = torch.ops.bigkern.bias_act_backward_cuda(
+        partial = CUDA_KERNELS.bias_act_backward(
             grad_y, x, bias, grad_x, n_rows, n_cols, n_channels, channel_in_rows, activation, negative_slope)
         if bias is not None:
             grad_bias = _partials_to_grad_bias(partial, n_channels, bias)

@@ -11,6 +11,7 @@
 
 #include "common/activation.cuh"
 #include "common/dtype.cuh"
+#include "common/launch.cuh"
 #include "epilogue/bias_act.h"
 
 namespace bigkern {
@@ -92,15 +93,14 @@ cudaError_t bias_act_backward(DType dtype, const void* grad_y, const void* x, co
       constexpr int ACT = decltype(act)::value;
       if (channel_in_rows) {
         const int64_t blocks = (n_rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-        bias_act_backward_rows_kernel<T, ACT><<<dim3(blocks), kWarpsPerBlock * 32, 0, stream>>>(
-            gy, xx, bb, gx, partial, numel, n_rows, n_cols, channels, negative_slope);
+        error = launch(bias_act_backward_rows_kernel<T, ACT>, dim3(blocks), kWarpsPerBlock * 32, 0, stream, gy, xx,
+                       bb, gx, partial, numel, n_rows, n_cols, channels, negative_slope);
       } else {
         const int64_t per = rows_per_program(n_rows, n_cols);
         const dim3 grid((n_rows + per - 1) / per, (n_cols + kColumnThreads - 1) / kColumnThreads);
-        bias_act_backward_columns_kernel<T, ACT><<<grid, kColumnThreads, 0, stream>>>(
-            gy, xx, bb, gx, partial, n_rows, n_cols, per, negative_slope);
+        error = launch(bias_act_backward_columns_kernel<T, ACT>, grid, kColumnThreads, 0, stream, gy, xx, bb, gx,
+                       partial, n_rows, n_cols, per, negative_slope);
       }
-      error = cudaGetLastError();
     });
   });
   return error;

@@ -7,6 +7,7 @@
 
 #include "common/activation.cuh"
 #include "common/dtype.cuh"
+#include "common/launch.cuh"
 #include "epilogue/bias_act.h"
 
 namespace bigkern {
@@ -35,7 +36,7 @@ bias_act_forward_kernel(const T* __restrict__ x, const T* __restrict__ bias, T* 
 }
 
 template <typename T, int ACT>
-cudaError_t launch(const T* x, const T* bias, T* y, int64_t numel, int64_t channel_stride, int64_t channels,
+cudaError_t launch_forward(const T* x, const T* bias, T* y, int64_t numel, int64_t channel_stride, int64_t channels,
                    float negative_slope, cudaStream_t stream) {
   constexpr int kVec = kPack16<T>;
   const bool vectorize = numel % kVec == 0 && aligned16(x) && aligned16(y);
@@ -43,12 +44,10 @@ cudaError_t launch(const T* x, const T* bias, T* y, int64_t numel, int64_t chann
   // enough blocks to fill any GPU several times over; the grid-stride loop does the rest
   const int blocks = static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, 65536));
   if (vectorize)
-    bias_act_forward_kernel<T, ACT, kVec><<<blocks, kThreads, 0, stream>>>(x, bias, y, numel, channel_stride,
-                                                                           channels, negative_slope);
-  else
-    bias_act_forward_kernel<T, ACT, 1><<<blocks, kThreads, 0, stream>>>(x, bias, y, numel, channel_stride,
-                                                                        channels, negative_slope);
-  return cudaGetLastError();
+    return launch(bias_act_forward_kernel<T, ACT, kVec>, dim3(blocks), kThreads, 0, stream, x, bias, y, numel,
+                  channel_stride, channels, negative_slope);
+  return launch(bias_act_forward_kernel<T, ACT, 1>, dim3(blocks), kThreads, 0, stream, x, bias, y, numel,
+                channel_stride, channels, negative_slope);
 }
 
 }  // namespace
@@ -61,9 +60,9 @@ cudaError_t bias_act_forward(DType dtype, const void* x, const void* bias, void*
   dispatch_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
     dispatch_activation(activation, [&](auto act) {
-      error = launch<T, decltype(act)::value>(static_cast<const T*>(x), static_cast<const T*>(bias),
-                                              static_cast<T*>(y), numel, channel_stride, channels,
-                                              negative_slope, stream);
+      error = launch_forward<T, decltype(act)::value>(static_cast<const T*>(x), static_cast<const T*>(bias),
+                                                      static_cast<T*>(y), numel, channel_stride, channels,
+                                                      negative_slope, stream);
     });
   });
   return error;

@@ -1,6 +1,7 @@
-// C entry points that run bigkern's CUDA implicit-GEMM convolution launchers (csrc/conv/) on the CPU
-// through the emulator. tests/test_conv_cuda.py compiles one translation unit that includes this
-// file and then the production sources (conv_forward.cu, conv_input_grad.cu, conv_weight_grad.cu),
+// C entry points that run bigkern's CUDA implicit-GEMM convolution launchers (csrc/conv/) and the
+// fused bias + activation launchers its backward uses (csrc/epilogue/) on the CPU through the
+// emulator. tests/test_conv_cuda.py compiles one translation unit that includes this file and then
+// the production sources (conv_{forward,input_grad,weight_grad}.cu, bias_act_{forward,backward}.cu),
 // with include/ ahead of csrc/ (so <mma.h> and common/launch.cuh are the emulator's), and calls
 // these through ctypes.
 #include <cstdint>
@@ -11,6 +12,7 @@
 #include "common/launch.cuh"
 #include <mma.h>
 #include "conv/conv.h"
+#include "epilogue/bias_act.h"
 
 // The conv kernels declare their shared memory statically inside the kernel. CTAs run one after
 // another here, so one function-level static per kernel is exactly one CTA's shared memory, seen
@@ -77,6 +79,32 @@ int emulated_conv2d_weight_grad(int dtype, int tf32, const int* geometry, const 
   cudaError_t status = bigkern::conv2d_weight_grad(static_cast<bigkern::DType>(dtype), tf32 != 0,
                                                    geometry_of(geometry), grad, strides_of(sg), x, strides_of(sx),
                                                    partial, bias_partial, splits, nullptr);
+  return finish(status, error, error_size);
+}
+
+// bias_act: the launchers of csrc/epilogue/bias_act.h, the partial sums into `partial`
+// (bias_act_backward_row_programs rows, times n_cols unless the channel is in the rows).
+int emulated_bias_act_forward(int dtype, const void* x, const void* bias, void* y, int64_t numel,
+                              int64_t channel_stride, int64_t channels, int activation, float negative_slope,
+                              unsigned seed, char* error, int error_size) {
+  configure(seed);
+  cudaError_t status = bigkern::bias_act_forward(static_cast<bigkern::DType>(dtype), x, bias, y, numel, channel_stride,
+                                                 channels, activation, negative_slope, nullptr);
+  return finish(status, error, error_size);
+}
+
+int64_t emulated_bias_act_backward_row_programs(int64_t n_rows, int64_t n_cols, int channel_in_rows) {
+  return bigkern::bias_act_backward_row_programs(n_rows, n_cols, channel_in_rows != 0);
+}
+
+int emulated_bias_act_backward(int dtype, const void* grad_y, const void* x, const void* bias, void* grad_x,
+                               float* partial, int64_t numel, int64_t n_rows, int64_t n_cols, int64_t channels,
+                               int channel_in_rows, int activation, float negative_slope, unsigned seed, char* error,
+                               int error_size) {
+  configure(seed);
+  cudaError_t status = bigkern::bias_act_backward(static_cast<bigkern::DType>(dtype), grad_y, x, bias, grad_x, partial,
+                                                  numel, n_rows, n_cols, channels, channel_in_rows != 0, activation,
+                                                  negative_slope, nullptr);
   return finish(status, error, error_size);
 }
 

@@ -416,6 +416,15 @@ inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
   return slots.value[lane() ^ lane_mask];
 }
 
+inline float __shfl_down_sync(unsigned, float value, unsigned delta) {
+  using namespace emulation;
+  WarpSlots& slots = slots_for_next_operation();
+  slots.value[lane()] = value;
+  warp_sync();
+  const int source = lane() + int(delta);
+  return source < 32 ? slots.value[source] : value;  // lanes past the warp keep their own value
+}
+
 #undef __launch_bounds__
 #define __launch_bounds__(...)
 
