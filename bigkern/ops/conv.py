@@ -289,46 +289,46 @@ def _reduce_partials(partial, out):
     return out.copy_(partial[0] if partial.shape[0] == 1 else partial.sum(0))
 
 
+def _weight_grad_from_partials(grad, input, weight, groups, bias_grad, tile, partials):
+    """grad_w and grad_b from a backend's fp32 partial sums over slices of the N*P*Q pixels:
+    `partials(grad, input, splits)` -> (partial (splits, K, C_g, R, S), bias_partial (splits, K));
+    `tile`, the backend's tile edge, sizes the split."""
+    grad_w, grad_b, work = _weight_grad_outputs(grad, input, weight, bias_grad)
+    if work == 0:
+        return grad_w, grad_b
+    n_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
+    K, C_g, R, S = weight.shape
+    tiles = -(-K // groups // tile) * -(-C_g // tile) * R * S * groups
+    partial, bias_partial = partials(_channels_innermost(grad), _channels_innermost(input),
+                                     wgrad_splits(n_pixels, tiles, input.device))
+    _reduce_partials(partial, grad_w)
+    if bias_grad:
+        _reduce_partials(bias_partial, grad_b)
+    return grad_w, grad_b
+
+
 @CONV2D_WEIGHT_GRAD.register("triton", _triton_unsupported)
 def _weight_grad_triton(grad, input, weight, stride, padding, dilation, groups, bias_grad):
     from bigkern.kernels import conv as kernels
 
-    grad_w, grad_b, work = _weight_grad_outputs(grad, input, weight, bias_grad)
-    if work == 0:
-        return grad_w, grad_b
-    n_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
-    K, C_g, R, S = weight.shape
-    tiles = -(-K // groups // 128) * -(-C_g // 128) * R * S * groups
-    splits = wgrad_splits(n_pixels, tiles, input.device)
-    g, x = _channels_innermost(grad), _channels_innermost(input)
-    partial, bias_partial = kernels.conv2d_weight_grad_partials(
-        g, x, tuple(weight.shape), stride, padding, dilation, groups, splits, bias_grad, _dot_precision(input),
-        lambda shape: memory.empty(shape, dtype=torch.float32, device=input.device))
-    _reduce_partials(partial, grad_w)
-    if bias_grad:
-        _reduce_partials(bias_partial, grad_b)
-    return grad_w, grad_b
+    def partials(g, x, splits):
+        return kernels.conv2d_weight_grad_partials(
+            g, x, tuple(weight.shape), stride, padding, dilation, groups, splits, bias_grad, _dot_precision(input),
+            lambda shape: memory.empty(shape, dtype=torch.float32, device=input.device))
+    return _weight_grad_from_partials(grad, input, weight, groups, bias_grad, 128, partials)
 
 
 @CONV2D_WEIGHT_GRAD.register("cuda", _cuda_unsupported, auto=False)
 def _weight_grad_cuda(grad, input, weight, stride, padding, dilation, groups, bias_grad):
-    grad_w, grad_b, work = _weight_grad_outputs(grad, input, weight, bias_grad)
-    if work == 0:
-        return grad_w, grad_b
-    n_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
-    K, C_g, R, S = weight.shape
-    tiles = -(-K // groups // 64) * -(-C_g // 64) * R * S * groups
-    splits = wgrad_splits(n_pixels, tiles, input.device)
-    partial = memory.empty((splits, K, C_g, R, S), dtype=torch.float32, device=input.device)
-    bias_partial = memory.empty((splits, K if bias_grad else 0), dtype=torch.float32, device=input.device)
-    g, x = _channels_innermost(grad), _channels_innermost(input)
-    CUDA_KERNELS.conv2d_weight_grad(g, x, partial, bias_partial, list(weight.shape), list(stride),
-                                    list(padding[:2]), list(dilation), groups, bias_grad,
-                                    _dot_precision(input) == "tf32")
-    _reduce_partials(partial, grad_w)
-    if bias_grad:
-        _reduce_partials(bias_partial, grad_b)
-    return grad_w, grad_b
+    def partials(g, x, splits):
+        K, C_g, R, S = weight.shape
+        partial = memory.empty((splits, K, C_g, R, S), dtype=torch.float32, device=input.device)
+        bias_partial = memory.empty((splits, K if bias_grad else 0), dtype=torch.float32, device=input.device)
+        CUDA_KERNELS.conv2d_weight_grad(g, x, partial, bias_partial, list(weight.shape), list(stride),
+                                        list(padding[:2]), list(dilation), groups, bias_grad,
+                                        _dot_precision(input) == "tf32")
+        return partial, bias_partial
+    return _weight_grad_from_partials(grad, input, weight, groups, bias_grad, 64, partials)
 
 
 @CONV2D_WEIGHT_GRAD.register("torch", _always)
