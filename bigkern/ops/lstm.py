@@ -231,8 +231,11 @@ LSTM_LAYER_BACKWARD = dispatch.Op("lstm_layer_backward")
 # The persistent CUDA kernel (csrc/lstm/): W_hh resident on chip for the whole sequence. Registered
 # first: `auto` prefers it where it can serve (small batches, W_hh fits) once verified on a GPU.
 
+CUDA_KERNELS = dispatch.CompiledKernels()  # lstm_persistent_plan, lstm_persistent_forward, _backward
+
+
 def _cuda_unsupported(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save):
-    reason = dispatch.cuda_unsupported(gx, w_hh, h0, c0) or _dtype_reason(gx)
+    reason = CUDA_KERNELS.unsupported([gx, w_hh, h0, c0]) or _dtype_reason(gx)
     if reason:
         return reason
     if w_hr is not None:
@@ -244,7 +247,7 @@ def _cuda_unsupported(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, 
 
 def _backward_cuda_unsupported(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0, batch_sizes,
                                reverse):
-    reason = dispatch.cuda_unsupported(grad_out, out, gates) or _dtype_reason(out)
+    reason = CUDA_KERNELS.unsupported([grad_out, out, gates]) or _dtype_reason(out)
     if reason:
         return reason
     if w_hr is not None:
@@ -257,7 +260,7 @@ def _backward_cuda_unsupported(grad_out, grad_hn, grad_cn, out, gates, cells, w_
 def persistent_plan_reason(w_hh, batch, backward=False):
     """Why the persistent kernel cannot hold this W_hh (and batch) on chip, or None. The binding
     asks the device: SM count, opt-in shared memory per block, cooperative launch support."""
-    reason = torch.ops.bigkern.lstm_persistent_plan_cuda(w_hh, batch, backward)
+    reason = CUDA_KERNELS.lstm_persistent_plan(w_hh, batch, backward)
     return reason or None
 
 
@@ -271,9 +274,8 @@ def _lstm_layer_cuda(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, s
     gates = memory.empty((N, 4 * H) if save else (0,), dtype=torch.float32, device=dev)
     cells = memory.empty((N, H) if save else (0,), dtype=torch.float32, device=dev)
     if N and H:
-        torch.ops.bigkern.lstm_persistent_forward_cuda(gx, w_hh, _combined_bias(b_ih, b_hh), h0, c0, out,
-                                                       cells if save else None, gates if save else None, hn, cn,
-                                                       reverse)
+        CUDA_KERNELS.lstm_persistent_forward(gx, w_hh, _combined_bias(b_ih, b_hh), h0, c0, out,
+                                             cells if save else None, gates if save else None, hn, cn, reverse)
     return out, hn, cn, gates, cells
 
 
@@ -285,8 +287,8 @@ def _lstm_layer_backward_cuda(grad_out, grad_hn, grad_cn, out, gates, cells, w_h
     dz = memory.empty((N, 4 * H), dtype=out.dtype, device=out.device)
     dc = memory.empty((B, H), dtype=torch.float32, device=out.device)
     if N and H:
-        torch.ops.bigkern.lstm_persistent_backward_cuda(grad_out.contiguous(), grad_hn.contiguous(),
-                                                        grad_cn.contiguous(), w_hh, gates, cells, c0, dz, dc, reverse)
+        CUDA_KERNELS.lstm_persistent_backward(grad_out.contiguous(), grad_hn.contiguous(), grad_cn.contiguous(),
+                                              w_hh, gates, cells, c0, dz, dc, reverse)
     else:
         dc.zero_()
     return (dz,) + _weight_grads(dz, None, dc, out, gates, cells, w_hh, None, h0, batch_sizes, reverse)

@@ -44,7 +44,7 @@ struct SavedStep {
 template <typename T, int MAX_B>
 __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_backward_kernel(BackwardParams p) {
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-  extern __shared__ __align__(16) unsigned char shared[];
+  BIGKERN_DYNAMIC_SHARED(shared);
   const int64_t H = p.hidden, B = p.batch, H4 = 4 * p.hidden;
   const int64_t pitch = pitch_of<T>(H4);
   const int units = p.units;
@@ -119,12 +119,6 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_backward_kernel(B
   }
 }
 
-template <typename T, int MAX_B>
-cudaError_t set_shared_memory_backward(int64_t bytes) {
-  return cudaFuncSetAttribute(lstm_persistent_backward_kernel<T, MAX_B>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
-}
-
 }  // namespace lstm
 
 int lstm_persistent_backward_blocks_per_sm(DType dtype, int max_batch, int64_t shared_memory) {
@@ -133,13 +127,10 @@ int lstm_persistent_backward_blocks_per_sm(DType dtype, int max_batch, int64_t s
     using T = decltype(zero);
     lstm::dispatch_max_batch(max_batch, [&](auto mb) {
       constexpr int MAX_B = decltype(mb)::value;
-      if (lstm::set_shared_memory_backward<T, MAX_B>(shared_memory) != cudaSuccess) return;
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, lstm::lstm_persistent_backward_kernel<T, MAX_B>,
-                                                        lstm::kThreads, shared_memory) != cudaSuccess)
-        blocks = 0;
+      blocks = resident_blocks_per_sm(lstm::lstm_persistent_backward_kernel<T, MAX_B>, lstm::kThreads,
+                                      static_cast<size_t>(shared_memory));
     });
   });
-  cudaGetLastError();  // a refused attribute is an answer here (0 blocks), not a sticky error
   return blocks;
 }
 
@@ -157,13 +148,8 @@ cudaError_t lstm_persistent_backward(DType dtype, const PersistentPlan& plan, co
     using T = decltype(zero);
     lstm::dispatch_max_batch(batch, [&](auto mb) {
       constexpr int MAX_B = decltype(mb)::value;
-      error = lstm::set_shared_memory_backward<T, MAX_B>(plan.shared_memory);
-      if (error != cudaSuccess) return;
-      void* args[] = {&params};
-      error = cudaLaunchCooperativeKernel(
-          reinterpret_cast<const void*>(lstm::lstm_persistent_backward_kernel<T, MAX_B>), dim3(plan.blocks),
-          dim3(lstm::kThreads), args, static_cast<size_t>(plan.shared_memory), stream);
-      if (error == cudaSuccess) error = cudaGetLastError();
+      error = launch_cooperative(lstm::lstm_persistent_backward_kernel<T, MAX_B>, dim3(plan.blocks), lstm::kThreads,
+                                 static_cast<size_t>(plan.shared_memory), stream, params);
     });
   });
   return error;

@@ -39,7 +39,7 @@ struct ForwardParams {
 template <typename T, int MAX_B>
 __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(ForwardParams p) {
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-  extern __shared__ __align__(16) unsigned char shared[];
+  BIGKERN_DYNAMIC_SHARED(shared);
   const int64_t H = p.hidden, B = p.batch;
   const int64_t pitch = pitch_of<T>(H);
   const int units = p.units;
@@ -58,6 +58,9 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(Fo
     w[idx] = (u < mine && k < H) ? w_hh[(q * H + j0 + u) * H + k] : from_float<T>(0.f);
   }
   for (int64_t idx = threadIdx.x; idx < MAX_B * pitch; idx += kThreads) h[idx] = from_float<T>(0.f);
+  // the zeros (kept in the padding past H) land before any thread loads h_0 over the rest: warps
+  // that fill and warps that load are not the same ones
+  __syncthreads();
 
   // Thread (u, b) owns the cell of unit j0 + u in sequence b for the whole sequence.
   const bool owner = threadIdx.x < mine * B;
@@ -117,12 +120,6 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(Fo
   }
 }
 
-template <typename T, int MAX_B>
-cudaError_t set_shared_memory(int64_t bytes) {
-  return cudaFuncSetAttribute(lstm_persistent_forward_kernel<T, MAX_B>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
-}
-
 }  // namespace lstm
 
 int lstm_persistent_forward_blocks_per_sm(DType dtype, int max_batch, int64_t shared_memory) {
@@ -131,13 +128,10 @@ int lstm_persistent_forward_blocks_per_sm(DType dtype, int max_batch, int64_t sh
     using T = decltype(zero);
     lstm::dispatch_max_batch(max_batch, [&](auto mb) {
       constexpr int MAX_B = decltype(mb)::value;
-      if (lstm::set_shared_memory<T, MAX_B>(shared_memory) != cudaSuccess) return;
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, lstm::lstm_persistent_forward_kernel<T, MAX_B>,
-                                                        lstm::kThreads, shared_memory) != cudaSuccess)
-        blocks = 0;
+      blocks = resident_blocks_per_sm(lstm::lstm_persistent_forward_kernel<T, MAX_B>, lstm::kThreads,
+                                      static_cast<size_t>(shared_memory));
     });
   });
-  cudaGetLastError();  // a refused attribute is an answer here (0 blocks), not a sticky error
   return blocks;
 }
 
@@ -198,13 +192,8 @@ cudaError_t lstm_persistent_forward(DType dtype, const PersistentPlan& plan, con
     using T = decltype(zero);
     lstm::dispatch_max_batch(batch, [&](auto mb) {
       constexpr int MAX_B = decltype(mb)::value;
-      error = lstm::set_shared_memory<T, MAX_B>(plan.shared_memory);
-      if (error != cudaSuccess) return;
-      void* args[] = {&params};
-      error = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(lstm::lstm_persistent_forward_kernel<T, MAX_B>),
-                                          dim3(plan.blocks), dim3(lstm::kThreads), args,
-                                          static_cast<size_t>(plan.shared_memory), stream);
-      if (error == cudaSuccess) error = cudaGetLastError();
+      error = launch_cooperative(lstm::lstm_persistent_forward_kernel<T, MAX_B>, dim3(plan.blocks), lstm::kThreads,
+                                 static_cast<size_t>(plan.shared_memory), stream, params);
     });
   });
   return error;

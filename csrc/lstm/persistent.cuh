@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "common/dtype.cuh"
+#include "common/launch.cuh"
 
 namespace bigkern {
 namespace lstm {

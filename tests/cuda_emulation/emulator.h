@@ -20,6 +20,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <barrier>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -151,10 +152,23 @@ struct State {
   std::function<void()> body;
 };
 
+// One per OS thread: a cooperative launch runs each CTA on a thread of its own (include/common/launch.cuh).
 inline State& state() {
-  static State s;
+  static thread_local State s;
   return s;
 }
+
+// Dynamic shared memory for kernels that declare it with BIGKERN_DYNAMIC_SHARED: one per OS thread,
+// so one per CTA of a cooperative launch.
+inline unsigned char* cta_shared_memory() {
+  alignas(16) static thread_local unsigned char memory[256 * 1024];
+  return memory;
+}
+
+// The barrier of the cooperative launch in progress (include/common/launch.cuh), if any.
+struct GridBarrier {
+  static inline std::barrier<>* current = nullptr;
+};
 
 inline void fail(const std::string& what) {
   if (state().error.empty()) state().error = what;
@@ -423,6 +437,12 @@ inline float __shfl_down_sync(unsigned, float value, unsigned delta) {
   warp_sync();
   const int source = lane() + int(delta);
   return source < 32 ? slots.value[source] : value;  // lanes past the warp keep their own value
+}
+
+// ld.global.cg: a load through L2. Here every load sees memory as the other threads left it.
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
 }
 
 #undef __launch_bounds__
