@@ -322,8 +322,10 @@ inline void run_block(uint3 block_idx, uint3 grid_dim, int threads, size_t share
   s.block_dim = make_uint3(threads, 1, 1);
   s.shared_bytes = shared_bytes;
   s.body = std::move(body);
-  // NaN in every 16-bit and 32-bit float view
-  std::memset(bigkern::attention::shared_raw, 0xff, shared_bytes);
+  // NaN in every 16-bit and 32-bit float view, in both kinds of dynamic shared memory (the one
+  // shared_raw is for one CTA at a time: not the CTAs of a cooperative launch, running at once)
+  if (GridBarrier::current == nullptr) std::memset(bigkern::attention::shared_raw, 0xff, shared_bytes);
+  std::memset(cta_shared_memory(), 0xff, shared_bytes);
   const int warps = (threads + 31) / 32;
   s.warp_barriers.assign(warps, Barrier{});
   for (int w = 0; w < warps; ++w) s.warp_barriers[w].expected = std::min(32, threads - 32 * w);
