@@ -25,6 +25,7 @@ from bigkern.testing import make_tensor
 from conftest import DEVICE
 
 from cuda_emulation import emulation
+from cuda_emulation.emulation import array
 
 DTYPES = [torch.float16, torch.bfloat16]
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}  # csrc/common/dtype.cuh DType
@@ -60,26 +61,17 @@ GPU_CASES = CASES + [
 
 @pytest.fixture(scope="session")
 def emulated_library(request):
-    reason = emulation.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    cache = getattr(request.config, "cache", None)
-    cache_dir = cache.mkdir("cuda-emulation") if cache is not None else request.config.rootpath / "build"
     # attention.cu (the dispatch; its sm90 hook is the driver's stub), every per-head-dim kernel file
     # and the Hopper forward's (driven directly by emulated_attention_forward_sm90)
     sources = ["attention/attention.cu"] + sorted(
         f"attention/{p.name}" for p in (emulation.CSRC / "attention").glob("attention_*hdim*.cu"))
-    return emulation.build("attention_emulated.cpp", sources, cache_dir)
+    return emulation.library_for_tests(request, "attention_emulated.cpp", sources)
 
 
 def _span_bytes(t):
     if t.numel() == 0:
         return 0
     return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
-
-
-def _array(ctype, values):
-    return (ctype * max(1, len(values)))(*values)
 
 
 def emulated_ops(library, deferred_copies=True, seed=0, sm90=False):
@@ -89,10 +81,10 @@ def emulated_ops(library, deferred_copies=True, seed=0, sm90=False):
         shape = [q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]]
         error = ctypes.create_string_buffer(1024)
         status = entry(
-            _DTYPE_CODES[q.dtype], _array(ctypes.c_int64, shape), ctypes.c_float(scale), int(is_causal),
-            _array(ctypes.c_void_p, [t.data_ptr() for t in tensors] + [lse.data_ptr()]),
-            _array(ctypes.c_int64, [s for t in tensors for s in t.stride()[:3]]),
-            _array(ctypes.c_int64, [_span_bytes(t) for t in tensors[:inputs]]),
+            _DTYPE_CODES[q.dtype], array(ctypes.c_int64, shape), ctypes.c_float(scale), int(is_causal),
+            array(ctypes.c_void_p, [t.data_ptr() for t in tensors] + [lse.data_ptr()]),
+            array(ctypes.c_int64, [s for t in tensors for s in t.stride()[:3]]),
+            array(ctypes.c_int64, [_span_bytes(t) for t in tensors[:inputs]]),
             int(deferred_copies), ctypes.c_uint(seed), error, len(error))
         assert status == 0, f"emulated attention kernel: {error.value.decode()}"
 

@@ -17,34 +17,21 @@ import bigkern
 from bigkern import dispatch, testing
 from bigkern.ops import conv, epilogue
 from cuda_emulation import emulation
+from cuda_emulation.emulation import array, dtype_code, pointer
 from conftest import DEVICE
 from test_epilogue import CASES as EPILOGUE_CASES
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @pytest.fixture(scope="session")
 def emulated_library(request):
-    reason = emulation.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    cache = getattr(request.config, "cache", None)
-    cache_dir = cache.mkdir("cuda-emulation") if cache is not None else request.config.rootpath / "build"
     sources = ["conv/conv_forward.cu", "conv/conv_input_grad.cu", "conv/conv_weight_grad.cu",
                "epilogue/bias_act_forward.cu", "epilogue/bias_act_backward.cu"]
-    return emulation.build("conv_emulated.cpp", sources, cache_dir)
-
-
-def _ints(ctype, values):
-    return (ctype * max(1, len(values)))(*values)
+    return emulation.library_for_tests(request, "conv_emulated.cpp", sources)
 
 
 def _strides(t):
-    return _ints(ctypes.c_int64, list(t.stride()) if t is not None else [0, 0, 0, 0])
-
-
-def _pointer(t):
-    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+    return array(ctypes.c_int64, list(t.stride()) if t is not None else [0, 0, 0, 0])
 
 
 class EmulatedKernels(dispatch.CompiledKernels):
@@ -69,39 +56,39 @@ class EmulatedKernels(dispatch.CompiledKernels):
     def _geometry(x, weight_shape, out_hw, stride, padding, dilation, groups):
         values = [*x.shape, weight_shape[0], weight_shape[2], weight_shape[3], *out_hw, *stride, *padding, *dilation,
                   groups]
-        return _ints(ctypes.c_int, values)
+        return array(ctypes.c_int, values)
 
     def conv2d_forward(self, x, w, bias, residual, y, z, stride, padding, dilation, groups, activation, negative_slope,
-                tf32):
+                       tf32):
         assert bias is None or (bias.is_contiguous() and bias.numel() == w.shape[0])
         for t in (residual, z):
             assert t is None or t.shape == y.shape
-        self._run(self.library.emulated_conv2d_forward, _DTYPE_CODES[x.dtype], int(tf32),
+        self._run(self.library.emulated_conv2d_forward, dtype_code(x.dtype), int(tf32),
                   self._geometry(x, w.shape, y.shape[2:], stride, padding, dilation, groups),
-                  _pointer(x), _strides(x), _pointer(w), _strides(w), _pointer(bias), _pointer(residual),
-                  _strides(residual), _pointer(y), _strides(y), _pointer(z), _strides(z), int(activation),
+                  pointer(x), _strides(x), pointer(w), _strides(w), pointer(bias), pointer(residual),
+                  _strides(residual), pointer(y), _strides(y), pointer(z), _strides(z), int(activation),
                   ctypes.c_float(negative_slope))
 
     def conv2d_input_grad(self, grad, w, dx, stride, padding, dilation, groups, tf32):
-        self._run(self.library.emulated_conv2d_input_grad, _DTYPE_CODES[grad.dtype], int(tf32),
+        self._run(self.library.emulated_conv2d_input_grad, dtype_code(grad.dtype), int(tf32),
                   self._geometry(dx, w.shape, grad.shape[2:], stride, padding, dilation, groups),
-                  _pointer(grad), _strides(grad), _pointer(w), _strides(w), _pointer(dx), _strides(dx))
+                  pointer(grad), _strides(grad), pointer(w), _strides(w), pointer(dx), _strides(dx))
 
-    def conv2d_weight_grad(self, grad, x, partial, bias_partial, weight_shape, stride, padding, dilation, groups, bias_grad,
-                    tf32):
+    def conv2d_weight_grad(self, grad, x, partial, bias_partial, weight_shape, stride, padding, dilation, groups,
+                           bias_grad, tf32):
         assert partial.dtype == torch.float32 and partial.is_contiguous() and partial.shape[1] == weight_shape[0]
         splits = partial.shape[0]
         assert not bias_grad or (bias_partial.is_contiguous() and bias_partial.numel() == splits * weight_shape[0])
-        self._run(self.library.emulated_conv2d_weight_grad, _DTYPE_CODES[grad.dtype], int(tf32),
+        self._run(self.library.emulated_conv2d_weight_grad, dtype_code(grad.dtype), int(tf32),
                   self._geometry(x, weight_shape, grad.shape[2:], stride, padding, dilation, groups),
-                  _pointer(grad), _strides(grad), _pointer(x), _strides(x), _pointer(partial),
-                  _pointer(bias_partial if bias_grad else None), int(splits))
+                  pointer(grad), _strides(grad), pointer(x), _strides(x), pointer(partial),
+                  pointer(bias_partial if bias_grad else None), int(splits))
 
     def bias_act_forward(self, x, bias, y, activation, channel_stride, channels, negative_slope):
         assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == x.dtype
         assert bias is None or (bias.is_contiguous() and bias.dtype == x.dtype)
-        self._run(self.library.emulated_bias_act_forward, _DTYPE_CODES[x.dtype], _pointer(x), _pointer(bias),
-                  _pointer(y), ctypes.c_int64(x.numel()), ctypes.c_int64(channel_stride), ctypes.c_int64(channels),
+        self._run(self.library.emulated_bias_act_forward, dtype_code(x.dtype), pointer(x), pointer(bias), pointer(y),
+                  ctypes.c_int64(x.numel()), ctypes.c_int64(channel_stride), ctypes.c_int64(channels),
                   int(activation), ctypes.c_float(negative_slope))
 
     def bias_act_backward(self, grad_y, x, bias, grad_x, n_rows, n_cols, channels, channel_in_rows, activation,
@@ -111,8 +98,8 @@ class EmulatedKernels(dispatch.CompiledKernels):
         programs.restype = ctypes.c_int64
         rows = programs(ctypes.c_int64(n_rows), ctypes.c_int64(n_cols), int(channel_in_rows))
         partial = torch.empty(rows if channel_in_rows else rows * n_cols, dtype=torch.float32)
-        self._run(self.library.emulated_bias_act_backward, _DTYPE_CODES[x.dtype], _pointer(grad_y), _pointer(x),
-                  _pointer(bias), _pointer(grad_x), _pointer(partial), ctypes.c_int64(x.numel()),
+        self._run(self.library.emulated_bias_act_backward, dtype_code(x.dtype), pointer(grad_y),
+                  pointer(x), pointer(bias), pointer(grad_x), pointer(partial), ctypes.c_int64(x.numel()),
                   ctypes.c_int64(n_rows), ctypes.c_int64(n_cols), ctypes.c_int64(channels), int(channel_in_rows),
                   int(activation), ctypes.c_float(negative_slope))
         return partial

@@ -19,24 +19,15 @@ from bigkern.ops import lstm as ops
 from bigkern.testing import make_tensor
 from conftest import DEVICE
 from cuda_emulation import emulation
+from cuda_emulation.emulation import dtype_code, pointer
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PRETEND_SMS = 4
 
 
 @pytest.fixture(scope="session")
 def emulated_library(request):
-    reason = emulation.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    cache = getattr(request.config, "cache", None)
-    cache_dir = cache.mkdir("cuda-emulation") if cache is not None else request.config.rootpath / "build"
-    return emulation.build("lstm_emulated.cpp", ["lstm/lstm_persistent_forward.cu", "lstm/lstm_persistent_backward.cu"],
-                           cache_dir)
-
-
-def _pointer(t):
-    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+    return emulation.library_for_tests(request, "lstm_emulated.cpp",
+                                       ["lstm/lstm_persistent_forward.cu", "lstm/lstm_persistent_backward.cu"])
 
 
 class EmulatedKernels(dispatch.CompiledKernels):
@@ -53,7 +44,7 @@ class EmulatedKernels(dispatch.CompiledKernels):
 
     def _plan(self, w_hh, batch, backward):
         blocks, units = ctypes.c_int(), ctypes.c_int()
-        status = self.library.emulated_lstm_persistent_plan(_DTYPE_CODES[w_hh.dtype], ctypes.c_int64(batch),
+        status = self.library.emulated_lstm_persistent_plan(dtype_code(w_hh.dtype), ctypes.c_int64(batch),
                                                             ctypes.c_int64(w_hh.shape[1]), int(backward),
                                                             PRETEND_SMS, ctypes.byref(blocks), ctypes.byref(units))
         self.plans.append((backward, blocks.value))
@@ -64,7 +55,7 @@ class EmulatedKernels(dispatch.CompiledKernels):
 
     def _run(self, entry, *args):
         error = ctypes.create_string_buffer(1024)
-        status = entry(_DTYPE_CODES[args[0].dtype] if isinstance(args[0], torch.Tensor) else args[0], PRETEND_SMS,
+        status = entry(dtype_code(args[0].dtype), PRETEND_SMS,
                        *args[1:], ctypes.c_uint(self.seed), error, len(error))
         assert status == 0, f"emulated LSTM kernel: {error.value.decode()}"
 
@@ -75,9 +66,9 @@ class EmulatedKernels(dispatch.CompiledKernels):
             assert t.is_contiguous() and tuple(t.shape) == shape and t.dtype == gx.dtype
         for t, shape in ((bias, (4 * H,)), (cells, (N, H)), (gates, (N, 4 * H))):
             assert t is None or (t.dtype == torch.float32 and t.is_contiguous() and tuple(t.shape) == shape)
-        self._run(self.library.emulated_lstm_persistent_forward, gx, _pointer(gx), ctypes.c_int64(gx.stride(0)),
-                  _pointer(w_hh), _pointer(bias), _pointer(h0), _pointer(c0), _pointer(out), _pointer(cells),
-                  _pointer(gates), _pointer(h_n), _pointer(c_n), ctypes.c_int64(N // B), ctypes.c_int64(B),
+        self._run(self.library.emulated_lstm_persistent_forward, gx, pointer(gx), ctypes.c_int64(gx.stride(0)),
+                  pointer(w_hh), pointer(bias), pointer(h0), pointer(c0), pointer(out), pointer(cells),
+                  pointer(gates), pointer(h_n), pointer(c_n), ctypes.c_int64(N // B), ctypes.c_int64(B),
                   ctypes.c_int64(H), int(reverse))
 
     def lstm_persistent_backward(self, grad_out, grad_h_n, grad_c_n, w_hh, gates, cells, c0, dz, dc, reverse):
@@ -87,9 +78,9 @@ class EmulatedKernels(dispatch.CompiledKernels):
             assert t.is_contiguous() and tuple(t.shape) == shape and t.dtype == grad_out.dtype
         for t, shape in ((gates, (N, 4 * H)), (cells, (N, H)), (dc, (B, H))):
             assert t.dtype == torch.float32 and t.is_contiguous() and tuple(t.shape) == shape
-        self._run(self.library.emulated_lstm_persistent_backward, grad_out, _pointer(grad_out), _pointer(grad_h_n),
-                  _pointer(grad_c_n), _pointer(w_hh), _pointer(gates), _pointer(cells), _pointer(c0), _pointer(dz),
-                  _pointer(dc), ctypes.c_int64(N // B), ctypes.c_int64(B), ctypes.c_int64(H), int(reverse))
+        self._run(self.library.emulated_lstm_persistent_backward, grad_out, pointer(grad_out), pointer(grad_h_n),
+                  pointer(grad_c_n), pointer(w_hh), pointer(gates), pointer(cells), pointer(c0), pointer(dz),
+                  pointer(dc), ctypes.c_int64(N // B), ctypes.c_int64(B), ctypes.c_int64(H), int(reverse))
 
 
 @pytest.fixture

@@ -38,15 +38,6 @@ void configure(void* const* data, const int64_t* spans, int n_inputs, int deferr
   }
 }
 
-int finish(cudaError_t status, char* error, int error_size) {
-  std::string message = emulation::state().error;
-  if (message.empty() && status != cudaSuccess) message = std::string("launcher returned ") + cudaGetErrorName(status);
-  if (message.empty()) return 0;
-  std::strncpy(error, message.c_str(), error_size - 1);
-  error[error_size - 1] = '\0';
-  return 1;
-}
-
 bigkern::AttentionProblem problem_of(const int64_t* shape, float scale, int causal) {
   return {int(shape[0]), int(shape[1]), int(shape[2]), int(shape[3]), int(shape[4]), int(shape[5]), scale,
           causal != 0};
@@ -77,7 +68,7 @@ int emulated_attention_forward(int dtype, const int64_t* shape, float scale, int
                                            static_cast<float*>(data[4])};
   const cudaError_t status =
       bigkern::attention_forward(static_cast<bigkern::DType>(dtype), problem_of(shape, scale, causal), args, nullptr);
-  return finish(status, error, error_size);
+  return emulation::report(status, error, error_size);
 }
 
 // The Hopper forward (sm90::forward_for_head_dim), same arguments as emulated_attention_forward.
@@ -94,7 +85,7 @@ int emulated_attention_forward_sm90(int dtype, const int64_t* shape, float scale
   if (problem.head_dim == 64) status = bigkern::attention::sm90::forward_for_head_dim<64>(type, problem, args, nullptr);
   if (problem.head_dim == 128)
     status = bigkern::attention::sm90::forward_for_head_dim<128>(type, problem, args, nullptr);
-  return finish(status, error, error_size);
+  return emulation::report(status, error, error_size);
 }
 
 // data/strides: grad_out, q, k, v, out, dq, dk, dv (strides 3 each), then lse (data only).
@@ -110,7 +101,7 @@ int emulated_attention_backward(int dtype, const int64_t* shape, float scale, in
       tensor_at(data, strides, 5), tensor_at(data, strides, 6), tensor_at(data, strides, 7), delta.data()};
   const cudaError_t status =
       bigkern::attention_backward(static_cast<bigkern::DType>(dtype), problem_of(shape, scale, causal), args, nullptr);
-  return finish(status, error, error_size);
+  return emulation::report(status, error, error_size);
 }
 
 int emulated_attention_head_dim_supported(int head_dim) { return bigkern::attention_head_dim_supported(head_dim); }

@@ -36,15 +36,6 @@ void configure(unsigned seed) {
   s.readable.clear();
 }
 
-int finish(cudaError_t status, char* error, int error_size) {
-  std::string message = emulation::state().error;
-  if (message.empty() && status != cudaSuccess) message = std::string("launcher returned ") + cudaGetErrorName(status);
-  if (message.empty()) return 0;
-  std::strncpy(error, message.c_str(), error_size - 1);
-  error[error_size - 1] = '\0';
-  return 1;
-}
-
 }  // namespace
 
 extern "C" {
@@ -59,7 +50,7 @@ int emulated_conv2d_forward(int dtype, int tf32, const int* geometry, const void
   cudaError_t status = bigkern::conv2d_forward(
       static_cast<bigkern::DType>(dtype), tf32 != 0, geometry_of(geometry), x, strides_of(sx), w, strides_of(sw),
       bias, residual, strides_of(sr), y, strides_of(sy), z, strides_of(sz), activation, negative_slope, nullptr);
-  return finish(status, error, error_size);
+  return emulation::report(status, error, error_size);
 }
 
 int emulated_conv2d_input_grad(int dtype, int tf32, const int* geometry, const void* grad, const int64_t* sg,
@@ -69,7 +60,7 @@ int emulated_conv2d_input_grad(int dtype, int tf32, const int* geometry, const v
   cudaError_t status = bigkern::conv2d_input_grad(static_cast<bigkern::DType>(dtype), tf32 != 0,
                                                   geometry_of(geometry), grad, strides_of(sg), w, strides_of(sw),
                                                   grad_x, strides_of(sd), nullptr);
-  return finish(status, error, error_size);
+  return emulation::report(status, error, error_size);
 }
 
 int emulated_conv2d_weight_grad(int dtype, int tf32, const int* geometry, const void* grad, const int64_t* sg,
@@ -79,7 +70,7 @@ int emulated_conv2d_weight_grad(int dtype, int tf32, const int* geometry, const 
   cudaError_t status = bigkern::conv2d_weight_grad(static_cast<bigkern::DType>(dtype), tf32 != 0,
                                                    geometry_of(geometry), grad, strides_of(sg), x, strides_of(sx),
                                                    partial, bias_partial, splits, nullptr);
-  return finish(status, error, error_size);
+  return emulation::report(status, error, error_size);
 }
 
 // bias_act: the launchers of csrc/epilogue/bias_act.h, the partial sums into `partial`
@@ -90,7 +81,7 @@ int emulated_bias_act_forward(int dtype, const void* x, const void* bias, void* 
   configure(seed);
   cudaError_t status = bigkern::bias_act_forward(static_cast<bigkern::DType>(dtype), x, bias, y, numel, channel_stride,
                                                  channels, activation, negative_slope, nullptr);
-  return finish(status, error, error_size);
+  return emulation::report(status, error, error_size);
 }
 
 int64_t emulated_bias_act_backward_row_programs(int64_t n_rows, int64_t n_cols, int channel_in_rows) {
@@ -105,7 +96,7 @@ int emulated_bias_act_backward(int dtype, const void* grad_y, const void* x, con
   cudaError_t status = bigkern::bias_act_backward(static_cast<bigkern::DType>(dtype), grad_y, x, bias, grad_x, partial,
                                                   numel, n_rows, n_cols, channels, channel_in_rows != 0, activation,
                                                   negative_slope, nullptr);
-  return finish(status, error, error_size);
+  return emulation::report(status, error, error_size);
 }
 
 }  // extern "C"

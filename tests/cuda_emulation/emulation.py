@@ -70,3 +70,36 @@ def build(driver: str, sources, cache_dir: Path) -> ctypes.CDLL:
             raise RuntimeError(f"building the CUDA emulator failed:\n{' '.join(command)}\n{result.stderr[-8000:]}")
         os.replace(str(library) + ".tmp", library)
     return ctypes.CDLL(str(library))
+
+
+def library_for_tests(request, driver: str, sources) -> ctypes.CDLL:
+    """build() for a pytest session fixture: skips (saying why) where the emulator cannot be built,
+    and keeps the libraries in pytest's cache (build/ without one)."""
+    import pytest
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cache = getattr(request.config, "cache", None)
+    cache_dir = cache.mkdir("cuda-emulation") if cache is not None else request.config.rootpath / "build"
+    return build(driver, sources, cache_dir)
+
+
+# Arguments of the drivers' C entry points.
+
+def dtype_code(dtype) -> int:
+    """csrc/common/dtype.cuh's DType of a torch dtype."""
+    import torch
+
+    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+
+
+def array(ctype, values):
+    """A C array of `values` (never empty: a pointer to it is always valid)."""
+    return (ctype * max(1, len(values)))(*values)
+
+
+def pointer(t) -> ctypes.c_void_p:
+    """A tensor's data pointer, or null for None."""
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+

@@ -174,6 +174,18 @@ inline void fail(const std::string& what) {
   if (state().error.empty()) state().error = what;
 }
 
+// What a driver's C entry point returns: 0, or 1 with the first problem found (or the launcher's
+// error) copied into `error`; the problem is then cleared for the next call.
+inline int report(cudaError_t status, char* error, int error_size) {
+  std::string message = state().error;
+  state().error.clear();
+  if (message.empty() && status != cudaSuccess) message = std::string("launcher returned ") + cudaGetErrorName(status);
+  if (message.empty()) return 0;
+  std::strncpy(error, message.c_str(), error_size - 1);
+  error[error_size - 1] = '\0';
+  return 1;
+}
+
 inline Fiber& self() { return state().fibers[state().current]; }
 
 inline int linear_thread() {

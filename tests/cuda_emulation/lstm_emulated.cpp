@@ -17,16 +17,6 @@ namespace {
 // A pretend device: few SMs, so that even small hidden sizes spread over several blocks.
 bigkern::DeviceLimits limits_of(int sms) { return {sms, 227 * 1024, true}; }
 
-int finish(cudaError_t status, char* error, int error_size) {
-  std::string message = emulation::state().error;
-  emulation::state().error.clear();
-  if (message.empty() && status != cudaSuccess) message = std::string("launcher returned ") + cudaGetErrorName(status);
-  if (message.empty()) return 0;
-  std::strncpy(error, message.c_str(), error_size - 1);
-  error[error_size - 1] = '\0';
-  return 1;
-}
-
 }  // namespace
 
 extern "C" {
@@ -50,7 +40,7 @@ int emulated_lstm_persistent_forward(int dtype, int sms, const void* gx, int64_t
   const bigkern::PersistentPlan plan = bigkern::lstm_persistent_plan(type, batch, hidden, false, limits_of(sms));
   cudaError_t status = bigkern::lstm_persistent_forward(type, plan, gx, gx_stride, w_hh, bias, h0, c0, out, cells,
                                                         gates, h_n, c_n, steps, batch, hidden, reverse != 0, nullptr);
-  return finish(status, error, error_size);
+  return emulation::report(status, error, error_size);
 }
 
 int emulated_lstm_persistent_backward(int dtype, int sms, const void* grad_out, const void* grad_h_n,
@@ -62,7 +52,7 @@ int emulated_lstm_persistent_backward(int dtype, int sms, const void* grad_out, 
   const bigkern::PersistentPlan plan = bigkern::lstm_persistent_plan(type, batch, hidden, true, limits_of(sms));
   cudaError_t status = bigkern::lstm_persistent_backward(type, plan, grad_out, grad_h_n, grad_c_n, w_hh, gates, cells,
                                                          c0, dz, dc, steps, batch, hidden, reverse != 0, nullptr);
-  return finish(status, error, error_size);
+  return emulation::report(status, error, error_size);
 }
 
 }  // extern "C"
