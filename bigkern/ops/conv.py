@@ -480,6 +480,20 @@ def _resolve_padding(padding, kernel_hw, stride, dilation):
     return (ph, pw, ph, pw)
 
 
+def _check_weight_dims(input, weight):
+    """Before an unbatched input is unsqueezed, so the message names the input the user passed."""
+    if weight.dim() == 4:
+        return
+    if input.dim() != weight.dim():
+        # torch's wording, for the weight of a conv of another dimensionality
+        raise RuntimeError(f"conv2d(): argument 'weight': Expected {weight.dim()}-dimensional input for "
+                           f"{weight.dim()}-dimensional weight {list(weight.shape)}, but got {input.dim()}-dimensional "
+                           f"input of size {list(input.shape)} instead (conv2d's weight is 4-dimensional: "
+                           f"out_channels, in_channels/groups, kH, kW)")
+    raise RuntimeError(f"conv2d(): argument 'weight' must be 4-dimensional (out_channels, in_channels/groups, "
+                       f"kH, kW), but got weight of size {list(weight.shape)}")
+
+
 def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, residual=None):
     """Raise what torch raises for bad input, naming the argument. Returns (stride, padding as
     (top, left, bottom, right), dilation, groups) for batched input."""
@@ -494,9 +508,7 @@ def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, re
     if input.dim() != 4:
         raise RuntimeError(f"conv2d(): argument 'input': expected 3D (unbatched) or 4D (batched) input to conv2d, "
                            f"but got input of size: {list(input.shape)}")
-    if weight.dim() != 4:
-        raise RuntimeError(f"conv2d(): argument 'weight' must be 4-dimensional (out_channels, in_channels/groups, "
-                           f"kH, kW), but got weight of size {list(weight.shape)}")
+    _check_weight_dims(input, weight)
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
         if t is None:
             continue
@@ -508,7 +520,10 @@ def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, re
                                f"(argument '{name}')")
     if any(s <= 0 for s in stride):
         raise RuntimeError(f"conv2d(): argument 'stride': non-positive stride is not supported, got {list(stride)}")
-    if any(d <= 0 for d in dilation):
+    if any(d < 0 for d in dilation):
+        raise RuntimeError(f"conv2d(): argument 'dilation': dilation should be greater than zero, got "
+                           f"{list(dilation)}")
+    if any(d == 0 for d in dilation):
         raise RuntimeError(f"conv2d(): argument 'dilation': non-positive dilation is not supported, got "
                            f"{list(dilation)}")
     if groups <= 0:
@@ -517,12 +532,12 @@ def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, re
     if any(p < 0 for p in padding):
         raise RuntimeError(f"conv2d(): argument 'padding': negative padding is not supported, got {padding[:2]}")
     K = weight.shape[0]
-    if K < groups or K % groups:
+    if K < groups:
+        raise RuntimeError(f"conv2d(): argument 'weight': Given groups={groups}, expected weight to be at least "
+                           f"{groups} at dimension 0, but got weight of size {list(weight.shape)} instead")
+    if K % groups:
         raise RuntimeError(f"conv2d(): argument 'weight': Given groups={groups}, expected weight to be divisible by "
                            f"{groups} at dimension 0, but got weight of size {list(weight.shape)} instead")
-    if K == 0:
-        raise RuntimeError(f"conv2d(): argument 'weight': Given groups={groups}, expected weight to be at least 1 at "
-                           f"dimension 0, but got weight of size {list(weight.shape)} instead")
     if input.shape[1] != weight.shape[1] * groups:
         raise RuntimeError(f"conv2d(): argument 'input': Given groups={groups}, weight of size {list(weight.shape)}, "
                            f"expected input{list(input.shape)} to have {weight.shape[1] * groups} channels, but got "
@@ -560,7 +575,10 @@ def _prepare(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
 
 
 def _explain_prepare(input, weight, *args, **kwargs):
-    if isinstance(input, Tensor) and input.dim() == 3:
+    _check_tensor(input, "input")
+    _check_tensor(weight, "weight")
+    _check_weight_dims(input, weight)
+    if input.dim() == 3:
         input = input.unsqueeze(0)
         if isinstance(kwargs.get("residual"), Tensor) and kwargs["residual"].dim() == 3:
             kwargs["residual"] = kwargs["residual"].unsqueeze(0)
@@ -579,6 +597,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     the memory format torch's conv2d would give.
     """
     _check_tensor(input, "input")
+    _check_tensor(weight, "weight")
+    _check_weight_dims(input, weight)
     autocast_dtype = _autocast_dtype(input)
     if autocast_dtype is not None:
         # torch's autocast runs conv2d in its lower precision: cast as it would

@@ -439,7 +439,7 @@ def _check_weights(input, w_ih, w_hh, b_ih, b_hh, w_hr, fn, suffix=""):
     H = w_ih.shape[0] // 4
     P = w_hr.shape[0] if w_hr is not None else H
     if w_ih.shape[1] != input.shape[-1]:
-        raise RuntimeError(f"{fn}(): input has inconsistent input_size: got {input.shape[-1]}, expected "
+        raise RuntimeError(f"{fn}(): input has inconsistent input_size: got {input.shape[-1]} expected "
                            f"{w_ih.shape[1]} (the width of 'weight_ih{suffix}')")
     _check_shape(w_hh, "weight_hh" + suffix, (4 * H, P), fn)
     _check_shape(b_ih, "bias_ih" + suffix, (4 * H,), fn)
@@ -556,11 +556,14 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
     H, _ = _check_weights(input, w_ih, w_hh, b_ih, b_hh, None, fn)
     B = input.shape[0]
     if hx is not None and isinstance(hx, (tuple, list)) and len(hx) == 2:
-        for t, name in ((hx[0], "hx[0]"), (hx[1], "hx[1]")):
+        # torch's wording (it calls hx[i] "hidden<i>"), then the argument's name
+        for i, t in enumerate(hx):
             if isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] != B:
-                raise RuntimeError(f"{fn}(): input batch size {B} doesn't match {name} batch size {t.shape[0]}")
+                raise RuntimeError(f"{fn}(): Input batch size {B} doesn't match hidden{i} batch size {t.shape[0]} "
+                                   f"(argument 'hx[{i}]')")
             if isinstance(t, Tensor) and t.dim() == 2 and t.shape[1] != H:
-                raise RuntimeError(f"{fn}(): {name} has inconsistent hidden_size: got {t.shape[1]}, expected {H}")
+                raise RuntimeError(f"{fn}(): hidden{i} has inconsistent hidden_size: got {t.shape[1]}, expected {H} "
+                                   f"(argument 'hx[{i}]')")
     h0, c0 = _initial_state(hx, input, (B, H), (B, H), fn)
     out, _, cn = _run_layer(input, w_ih, w_hh, b_ih, b_hh, None, h0, c0, [], False)
     return out, cn
