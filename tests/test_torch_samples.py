@@ -38,6 +38,7 @@ except ImportError:  # the GPU machine's image lacks it; nothing here uses what 
 try:
     from torch.testing._internal.common_methods_invocations import op_db
     from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
+    from torch.testing._internal import common_nn
 except Exception as error:  # the internal API moved: not a reason to fail the suite
     pytest.skip(f"torch.testing._internal unavailable: {error}", allow_module_level=True)
 
@@ -255,6 +256,26 @@ def _module_samples(name, dtype, training):
             yield sample
 
 
+def _check_module_call(torch_module, args, kwargs, backend, dtype):
+    """bigkern.patch(a copy of torch_module)(*args, **kwargs) with `backend` forced against the module
+    in float64 and as it is (PyTorch's same-dtype computation): outputs, input and parameter
+    gradients. Raises UnsupportedError where the backend cannot serve the call."""
+    mine = bigkern.patch(copy.deepcopy(torch_module))
+    assert patched_modules(mine), "bigkern.patch swapped nothing"
+    reference = copy.deepcopy(torch_module).to("cpu", torch.float64)
+    call = (args, kwargs)
+    call_t, call64 = _same_dtype(call), _fp64(call)
+    with _forced(backend), bigkern.record() as calls, _observing_attention_logits() as magnitudes:
+        out = mine(*args, **kwargs)
+    assert calls and all(b == backend for _, b in calls), f"served by {dict(calls)}"
+    runs = [Run(module(*c[0], **c[1]) if o is None else o, c, dict(module.named_parameters()))
+            for module, c, o in ((mine, call, out), (reference, call64, None), (torch_module, call_t, None))]
+    values = _aligned_values(runs)
+    floor = _attention_gradient_floor(dtype, max(magnitudes)) if magnitudes else None
+    for result in _compare_runs(values, _largest_magnitude(runs[1], values), floor):
+        assert result.ok, str(result)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES[:1] if DEVICE == "cpu" else DTYPES, ids=str)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -267,30 +288,48 @@ def test_module_samples_match_torch(name, backend, dtype, training):
         torch_module = cls(*ctor.args, **ctor.kwargs).to(DEVICE, dtype).train(training)
         if _has_dropout(torch_module):
             continue
-        mine = bigkern.patch(copy.deepcopy(torch_module))
-        assert patched_modules(mine), f"sample {i}: bigkern.patch swapped nothing"
-        reference = copy.deepcopy(torch_module).to("cpu", torch.float64)
         kwargs = dict(forward.kwargs)
         if cls is torch.nn.MultiheadAttention:
             # the weights are the (L, S) matrix a fused kernel never forms; auto covers the default
             kwargs["need_weights"] = False
-        call = (forward.args, kwargs)
-        call_t, call64 = _same_dtype(call), _fp64(call)
         try:
-            with _forced(backend), bigkern.record() as calls, _observing_attention_logits() as magnitudes:
-                out = mine(*call[0], **call[1])
+            _check_module_call(torch_module, forward.args, kwargs, backend, dtype)
         except bigkern.UnsupportedError as error:
             unsupported.append(f"sample {i}: {error}")
             continue
-        assert calls and all(b == backend for _, b in calls), f"sample {i}: served by {dict(calls)}"
+        except AssertionError as error:
+            raise AssertionError(f"sample {i} ({ctor.args} {ctor.kwargs}, training={training}): {error}") from None
         served += 1
-        runs = [Run(module(*c[0], **c[1]) if o is None else o, c, dict(module.named_parameters()))
-                for module, c, o in ((mine, call, out), (reference, call64, None), (torch_module, call_t, None))]
-        floor = _attention_gradient_floor(dtype, max(magnitudes)) if magnitudes else None
-        values = _aligned_values(runs)
-        for result in _compare_runs(values, _largest_magnitude(runs[1], values), floor):
-            assert result.ok, f"sample {i} ({ctor.args} {ctor.kwargs}, training={training}): {result}"
     _skip_unless_served(served, unsupported)
+
+
+def _legacy_module_tests():
+    """The dict-based module tests PyTorch still runs (common_nn): padding modes, groups, depthwise,
+    'same'/'valid', an empty batch, the Transformer layers with gelu."""
+    for case in common_nn.module_tests + common_nn.get_new_module_tests():
+        name = case.get("fullname") or "_".join(filter(None, (case.get("module_name"), case.get("desc"))))
+        if name.split("_")[0] in MODULES:
+            yield pytest.param(case, id=name)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", list(_legacy_module_tests()))
+def test_legacy_module_tests_match_torch(case, backend):
+    dtype = torch.float32
+    if "constructor" in case:
+        torch_module = case["constructor"](*case.get("constructor_args", ()))
+    else:
+        torch_module = getattr(torch.nn, case["module_name"])(*case.get("constructor_args", ()))
+    if "input_fn" in case:
+        inputs = case["input_fn"]()
+        inputs = tuple(t.detach().to(DEVICE, dtype).requires_grad_()
+                       for t in (inputs if isinstance(inputs, tuple) else (inputs,)))
+    else:
+        inputs = (testing.make_tensor(case["input_size"], dtype, DEVICE, requires_grad=True),)
+    try:
+        _check_module_call(torch_module.to(DEVICE, dtype), inputs, {}, backend, dtype)
+    except bigkern.UnsupportedError as error:
+        pytest.skip(f"UnsupportedError: {error}")
 
 
 def test_multihead_attention_samples_with_weights_match_torch_under_auto():
