@@ -381,3 +381,95 @@ def test_error_patterns_are_torch_own():
             with pytest.raises(error.error_type, match=re.compile(error.error_regex)):
                 module = info.module_cls(*ctor.args, **ctor.kwargs).to(DEVICE)
                 module(*forward.args, **forward.kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad calls beyond torch's error inputs: the drop-in raises the type torch raises, or, where torch
+# answers, answers with the same shapes.
+
+def _bad_module_calls():
+    r = lambda shape, dtype=torch.float32: testing.make_tensor(shape, dtype, DEVICE)  # noqa: E731
+    kpm = lambda *shape, value=False: torch.full(shape, value, dtype=torch.bool, device=DEVICE)  # noqa: E731
+    lstm = lambda: torch.nn.LSTM(4, 5)  # noqa: E731
+    cell = lambda: torch.nn.LSTMCell(4, 5)  # noqa: E731
+    mha = lambda: torch.nn.MultiheadAttention(8, 2)  # noqa: E731
+    layer = lambda: torch.nn.TransformerEncoderLayer(8, 2, 16, 0.0)  # noqa: E731
+    conv = lambda: torch.nn.Conv2d(3, 4, 3)  # noqa: E731
+    packed = lambda: torch.nn.utils.rnn.pack_padded_sequence(r((6, 3, 4)), [6, 4, 2])  # noqa: E731
+    no_weights = dict(need_weights=False)
+    return {
+        "lstm input size": (lstm, (r((6, 2, 3)),), {}),
+        "lstm 4-d input": (lstm, (r((6, 2, 4, 1)),), {}),
+        "lstm 1-d input": (lstm, (r((4,)),), {}),
+        "lstm h0 shape": (lstm, (r((6, 2, 4)), (r((1, 3, 5)), r((1, 2, 5)))), {}),
+        "lstm c0 shape": (lstm, (r((6, 2, 4)), (r((1, 2, 5)), r((1, 2, 6)))), {}),
+        "lstm hx not a pair": (lstm, (r((6, 2, 4)), r((1, 2, 5))), {}),
+        "lstm unbatched, 3-d hx": (lstm, (r((6, 4)), (r((1, 2, 5)), r((1, 2, 5)))), {}),
+        "lstm batched, 2-d hx": (lstm, (r((6, 2, 4)), (r((1, 5)), r((1, 5)))), {}),
+        "lstm input dtype": (lstm, (r((6, 2, 4), torch.float64),), {}),
+        "lstm integer input": (lstm, (torch.ones(6, 2, 4, dtype=torch.long, device=DEVICE),), {}),
+        "lstm packed, hx batch": (lstm, (packed(), (r((1, 2, 5)), r((1, 2, 5)))), {}),
+        "lstm empty sequence": (lstm, (r((0, 2, 4)),), {}),
+        "lstm empty batch": (lstm, (r((6, 0, 4)),), {}),
+        "lstm hx as a list": (lstm, (r((6, 2, 4)), [r((1, 2, 5)), r((1, 2, 5))]), {}),
+        "cell input size": (cell, (r((2, 3)),), {}),
+        "cell 3-d input": (cell, (r((2, 3, 4)),), {}),
+        "cell hx batch": (cell, (r((2, 4)), (r((3, 5)), r((3, 5)))), {}),
+        "cell input dtype": (cell, (r((2, 4), torch.float64),), {}),
+        "cell hx dtype": (cell, (r((2, 4)), (r((2, 5), torch.float64), r((2, 5)))), {}),
+        "cell unbatched, 2-d hx": (cell, (r((4,)), (r((1, 5)), r((1, 5)))), {}),
+        "cell empty batch": (cell, (r((0, 4)),), {}),
+        "mha embedding size": (mha, (r((3, 2, 6)), r((4, 2, 8)), r((4, 2, 8))), no_weights),
+        "mha key/value lengths": (mha, (r((3, 2, 8)), r((4, 2, 8)), r((5, 2, 8))), no_weights),
+        "mha batch": (mha, (r((3, 2, 8)), r((4, 3, 8)), r((4, 3, 8))), no_weights),
+        "mha key_padding_mask shape": (mha, (r((3, 2, 8)), r((4, 2, 8)), r((4, 2, 8))),
+                                       dict(key_padding_mask=kpm(2, 5), **no_weights)),
+        "mha 2-d attn_mask shape": (mha, (r((3, 2, 8)), r((4, 2, 8)), r((4, 2, 8))),
+                                    dict(attn_mask=kpm(3, 5), **no_weights)),
+        "mha 3-d attn_mask shape": (mha, (r((3, 2, 8)), r((4, 2, 8)), r((4, 2, 8))),
+                                    dict(attn_mask=kpm(3, 3, 4), **no_weights)),
+        "mha integer attn_mask": (mha, (r((3, 2, 8)), r((4, 2, 8)), r((4, 2, 8))),
+                                  dict(attn_mask=torch.ones(3, 4, dtype=torch.int32, device=DEVICE), **no_weights)),
+        "mha is_causal without a mask": (mha, (r((3, 2, 8)), r((3, 2, 8)), r((3, 2, 8))),
+                                         dict(is_causal=True, **no_weights)),
+        "mha 4-d query": (mha, (r((3, 2, 8, 1)), r((4, 2, 8, 1)), r((4, 2, 8, 1))), no_weights),
+        "mha dtype": (mha, tuple(r((n, 2, 8), torch.float64) for n in (3, 4, 4)), no_weights),
+        "mha unbatched, 2-d key_padding_mask": (mha, (r((3, 8)), r((4, 8)), r((4, 8))),
+                                                dict(key_padding_mask=kpm(1, 4), **no_weights)),
+        "mha every key masked": (mha, (r((3, 2, 8)), r((4, 2, 8)), r((4, 2, 8))),
+                                 dict(key_padding_mask=kpm(2, 4, value=True), **no_weights)),
+        "layer embedding size": (layer, (r((3, 2, 6)),), {}),
+        "layer src_mask shape": (layer, (r((3, 2, 8)),), dict(src_mask=kpm(3, 4))),
+        "layer is_causal without a mask": (layer, (r((3, 2, 8)),), dict(is_causal=True)),
+        "conv channels": (conv, (r((2, 2, 6, 6)),), {}),
+        "conv input smaller than the kernel": (conv, (r((2, 3, 2, 2)),), {}),
+        "conv 5-d input": (conv, (r((1, 2, 3, 6, 6)),), {}),
+        "conv dtype": (conv, (r((2, 3, 6, 6), torch.float64),), {}),
+        "conv reflect padding wider than the input": (
+            lambda: torch.nn.Conv2d(3, 4, 3, padding=4, padding_mode="reflect"), (r((2, 3, 3, 3)),), {}),
+    }
+
+
+def _outcome(make_module, args, kwargs, patch, backend):
+    torch.manual_seed(0)  # the same weights for both modules
+    module = make_module()
+    if patch:
+        module = bigkern.patch(module)
+    try:
+        with _forced(backend) if patch else contextlib.nullcontext():
+            out = module(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 -- the type is what is compared
+        return type(error), str(error)
+    return "answer", [tuple(t.shape) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("case", list(_bad_module_calls()))
+def test_bad_module_calls_do_what_torch_does(case, backend):
+    make_module, args, kwargs = _bad_module_calls()[case]
+    expected = _outcome(lambda: make_module().to(DEVICE), args, kwargs, False, backend)
+    got = _outcome(lambda: make_module().to(DEVICE), args, kwargs, True, backend)
+    if expected[0] == "answer":
+        assert got == expected
+    else:
+        assert got[0] is expected[0], f"torch raises {expected[0].__name__}: {expected[1]}; bigkern: {got}"

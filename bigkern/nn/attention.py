@@ -116,9 +116,12 @@ def _sdpa_arguments(module, query, key, value, key_padding_mask, attn_mask, is_c
     src_len = k.size(1)
 
     if key_padding_mask is not None:
-        if key_padding_mask.shape != (bsz, src_len):
-            raise AssertionError(f"Expected key_padding_mask of shape {(bsz, src_len)}, but got "
-                                 f"{tuple(key_padding_mask.shape)}")
+        # torch's checks, in its wording (typo included: users match on it)
+        for dim, expected in enumerate((bsz, src_len)):
+            if key_padding_mask.dim() <= dim or key_padding_mask.shape[dim] != expected:
+                got = key_padding_mask.shape[dim] if key_padding_mask.dim() > dim else None
+                raise AssertionError(f"Expected key_padded_mask.shape[{dim}] to be {expected}, but got {got} "
+                                     f"(key_padding_mask of shape {tuple(key_padding_mask.shape)})")
         key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1)
                             .reshape(bsz * num_heads, 1, src_len))
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask

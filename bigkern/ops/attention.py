@@ -491,7 +491,10 @@ def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, e
         if is_causal:
             raise RuntimeError(f"{_NAME}: explicit 'attn_mask' should not be set when is_causal=True")
     if not 0.0 <= dropout_p <= 1.0:
-        raise RuntimeError(f"{_NAME}: argument 'dropout_p' must be between 0 and 1, but got {dropout_p}")
+        # torch's wording. torch itself is of two minds about dropout_p < 0: its math path ignores it,
+        # its CPU flash path raises RuntimeError; never a silent answer here
+        raise RuntimeError(f"{_NAME}: argument 'dropout_p': dropout probability has to be between 0 and 1, "
+                           f"but got {dropout_p}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"{_NAME}: argument 'scale' must be float or None, not {type(scale).__name__}")
 
@@ -748,7 +751,8 @@ def check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropo
         if not isinstance(value_, int) or value_ < 0:
             raise TypeError(f"{_VARLEN}: argument '{name}' must be a non-negative int, not {value_!r}")
     if not 0.0 <= dropout_p <= 1.0:
-        raise RuntimeError(f"{_VARLEN}: argument 'dropout_p' must be between 0 and 1, but got {dropout_p}")
+        raise RuntimeError(f"{_VARLEN}: argument 'dropout_p': dropout probability has to be between 0 and 1, "
+                           f"but got {dropout_p}")
 
 
 def prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, dropout_p=0.0, is_causal=False,
