@@ -86,28 +86,35 @@ def patched_modules(model: torch.nn.Module):
 # ---------------------------------------------------------------------------------------------
 # torch.nn.functional calls
 
-_FUNCTIONAL_NAMES = ("scaled_dot_product_attention", "conv2d")
+# (torch module, name): the torch functions enable() routes through bigkern's of the same name
+_FUNCTIONAL_NAMES = (("torch.nn.functional", "scaled_dot_product_attention"), ("torch.nn.functional", "conv2d"),
+                     ("torch.nn.attention.varlen", "varlen_attn"))
 
 
 @contextlib.contextmanager
 def enable():
-    """Route torch.nn.functional.scaled_dot_product_attention and conv2d through bigkern inside the
-    block (for models that call them directly). Code that imported the function object itself
-    before the block (`from torch.nn.functional import ...`) is not affected."""
+    """Route torch.nn.functional.scaled_dot_product_attention and conv2d, and
+    torch.nn.attention.varlen.varlen_attn, through bigkern inside the block (for models that call
+    them directly). Code that imported the function object itself before the block
+    (`from torch.nn.functional import ...`) is not affected."""
+    import importlib
+
     import bigkern.nn.functional as bigkern_functional
 
-    functional = torch.nn.functional
-    saved = {}
-    for name in _FUNCTIONAL_NAMES:
-        replacement = getattr(bigkern_functional, name, None)
-        if replacement is not None:
-            saved[name] = getattr(functional, name)
-            setattr(functional, name, replacement)
+    saved = []
+    for module_name, name in _FUNCTIONAL_NAMES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # an older torch
+            continue
+        if hasattr(module, name) and hasattr(bigkern_functional, name):
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, getattr(bigkern_functional, name))
     try:
         yield
     finally:
-        for name, original in saved.items():
-            setattr(functional, name, original)
+        for module, name, original in saved:
+            setattr(module, name, original)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """scaled_dot_product_attention and varlen_attention (bigkern/ops/attention.py): every backend
 against a float64 reference, forward and every gradient; torch's semantics and errors; dropout."""
 
+import inspect
 import math
 import random
+import types
+from unittest import mock
 
 import pytest
 import torch
@@ -534,6 +537,85 @@ def test_varlen_matches_fp64(backend, causal, gqa, p, dtype):
         scale = 2 * ref.grad.abs().max().item() + 1e-3
         check([testing.compare(mine.grad, ref.grad, same.grad, name=f"grad {name}", factor=testing.GRADIENT_FACTOR,
                                scale=scale)])
+
+
+def _packed(lens_q, lens_k, heads=2, kv_heads=2, dtype=torch.float32):
+    cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)
+    q = make_tensor((sum(lens_q), heads, 16), dtype, DEVICE, requires_grad=True)
+    k = make_tensor((sum(lens_k), kv_heads, 16), dtype, DEVICE, requires_grad=True)
+    v = make_tensor((sum(lens_k), kv_heads, 8), dtype, DEVICE, requires_grad=True)
+    return q, k, v, cu_q, cu_k, max(lens_q), max(lens_k)
+
+
+def test_varlen_attn_has_torchs_signature():
+    torch_varlen_attn = attention._torch_varlen_attn()
+    if torch_varlen_attn is None:
+        pytest.skip(f"torch {torch.__version__} has no varlen_attn")
+    ours = inspect.signature(F.varlen_attn).parameters
+    for name, param in inspect.signature(torch_varlen_attn).parameters.items():
+        assert name in ours, name
+        assert (ours[name].kind, ours[name].default) == (param.kind, param.default), name
+
+
+@pytest.mark.parametrize("window,gqa", [((-1, -1), False), ((-1, 0), False), ([-1, 0], True)])
+def test_varlen_attn_is_varlen_attention(backend, window, gqa):
+    """torch's signature over bigkern's varlen kernels: the same numbers, lse as torch lays it out."""
+    if backend == "cuda":
+        pytest.skip("no CUDA varlen kernel")
+    lens = [5, 1, 17]
+    q, k, v, cu_q, cu_k, max_q, max_k = _packed(lens, lens, 4 if gqa else 2, 2)
+    try:
+        from torch.nn.attention.varlen import AuxRequest
+    except ImportError:  # an older torch: any object with .lse does
+        AuxRequest = types.SimpleNamespace
+    aux = AuxRequest(lse=True)
+    out, lse = F.varlen_attn(q, k, v, cu_q, cu_k.clone(), max_q, max_k, return_aux=aux, window_size=window,
+                             enable_gqa=gqa, scale=0.3, num_splits=1)
+    expected, expected_lse = F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=tuple(window) == (-1, 0),
+                                                enable_gqa=gqa, scale=0.3, return_lse=True)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
+    assert torch.equal(F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window, enable_gqa=gqa,
+                                     scale=0.3), expected)
+    out.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    expected.sum().backward()
+    assert all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))
+
+
+@pytest.mark.parametrize("case", ["sliding window", "causal, unequal lengths", "seqused_k"])
+def test_varlen_attn_beyond_the_kernels(case):
+    """What bigkern's kernels do not compute: UnsupportedError when forced, torch's own varlen_attn
+    otherwise (with every argument passed on)."""
+    q, k, v, cu_q, cu_k, max_q, max_k = _packed([5, 3], [5, 4] if case == "causal, unequal lengths" else [5, 3])
+    kwargs = {"sliding window": dict(window_size=(2, 0)), "causal, unequal lengths": dict(window_size=(-1, 0)),
+              "seqused_k": dict(seqused_k=torch.tensor([4, 2], dtype=torch.int32, device=DEVICE))}[case]
+    for forced in ("triton", "cuda"):
+        with bigkern.use_backend(forced), pytest.raises(bigkern.UnsupportedError, match="not implemented"):
+            F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+    sentinel = object()
+    with mock.patch.object(attention, "_torch_varlen_attn", return_value=mock.Mock(return_value=sentinel)) as found:
+        with bigkern.use_backend("auto"):
+            assert F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=0.5, **kwargs) is sentinel
+    call = found.return_value.call_args
+    assert call.args[:7] == (q, k, v, cu_q, cu_k, max_q, max_k)
+    assert call.kwargs["scale"] == 0.5 and all(call.kwargs[name] is value for name, value in kwargs.items()
+                                               if name != "window_size")
+    assert call.kwargs["window_size"] == tuple(kwargs.get("window_size", (-1, -1)))
+
+
+def test_varlen_attn_bad_input_as_torch():
+    q, k, v, cu_q, cu_k, max_q, max_k = _packed([5, 3], [5, 3], heads=3, kv_heads=2)
+    with pytest.raises(ValueError, match="Try setting enable_gqa=True"):
+        F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa=True)
+    q, k, v, cu_q, cu_k, max_q, max_k = _packed([5, 3], [5, 3])
+    with pytest.raises(ValueError, match="window_size must have length 2"):
+        F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0, 0))
 
 
 # ---------------------------------------------------------------------------------------------

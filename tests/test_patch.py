@@ -92,3 +92,18 @@ def test_enable_routes_functional_calls_only_inside_the_block(monkeypatch):
     with bigkern.enable():
         assert torch.nn.functional.conv2d(None, None) is sentinel
     assert torch.nn.functional.conv2d is original
+
+
+def test_enable_routes_varlen_attn_and_its_fallback_still_reaches_torch():
+    """Inside enable(), torch's varlen_attn is bigkern's; a call bigkern's kernels cannot serve still
+    reaches torch's own (taken at import), not bigkern's again."""
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    import bigkern.nn.functional as bf
+    from bigkern.ops import attention
+
+    original = varlen.varlen_attn
+    assert attention._torch_varlen_attn() is original
+    with bigkern.enable():
+        assert varlen.varlen_attn is bf.varlen_attn
+        assert attention._torch_varlen_attn() is original
+    assert varlen.varlen_attn is original

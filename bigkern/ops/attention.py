@@ -792,6 +792,81 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor
     return (out, lse) if return_lse else out
 
 
+def _find_torch_varlen_attn():
+    try:
+        from torch.nn.attention import varlen
+    except ImportError:
+        return None
+    return getattr(varlen, "varlen_attn", None)
+
+
+# taken when bigkern is imported, before bigkern.enable() can put varlen_attn in its place
+_TORCH_VARLEN_ATTN = _find_torch_varlen_attn()
+
+
+def _torch_varlen_attn():
+    """torch.nn.attention.varlen.varlen_attn, where this torch has it (2.11 and later)."""
+    return _TORCH_VARLEN_ATTN
+
+
+def _varlen_attn_unsupported(cu_seq_q, cu_seq_k, window_size, seqused_k, block_table):
+    """Why bigkern's kernels cannot compute a varlen_attn call as torch defines it, or None."""
+    if cu_seq_k is None or seqused_k is not None or block_table is not None:
+        return "varlen_attn with a paged or partly used KV cache (cu_seq_k=None, seqused_k, block_table)"
+    if window_size not in ((-1, -1), (-1, 0)):
+        return f"varlen_attn with a sliding window (window_size={window_size})"
+    if window_size == (-1, 0) and cu_seq_k is not cu_seq_q and not torch.equal(cu_seq_q, cu_seq_k):
+        # torch aligns such a diagonal as its backend does; bigkern's kernels align it top-left
+        return "varlen_attn causal (window_size=(-1, 0)) over sequences whose query and key lengths differ"
+    return None
+
+
+def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Optional[Tensor], max_q: int,
+                max_k: int, *, return_aux=None, scale: Optional[float] = None, window_size=(-1, -1),
+                enable_gqa: bool = False, seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                num_splits: Optional[int] = None):
+    """torch.nn.attention.varlen.varlen_attn, fused: same signature, same results.
+
+    query (Tq, Hq, D), key (Tk, Hkv, D), value (Tk, Hkv, Dv); window_size (-1, -1) for full
+    attention, (-1, 0) for causal; returns out (Tq, Hq, Dv), and lse (Hq, Tq) float32 too when
+    return_aux.lse. num_splits is accepted and has nothing to change: bigkern's varlen kernels never
+    split the keys, so every sequence's result is the same whatever else is in the batch. Sliding
+    windows, paged KV caches (seqused_k, block_table) and causal over unequal lengths are not in
+    bigkern's kernels: a forced triton/cuda backend raises UnsupportedError, otherwise torch's own
+    varlen_attn serves the call.
+    """
+    num_heads_q = query.size(1)
+    num_heads_k = key.size(2) if block_table is not None else key.size(1)
+    # torch's checks and messages
+    if not enable_gqa and num_heads_q != num_heads_k:
+        raise ValueError(f"Expect query and key/value to have the same number of heads but got Hq={num_heads_q} "
+                         f"and Hkv={num_heads_k}. Try setting enable_gqa=True for GQA.")
+    if enable_gqa and (num_heads_k == 0 or num_heads_q % num_heads_k != 0):
+        raise ValueError(f"Expect number of query heads to be a multiple of kv heads for GQA but got "
+                         f"Hq={num_heads_q} and Hkv={num_heads_k}.")
+    if len(window_size) != 2:
+        raise ValueError(f"window_size must have length 2, got {len(window_size)}")
+    window_size = tuple(int(w) for w in window_size)
+    reason = _varlen_attn_unsupported(cu_seq_q, cu_seq_k, window_size, seqused_k, block_table)
+    if reason is not None:
+        if dispatch.requested_backend() in ("triton", "cuda"):
+            raise dispatch.UnsupportedError(f"{reason} is not implemented in bigkern's kernels")
+        torch_varlen_attn = _torch_varlen_attn()
+        if torch_varlen_attn is None:
+            raise dispatch.UnsupportedError(f"{reason} is not implemented in bigkern's kernels, and this torch "
+                                            f"({torch.__version__}) has no varlen_attn")
+        extra = dict(enable_gqa=enable_gqa, seqused_k=seqused_k, block_table=block_table, num_splits=num_splits)
+        extra = {name: value_ for name, value_ in extra.items() if value_ is not None and value_ is not False}
+        return torch_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux,
+                                 scale=scale, window_size=window_size, **extra)
+    out, lse = varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                                is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa,
+                                return_lse=True)
+    if return_aux is not None and return_aux.lse:
+        return out, lse
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Verification against float64, shared by tests/test_attention.py and `bigkern verify`.
 
