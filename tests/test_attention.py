@@ -607,6 +607,16 @@ def test_varlen_attn_beyond_the_kernels(case):
     assert call.kwargs["window_size"] == tuple(kwargs.get("window_size", (-1, -1)))
 
 
+def test_varlen_attn_compiles_without_graph_breaks():
+    q, k, v, cu, _, max_q, max_k = _packed([5, 1, 17], [5, 1, 17])
+
+    def causal(q, k, v, cu):
+        return F.varlen_attn(q, k, v, cu, cu, max_q, max_k, window_size=(-1, 0))
+
+    compiled = torch.compile(causal, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, cu), causal(q, k, v, cu))
+
+
 def test_varlen_attn_bad_input_as_torch():
     q, k, v, cu_q, cu_k, max_q, max_k = _packed([5, 3], [5, 3], heads=3, kv_heads=2)
     with pytest.raises(ValueError, match="Try setting enable_gqa=True"):

@@ -815,8 +815,10 @@ def _varlen_attn_unsupported(cu_seq_q, cu_seq_k, window_size, seqused_k, block_t
         return "varlen_attn with a paged or partly used KV cache (cu_seq_k=None, seqused_k, block_table)"
     if window_size not in ((-1, -1), (-1, 0)):
         return f"varlen_attn with a sliding window (window_size={window_size})"
-    if window_size == (-1, 0) and cu_seq_k is not cu_seq_q and not torch.equal(cu_seq_q, cu_seq_k):
-        # torch aligns such a diagonal as its backend does; bigkern's kernels align it top-left
+    if window_size == (-1, 0) and cu_seq_k is not cu_seq_q and (
+            torch.compiler.is_compiling() or not torch.equal(cu_seq_q, cu_seq_k)):
+        # torch aligns such a diagonal as its backend does; bigkern's kernels align it top-left.
+        # A graph cannot look at the lengths: there only the very same tensor counts as equal.
         return "varlen_attn causal (window_size=(-1, 0)) over sequences whose query and key lengths differ"
     return None
 
