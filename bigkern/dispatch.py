@@ -272,6 +272,14 @@ def entry_point(op: Op, prepare: Callable):
     return decorate
 
 
+def torch_path_explanation(name: str, reason: str) -> Explanation:
+    """For a call bigkern leaves to torch's own function: torch serves it unless triton/cuda is
+    forced (then the call raises UnsupportedError with `reason`)."""
+    requested = requested_backend()
+    served = None if requested in ("triton", "cuda") else "torch"
+    return Explanation(name, requested, served, {b: (None if b == served else reason) for b in BACKENDS})
+
+
 def explain(fn, *args, **kwargs) -> Explanation:
     """Which implementation a call takes, and why each other one does not.
 
@@ -282,7 +290,7 @@ def explain(fn, *args, **kwargs) -> Explanation:
         fn = REGISTRY[fn]
     if isinstance(fn, Op):
         return fn.explain(*args, **kwargs)
-    if isinstance(fn, torch.nn.Module) and hasattr(fn, "bigkern_explain"):
+    if hasattr(fn, "bigkern_explain"):  # a module, or a function that may leave a call to torch itself
         return fn.bigkern_explain(*args, **kwargs)
     if hasattr(fn, "bigkern_op"):
         op_args, op_kwargs = fn.bigkern_prepare(*args, **kwargs)

@@ -578,6 +578,9 @@ def test_varlen_attn_is_varlen_attention(backend, window, gqa):
     assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
     assert torch.equal(F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window, enable_gqa=gqa,
                                      scale=0.3), expected)
+    explanation = bigkern.explain(F.varlen_attn, q, k, v, cu_q, cu_k, max_q, max_k, window_size=window,
+                                  enable_gqa=gqa)
+    assert explanation.op == "varlen_attention_forward" and explanation.backend == backend
     out.sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
@@ -594,8 +597,13 @@ def test_varlen_attn_beyond_the_kernels(case):
     kwargs = {"sliding window": dict(window_size=(2, 0)), "causal, unequal lengths": dict(window_size=(-1, 0)),
               "seqused_k": dict(seqused_k=torch.tensor([4, 2], dtype=torch.int32, device=DEVICE))}[case]
     for forced in ("triton", "cuda"):
-        with bigkern.use_backend(forced), pytest.raises(bigkern.UnsupportedError, match="not implemented"):
-            F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+        with bigkern.use_backend(forced):
+            with pytest.raises(bigkern.UnsupportedError, match="not implemented"):
+                F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+            assert bigkern.explain(F.varlen_attn, q, k, v, cu_q, cu_k, max_q, max_k, **kwargs).backend is None
+    with bigkern.use_backend("auto"):
+        explanation = bigkern.explain(F.varlen_attn, q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+    assert explanation.backend == "torch" and "not implemented" in explanation.reasons["triton"]
     sentinel = object()
     with mock.patch.object(attention, "_torch_varlen_attn", return_value=mock.Mock(return_value=sentinel)) as found:
         with bigkern.use_backend("auto"):

@@ -175,11 +175,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         """Which implementation this call's attention takes, and why (bigkern.explain(module, ...))."""
         reason = _torch_path_reason(query, key, value, need_weights)
         if reason is not None:
-            requested = dispatch.requested_backend()
-            served = None if requested in ("triton", "cuda") else "torch"
-            reasons = {b: (None if b == served else reason) for b in dispatch.BACKENDS}
-            return dispatch.Explanation("MultiheadAttention (need_weights / nested: torch's own path)", requested,
-                                        served, reasons)
+            return dispatch.torch_path_explanation("MultiheadAttention (need_weights / nested: torch's own path)",
+                                                   reason)
         with torch.no_grad():
             sdpa_args, _ = _sdpa_arguments(self, query, key, value, key_padding_mask, attn_mask, is_causal)
         return dispatch.explain(ops.scaled_dot_product_attention, *sdpa_args)

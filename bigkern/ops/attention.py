@@ -869,6 +869,20 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     return out
 
 
+def _explain_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                         window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    window_size = tuple(int(w) for w in window_size)
+    reason = _varlen_attn_unsupported(cu_seq_q, cu_seq_k, window_size, seqused_k, block_table)
+    if reason is not None:
+        return dispatch.torch_path_explanation("varlen_attn (torch's own)",
+                                               f"{reason} is not implemented in bigkern's kernels")
+    return dispatch.explain(varlen_attention, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                            is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa)
+
+
+varlen_attn.bigkern_explain = _explain_varlen_attn
+
+
 # ---------------------------------------------------------------------------------------------
 # Verification against float64, shared by tests/test_attention.py and `bigkern verify`.
 
