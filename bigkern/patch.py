@@ -88,13 +88,13 @@ def patched_modules(model: torch.nn.Module):
 
 # (torch module, name): the torch functions enable() routes through bigkern's of the same name
 _FUNCTIONAL_NAMES = (("torch.nn.functional", "scaled_dot_product_attention"), ("torch.nn.functional", "conv2d"),
-                     ("torch.nn.attention.varlen", "varlen_attn"))
+                     ("torch.nn.attention.varlen", "varlen_attn"), ("torch.nn.attention.varlen", "varlen_attn_out"))
 
 
 @contextlib.contextmanager
 def enable():
     """Route torch.nn.functional.scaled_dot_product_attention and conv2d, and
-    torch.nn.attention.varlen.varlen_attn, through bigkern inside the block (for models that call
+    torch.nn.attention.varlen.varlen_attn and varlen_attn_out, through bigkern inside the block (for models that call
     them directly). Code that imported the function object itself before the block
     (`from torch.nn.functional import ...`) is not affected."""
     import importlib

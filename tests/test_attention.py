@@ -589,6 +589,27 @@ def test_varlen_attn_is_varlen_attention(backend, window, gqa):
     assert all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))
 
 
+def test_varlen_attn_out_writes_varlen_attn_into_out():
+    q, k, v, cu, _, max_q, max_k = _packed([5, 1, 17], [5, 1, 17])
+    torch_out_fn = attention._torch_varlen_attn_out()
+    if torch_out_fn is not None:
+        ours = inspect.signature(F.varlen_attn_out).parameters
+        for name, param in inspect.signature(torch_out_fn).parameters.items():
+            assert (ours[name].kind, ours[name].default) == (param.kind, param.default), name
+    out = torch.full((q.shape[0], q.shape[1], v.shape[2]), float("nan"), device=DEVICE)
+    result, lse = F.varlen_attn_out(out, q, k, v, cu, cu, max_q, max_k, window_size=(-1, 0),
+                                    return_aux=types.SimpleNamespace(lse=True))
+    expected, expected_lse = F.varlen_attention(q, k, v, cu, cu, max_q, max_k, is_causal=True, return_lse=True)
+    assert result is out and torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    with bigkern.use_backend("triton"):
+        explanation = bigkern.explain(F.varlen_attn_out, out, q, k, v, cu, cu, max_q, max_k)
+    assert explanation.backend == "triton"
+    sentinel = object()
+    with mock.patch.object(attention, "_torch_varlen_attn_out", return_value=mock.Mock(return_value=sentinel)) as fn:
+        assert F.varlen_attn_out(out, q, k, v, cu, cu, max_q, max_k, window_size=(3, 0)) is sentinel
+    assert fn.return_value.call_args.args[:8] == (out, q, k, v, cu, cu, max_q, max_k)
+
+
 @pytest.mark.parametrize("case", ["sliding window", "causal, unequal lengths", "seqused_k"])
 def test_varlen_attn_beyond_the_kernels(case):
     """What bigkern's kernels do not compute: UnsupportedError when forced, torch's own varlen_attn

@@ -101,9 +101,12 @@ def test_enable_routes_varlen_attn_and_its_fallback_still_reaches_torch():
     import bigkern.nn.functional as bf
     from bigkern.ops import attention
 
-    original = varlen.varlen_attn
-    assert attention._torch_varlen_attn() is original
+    originals = {"varlen_attn": varlen.varlen_attn, "varlen_attn_out": getattr(varlen, "varlen_attn_out", None)}
+    found = {"varlen_attn": attention._torch_varlen_attn, "varlen_attn_out": attention._torch_varlen_attn_out}
     with bigkern.enable():
-        assert varlen.varlen_attn is bf.varlen_attn
-        assert attention._torch_varlen_attn() is original
-    assert varlen.varlen_attn is original
+        for name, original in originals.items():
+            if original is not None:  # varlen_attn_out: torch 2.14 on
+                assert getattr(varlen, name) is getattr(bf, name)
+            assert found[name]() is original
+    for name, original in originals.items():
+        assert getattr(varlen, name, None) is original

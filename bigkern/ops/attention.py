@@ -792,21 +792,27 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor
     return (out, lse) if return_lse else out
 
 
-def _find_torch_varlen_attn():
+def _find_torch_varlen(name):
     try:
         from torch.nn.attention import varlen
     except ImportError:
         return None
-    return getattr(varlen, "varlen_attn", None)
+    return getattr(varlen, name, None)
 
 
-# taken when bigkern is imported, before bigkern.enable() can put varlen_attn in its place
-_TORCH_VARLEN_ATTN = _find_torch_varlen_attn()
+# taken when bigkern is imported, before bigkern.enable() can put bigkern's in their place
+_TORCH_VARLEN_ATTN = _find_torch_varlen("varlen_attn")
+_TORCH_VARLEN_ATTN_OUT = _find_torch_varlen("varlen_attn_out")
 
 
 def _torch_varlen_attn():
     """torch.nn.attention.varlen.varlen_attn, where this torch has it (2.11 and later)."""
     return _TORCH_VARLEN_ATTN
+
+
+def _torch_varlen_attn_out():
+    """torch.nn.attention.varlen.varlen_attn_out, where this torch has it (2.14 and later)."""
+    return _TORCH_VARLEN_ATTN_OUT
 
 
 def _varlen_attn_unsupported(cu_seq_q, cu_seq_k, window_size, seqused_k, block_table):
@@ -823,20 +829,10 @@ def _varlen_attn_unsupported(cu_seq_q, cu_seq_k, window_size, seqused_k, block_t
     return None
 
 
-def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Optional[Tensor], max_q: int,
-                max_k: int, *, return_aux=None, scale: Optional[float] = None, window_size=(-1, -1),
-                enable_gqa: bool = False, seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
-                num_splits: Optional[int] = None):
-    """torch.nn.attention.varlen.varlen_attn, fused: same signature, same results.
-
-    query (Tq, Hq, D), key (Tk, Hkv, D), value (Tk, Hkv, Dv); window_size (-1, -1) for full
-    attention, (-1, 0) for causal; returns out (Tq, Hq, Dv), and lse (Hq, Tq) float32 too when
-    return_aux.lse. num_splits is accepted and has nothing to change: bigkern's varlen kernels never
-    split the keys, so every sequence's result is the same whatever else is in the batch. Sliding
-    windows, paged KV caches (seqused_k, block_table) and causal over unequal lengths are not in
-    bigkern's kernels: a forced triton/cuda backend raises UnsupportedError, otherwise torch's own
-    varlen_attn serves the call.
-    """
+def _varlen_attn(torch_fn, out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux, scale, window_size,
+                 enable_gqa, seqused_k, block_table, num_splits):
+    """varlen_attn (out None) and varlen_attn_out (out given): torch's checks, then bigkern's
+    kernels, or `torch_fn` (torch's own function) for what they do not compute."""
     num_heads_q = query.size(1)
     num_heads_k = key.size(2) if block_table is not None else key.size(1)
     # torch's checks and messages
@@ -853,20 +849,53 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     if reason is not None:
         if dispatch.requested_backend() in ("triton", "cuda"):
             raise dispatch.UnsupportedError(f"{reason} is not implemented in bigkern's kernels")
-        torch_varlen_attn = _torch_varlen_attn()
-        if torch_varlen_attn is None:
+        if torch_fn is None:
             raise dispatch.UnsupportedError(f"{reason} is not implemented in bigkern's kernels, and this torch "
-                                            f"({torch.__version__}) has no varlen_attn")
+                                            f"({torch.__version__}) has no function to leave it to")
         extra = dict(enable_gqa=enable_gqa, seqused_k=seqused_k, block_table=block_table, num_splits=num_splits)
         extra = {name: value_ for name, value_ in extra.items() if value_ is not None and value_ is not False}
-        return torch_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux,
-                                 scale=scale, window_size=window_size, **extra)
-    out, lse = varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-                                is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa,
-                                return_lse=True)
+        args = (query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+        return torch_fn(*(args if out is None else (out, *args)), return_aux=return_aux, scale=scale,
+                        window_size=window_size, **extra)
+    result, lse = varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                                   is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa,
+                                   return_lse=True)
+    if out is not None:  # torch's varlen_attn_out is inference-only too: no autograd through out
+        with torch.no_grad():
+            out.copy_(result)
+        result = out
     if return_aux is not None and return_aux.lse:
-        return out, lse
-    return out
+        return result, lse
+    return result
+
+
+def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Optional[Tensor], max_q: int,
+                max_k: int, *, return_aux=None, scale: Optional[float] = None, window_size=(-1, -1),
+                enable_gqa: bool = False, seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                num_splits: Optional[int] = None):
+    """torch.nn.attention.varlen.varlen_attn, fused: same signature, same results.
+
+    query (Tq, Hq, D), key (Tk, Hkv, D), value (Tk, Hkv, Dv); window_size (-1, -1) for full
+    attention, (-1, 0) for causal; returns out (Tq, Hq, Dv), and lse (Hq, Tq) float32 too when
+    return_aux.lse. num_splits is accepted and has nothing to change: bigkern's varlen kernels never
+    split the keys, so every sequence's result is the same whatever else is in the batch. Sliding
+    windows, paged KV caches (seqused_k, block_table) and causal over unequal lengths are not in
+    bigkern's kernels: a forced triton/cuda backend raises UnsupportedError, otherwise torch's own
+    varlen_attn serves the call.
+    """
+    return _varlen_attn(_torch_varlen_attn(), None, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux,
+                        scale, window_size, enable_gqa, seqused_k, block_table, num_splits)
+
+
+def varlen_attn_out(out: Tensor, query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor,
+                    cu_seq_k: Optional[Tensor], max_q: int, max_k: int, *, return_aux=None,
+                    scale: Optional[float] = None, window_size=(-1, -1), enable_gqa: bool = False,
+                    seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                    num_splits: Optional[int] = None):
+    """torch.nn.attention.varlen.varlen_attn_out: varlen_attn writing its output into `out`
+    (Tq, Hq, Dv), which it returns (with lse when return_aux.lse). Inference-only, as torch's."""
+    return _varlen_attn(_torch_varlen_attn_out(), out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                        return_aux, scale, window_size, enable_gqa, seqused_k, block_table, num_splits)
 
 
 def _explain_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
@@ -880,7 +909,12 @@ def _explain_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
                             is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa)
 
 
+def _explain_varlen_attn_out(out, *args, **kwargs):
+    return _explain_varlen_attn(*args, **kwargs)
+
+
 varlen_attn.bigkern_explain = _explain_varlen_attn
+varlen_attn_out.bigkern_explain = _explain_varlen_attn_out
 
 
 # ---------------------------------------------------------------------------------------------
