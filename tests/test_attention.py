@@ -549,7 +549,7 @@ def _packed(lens_q, lens_k, heads=2, kv_heads=2, dtype=torch.float32):
 
 
 def test_varlen_attn_has_torchs_signature():
-    torch_varlen_attn = attention._torch_varlen_attn()
+    torch_varlen_attn = attention._TORCH_VARLEN_ATTN
     if torch_varlen_attn is None:
         pytest.skip(f"torch {torch.__version__} has no varlen_attn")
     ours = inspect.signature(F.varlen_attn).parameters
@@ -591,7 +591,7 @@ def test_varlen_attn_is_varlen_attention(backend, window, gqa):
 
 def test_varlen_attn_out_writes_varlen_attn_into_out():
     q, k, v, cu, _, max_q, max_k = _packed([5, 1, 17], [5, 1, 17])
-    torch_out_fn = attention._torch_varlen_attn_out()
+    torch_out_fn = attention._TORCH_VARLEN_ATTN_OUT
     if torch_out_fn is not None:
         ours = inspect.signature(F.varlen_attn_out).parameters
         for name, param in inspect.signature(torch_out_fn).parameters.items():
@@ -605,9 +605,9 @@ def test_varlen_attn_out_writes_varlen_attn_into_out():
         explanation = bigkern.explain(F.varlen_attn_out, out, q, k, v, cu, cu, max_q, max_k)
     assert explanation.backend == "triton"
     sentinel = object()
-    with mock.patch.object(attention, "_torch_varlen_attn_out", return_value=mock.Mock(return_value=sentinel)) as fn:
+    with mock.patch.object(attention, "_TORCH_VARLEN_ATTN_OUT", mock.Mock(return_value=sentinel)) as fn:
         assert F.varlen_attn_out(out, q, k, v, cu, cu, max_q, max_k, window_size=(3, 0)) is sentinel
-    assert fn.return_value.call_args.args[:8] == (out, q, k, v, cu, cu, max_q, max_k)
+    assert fn.call_args.args[:8] == (out, q, k, v, cu, cu, max_q, max_k)
 
 
 @pytest.mark.parametrize("case", ["sliding window", "causal, unequal lengths", "seqused_k"])
@@ -626,10 +626,10 @@ def test_varlen_attn_beyond_the_kernels(case):
         explanation = bigkern.explain(F.varlen_attn, q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
     assert explanation.backend == "torch" and "not implemented" in explanation.reasons["triton"]
     sentinel = object()
-    with mock.patch.object(attention, "_torch_varlen_attn", return_value=mock.Mock(return_value=sentinel)) as found:
+    with mock.patch.object(attention, "_TORCH_VARLEN_ATTN", mock.Mock(return_value=sentinel)) as found:
         with bigkern.use_backend("auto"):
             assert F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=0.5, **kwargs) is sentinel
-    call = found.return_value.call_args
+    call = found.call_args
     assert call.args[:7] == (q, k, v, cu_q, cu_k, max_q, max_k)
     assert call.kwargs["scale"] == 0.5 and all(call.kwargs[name] is value for name, value in kwargs.items()
                                                if name != "window_size")

@@ -102,11 +102,11 @@ def test_enable_routes_varlen_attn_and_its_fallback_still_reaches_torch():
     from bigkern.ops import attention
 
     originals = {"varlen_attn": varlen.varlen_attn, "varlen_attn_out": getattr(varlen, "varlen_attn_out", None)}
-    found = {"varlen_attn": attention._torch_varlen_attn, "varlen_attn_out": attention._torch_varlen_attn_out}
+    found = {"varlen_attn": "_TORCH_VARLEN_ATTN", "varlen_attn_out": "_TORCH_VARLEN_ATTN_OUT"}
     with bigkern.enable():
         for name, original in originals.items():
             if original is not None:  # varlen_attn_out: torch 2.14 on
                 assert getattr(varlen, name) is getattr(bf, name)
-            assert found[name]() is original
+            assert getattr(attention, found[name]) is original
     for name, original in originals.items():
         assert getattr(varlen, name, None) is original

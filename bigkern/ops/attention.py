@@ -800,19 +800,10 @@ def _find_torch_varlen(name):
     return getattr(varlen, name, None)
 
 
+# torch's own functions (varlen_attn from torch 2.11, varlen_attn_out from 2.14; None before),
 # taken when bigkern is imported, before bigkern.enable() can put bigkern's in their place
 _TORCH_VARLEN_ATTN = _find_torch_varlen("varlen_attn")
 _TORCH_VARLEN_ATTN_OUT = _find_torch_varlen("varlen_attn_out")
-
-
-def _torch_varlen_attn():
-    """torch.nn.attention.varlen.varlen_attn, where this torch has it (2.11 and later)."""
-    return _TORCH_VARLEN_ATTN
-
-
-def _torch_varlen_attn_out():
-    """torch.nn.attention.varlen.varlen_attn_out, where this torch has it (2.14 and later)."""
-    return _TORCH_VARLEN_ATTN_OUT
 
 
 def _varlen_attn_unsupported(cu_seq_q, cu_seq_k, window_size, seqused_k, block_table):
@@ -883,7 +874,7 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     bigkern's kernels: a forced triton/cuda backend raises UnsupportedError, otherwise torch's own
     varlen_attn serves the call.
     """
-    return _varlen_attn(_torch_varlen_attn(), None, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux,
+    return _varlen_attn(_TORCH_VARLEN_ATTN, None, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux,
                         scale, window_size, enable_gqa, seqused_k, block_table, num_splits)
 
 
@@ -894,7 +885,7 @@ def varlen_attn_out(out: Tensor, query: Tensor, key: Tensor, value: Tensor, cu_s
                     num_splits: Optional[int] = None):
     """torch.nn.attention.varlen.varlen_attn_out: varlen_attn writing its output into `out`
     (Tq, Hq, Dv), which it returns (with lse when return_aux.lse). Inference-only, as torch's."""
-    return _varlen_attn(_torch_varlen_attn_out(), out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+    return _varlen_attn(_TORCH_VARLEN_ATTN_OUT, out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
                         return_aux, scale, window_size, enable_gqa, seqused_k, block_table, num_splits)
 
 
