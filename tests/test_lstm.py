@@ -486,6 +486,7 @@ def test_bad_input_to_lstm():
         ((x, (good[0], make_tensor((2, 2))),), "hx and cx"),
         ((x.half(),), "dtype"),
         ((make_tensor((0, 2, 4)),), "sequence length"),
+        ((x, [good[0], good[1], good[1]]), "two hidden states"),
     ]
     for args, name in cases:
         _raises_like_torch(lambda: theirs(*args), lambda: ours(*args), name)
@@ -524,6 +525,8 @@ def test_bad_input_to_lstm_cell():
         ((x, (make_tensor((1, 2, 5)), make_tensor((2, 5)))), r"hx\[0\]"),
         ((x.half(),), "dtype"),
         ((x, (make_tensor((2, 5)).double(), make_tensor((2, 5)))), r"hx\[0\]"),
+        ((x, (make_tensor((2, 5)),)), "two hidden states"),
+        ((x, make_tensor((2, 5))), "'hx'"),
     ]
     for args, name in cases:
         _raises_like_torch(lambda: theirs(*args), lambda: ours(*args), name)

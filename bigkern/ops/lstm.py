@@ -534,8 +534,10 @@ def _initial_state(hx, input, h_shape, c_shape, fn, names=("hx[0]", "hx[1]")):
     if hx is None:
         zeros = dict(dtype=input.dtype, device=input.device)
         return torch.zeros(h_shape, **zeros), torch.zeros(c_shape, **zeros)
-    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-        raise TypeError(f"{fn}(): argument 'hx' must be a pair (h_0, c_0) of Tensors")
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(f"{fn}(): argument 'hx' must be tuple of Tensors, not {type(hx).__name__}")
+    if len(hx) != 2:  # torch's wording and type, then the argument's name
+        raise RuntimeError(f"{fn} expects two hidden states (argument 'hx' has {len(hx)})")
     h0, c0 = hx
     for t, name, shape in ((h0, names[0], h_shape), (c0, names[1], c_shape)):
         _check_tensor(t, name, fn)
