@@ -527,6 +527,8 @@ def test_bad_input_to_lstm_cell():
         ((x, (make_tensor((2, 5)).double(), make_tensor((2, 5)))), r"hx\[0\]"),
         ((x, (make_tensor((2, 5)),)), "two hidden states"),
         ((x, make_tensor((2, 5))), "'hx'"),
+        ((make_tensor((1, 4)), (make_tensor((5,)), make_tensor((5,)))), r"hx\[0\]"),
+        ((x, (make_tensor((2, 5, 1)), make_tensor((2, 5)))), r"hx\[0\]"),
     ]
     for args, name in cases:
         _raises_like_torch(lambda: theirs(*args), lambda: ours(*args), name)

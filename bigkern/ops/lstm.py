@@ -560,10 +560,13 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
     if hx is not None and isinstance(hx, (tuple, list)) and len(hx) == 2:
         # torch's wording (it calls hx[i] "hidden<i>"), then the argument's name
         for i, t in enumerate(hx):
-            if isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] != B:
+            if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] != B:
                 raise RuntimeError(f"{fn}(): Input batch size {B} doesn't match hidden{i} batch size {t.shape[0]} "
                                    f"(argument 'hx[{i}]')")
-            if isinstance(t, Tensor) and t.dim() == 2 and t.shape[1] != H:
+            if isinstance(t, Tensor) and t.dim() == 1:  # torch reads hx[i].size(1) next: IndexError
+                raise IndexError(f"{fn}(): Dimension out of range (expected to be in range of [-1, 0], but got 1) "
+                                 f"(argument 'hx[{i}]' is 1-D; expected (batch, hidden_size))")
+            if isinstance(t, Tensor) and t.dim() >= 2 and t.shape[1] != H:
                 raise RuntimeError(f"{fn}(): hidden{i} has inconsistent hidden_size: got {t.shape[1]}, expected {H} "
                                    f"(argument 'hx[{i}]')")
     h0, c0 = _initial_state(hx, input, (B, H), (B, H), fn)
