@@ -211,6 +211,31 @@ def test_autocast_like_torch():
         torch.testing.assert_close(out.float(), torch_lstm(x)[0], rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("state", ["none", "float32", "float16"])
+def test_cpu_autocast_with_projections_like_torch(state):
+    """On CPU an LSTM with projections is not oneDNN's: torch autocasts it op by op, so c_n keeps
+    the dtype c0 came in (float32 without c0) while the output and h_n are float16."""
+    theirs = torch.nn.LSTM(3, 5, num_layers=2, proj_size=2, bidirectional=True)
+    ours = rnn.LSTM(3, 5, num_layers=2, proj_size=2, bidirectional=True)
+    ours.load_state_dict(theirs.state_dict())
+    x = make_tensor((4, 2, 3))
+    hx = None if state == "none" else (make_tensor((4, 2, 2)).to(getattr(torch, state)),
+                                       make_tensor((4, 2, 5)).to(getattr(torch, state)))
+    with torch.autocast("cpu", dtype=torch.float16):
+        expected = theirs(x, hx)
+        got = ours(x, hx)
+        packed = ours(pack_sequence([x[:, 0], x[:3, 1]]), hx)
+    for want, have in zip(_flatten(expected), _flatten(got)):
+        assert have.dtype == want.dtype, (state, [t.dtype for t in _flatten(got)], [t.dtype for t in _flatten(expected)])
+        torch.testing.assert_close(have.float(), want.float(), rtol=1e-2, atol=1e-2)
+    assert [t.dtype for t in _flatten(packed)] == [t.dtype for t in _flatten(expected)]
+
+
+def _flatten(result):
+    out, (h, c) = result
+    return [out.data if isinstance(out, PackedSequence) else out, h, c]
+
+
 def test_empty_batch(backend):
     module = rnn.LSTM(3, 5, bidirectional=True, device=DEVICE)
     x = torch.empty(4, 0, 3, device=DEVICE, requires_grad=True)

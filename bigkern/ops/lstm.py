@@ -479,7 +479,9 @@ def _autocast_like_torch(cast_devices):
     precision, every floating argument but float64 is cast to the autocast dtype -- CUDA for
     lstm_cell and whole LSTMs (cuDNN), and also CPU for whole LSTMs (oneDNN's mkldnn_rnn_layer is
     on CPU autocast's list; lstm_cell is not). Elsewhere dtypes are kept. Either way the math inside
-    is not autocast piece by piece."""
+    is not autocast piece by piece -- except that on CPU an LSTM with projections is not oneDNN's:
+    torch runs it op by op, so its cell state stays in the dtype it came in (c_n float32 for float32
+    or no c0) while the output and h_n come out of the projection's autocast matmul."""
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(input, *args, **kwargs):
@@ -487,11 +489,38 @@ def _autocast_like_torch(cast_devices):
                 return fn(input, *args, **kwargs)
             device_type = input.device.type
             with torch.autocast(device_type, enabled=False):
-                if device_type in cast_devices:
-                    input, args, kwargs = _cast_floats((input, args, kwargs), torch.get_autocast_dtype(device_type))
-                return fn(input, *args, **kwargs)
+                if device_type not in cast_devices:
+                    return fn(input, *args, **kwargs)
+                dtype = torch.get_autocast_dtype(device_type)
+                state_dtype_in = _cell_state_dtype(input, args, kwargs)
+                input, args, kwargs = _cast_floats((input, args, kwargs), dtype)
+                result = fn(input, *args, **kwargs)
+            if device_type == "cpu":
+                result = _keep_cell_state_dtype_with_projection(result, torch.promote_types(state_dtype_in, dtype))
+            return result
         return wrapper
     return decorate
+
+
+def _cell_state_dtype(input, args, kwargs):
+    """The dtype of the c0 an LSTM call passes (input's when it passes none): hx is the first
+    argument after the input, or after batch_sizes in torch.lstm's packed overload."""
+    hx = kwargs.get("hx", args[1] if args and isinstance(args[0], Tensor) and len(args) > 1 else
+                    (args[0] if args else None))
+    if isinstance(hx, (tuple, list)) and len(hx) == 2 and isinstance(hx[1], Tensor):
+        return hx[1].dtype
+    return input.dtype
+
+
+def _keep_cell_state_dtype_with_projection(result, dtype):
+    """(out, h_n, c_n) or (out, (h_n, c_n)): with projections (h narrower than c), c_n in `dtype`."""
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        return result
+    h_n, c_n = result[1] if len(result) == 2 else result[1:]
+    if h_n.shape[-1] == c_n.shape[-1] or c_n.dtype == dtype:
+        return result
+    c_n = c_n.to(dtype)
+    return (result[0], (h_n, c_n)) if len(result) == 2 else (result[0], h_n, c_n)
 
 
 @_autocast_like_torch(("cuda", "cpu"))
