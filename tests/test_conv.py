@@ -150,6 +150,16 @@ def test_stride_larger_than_kernel_and_dilated_dgrad(backend):
     assert_all_ok(conv.compare_with_reference(x, w, b, (3, 4), (1, 0), (2, 3), 1, "tanh"))
 
 
+def test_outputs_that_read_only_padding(backend):
+    """An axis along which every output's taps all fall in the padding: the output is the bias and
+    epilogue alone, and the input and weight gradients are exactly zero (random_geometry avoids
+    this geometry: torch's CPU conv2d crashes on it with channels_last and a bias)."""
+    assert conv.reads_only_padding(1, 1, 2, 1, 2) and not conv.reads_only_padding(2, 1, 2, 1, 2)
+    x, w, b, r = make_case((2, 3, 3, 1), (4, 3, 3, 1), torch.float32, residual_shape=(2, 4, 1, 2))
+    assert_all_ok(conv.compare_with_reference(x, w, b, (1, 2), (1, 1), (2, 2), 1, "silu", r))
+    assert torch.all(x.grad == 0) and torch.all(w.grad == 0) and torch.all(b.grad != 0)
+
+
 @pytest.mark.parametrize("padding", ["same", "valid", 0, (2, 1)])
 def test_padding_forms(backend, padding):
     x, w, b, _ = make_case((1, 3, 6, 7), (4, 3, 4, 3), torch.float32)

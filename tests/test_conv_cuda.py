@@ -150,6 +150,17 @@ def test_random_geometries_forward_and_every_gradient(emulated, monkeypatch, dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_outputs_that_read_only_padding(emulated, dtype):
+    """Every output column's taps all in the padding (random_geometry never draws this)."""
+    x = testing.make_tensor((2, 3, 3, 1), dtype, requires_grad=True)
+    w = testing.make_tensor((4, 3, 3, 1), dtype, scale=0.3, requires_grad=True)
+    b = testing.make_tensor((4,), dtype, requires_grad=True)
+    with bigkern.use_backend("cuda"):
+        check(conv.compare_with_reference(x, w, b, (1, 2), (1, 1), (2, 2), 1, "relu"))
+    assert torch.all(x.grad == 0) and torch.all(w.grad == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_a_resnet_sized_layer_spans_several_tiles(emulated, dtype):
     """More than one 128 x 64 output tile, a reduction of several 32-wide steps and a weight
     gradient split over pixels: the tiling and accumulation across blocks, not just one block."""
