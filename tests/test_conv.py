@@ -158,6 +158,10 @@ def test_outputs_that_read_only_padding(backend):
     x, w, b, r = make_case((2, 3, 3, 1), (4, 3, 3, 1), torch.float32, residual_shape=(2, 4, 1, 2))
     assert_all_ok(conv.compare_with_reference(x, w, b, (1, 2), (1, 1), (2, 2), 1, "silu", r))
     assert torch.all(x.grad == 0) and torch.all(w.grad == 0) and torch.all(b.grad != 0)
+    # channels_last with a bias: where torch 2.14's CPU conv2d crashes, bigkern's output is the bias
+    x, w, b, _ = make_case((2, 2, 3, 1), (1, 2, 3, 1), torch.float32, layout="channels_last", requires_grad=False)
+    y = F.conv2d(x, w, b, (1, 2), (1, 1), (2, 2))
+    assert y.shape == (2, 1, 1, 2) and torch.equal(y, b.view(1, 1, 1, 1).expand(2, 1, 1, 2))
 
 
 @pytest.mark.parametrize("padding", ["same", "valid", 0, (2, 1)])
