@@ -577,6 +577,49 @@ def test_bad_input_to_functional():
         F.lstm(make_tensor((2, 1, 3)), None, [w_ih, w_hh, w_ih, w_hh, w_ih], False, 1, 0.0, False, False, False)
 
 
+def test_functional_bad_input_like_torch_functional():
+    """torch.lstm_cell / torch.lstm's own exception types where they check (they read sizes first:
+    IndexError); where torch's functional does not check at all and reads memory it should not
+    (hx of another batch size, mismatched weights), bigkern still raises a RuntimeError."""
+    x, h, c = make_tensor((2, 4)), make_tensor((2, 5)), make_tensor((2, 5))
+    w_ih, w_hh, b_ih, b_hh = make_tensor((20, 4)), make_tensor((20, 5)), make_tensor((20,)), make_tensor((20,))
+    cell_cases = [
+        ((make_tensor((4,)), (h, c), w_ih, w_hh, b_ih, b_hh), "'input'"),
+        ((x, (h, c), make_tensor((20,)), w_hh, b_ih, b_hh), "'weight_ih'"),
+        ((x, (h, c), w_ih, w_hh, make_tensor((20, 1)), b_hh), "'bias_ih'"),
+    ]
+    for args, name in cell_cases:
+        _raises_like_torch(lambda: torch.lstm_cell(*args), lambda: F.lstm_cell(*args), name)
+    xs, h0, c0 = make_tensor((3, 2, 4)), make_tensor((1, 2, 5)), make_tensor((1, 2, 5))
+    params = [w_ih, w_hh, b_ih, b_hh]
+    lstm_cases = [
+        ((xs[0], (h0, c0), params, True, 1, 0.0, False, False, False), "'input'"),
+        ((xs, (h0[0], c0), params, True, 1, 0.0, False, False, False), r"'hx\[0\]'"),
+        ((xs, h0, params, True, 1, 0.0, False, False, False), "invalid combination of arguments"),
+    ]
+    for args, name in lstm_cases:
+        _raises_like_torch(lambda: torch.lstm(*args), lambda: F.lstm(*args), name)
+    with pytest.raises(RuntimeError, match=r"'hx\[0\]'"):
+        F.lstm(xs, (make_tensor((1, 3, 5)), c0), params, True, 1, 0.0, False, False, False)
+
+
+def test_lstm_cell_biases_broadcast_like_torch(backend):
+    """torch.lstm_cell adds its biases by broadcasting: a (1, 4H) or per-row (B, 4H) bias works."""
+    x, h, c = (make_tensor(s, device=DEVICE, requires_grad=True) for s in ((3, 4), (3, 5), (3, 5)))
+    w_ih, w_hh = make_tensor((20, 4), device=DEVICE), make_tensor((20, 5), device=DEVICE)
+    for b_ih, b_hh in [(make_tensor((1, 20), device=DEVICE), make_tensor((20,), device=DEVICE)),
+                       (make_tensor((3, 20), device=DEVICE), make_tensor((1, 20), device=DEVICE))]:
+        b_ih.requires_grad_()
+        expected = torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+        got = F.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+        for want, have in zip(expected, got):
+            torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
+        want_grads = torch.autograd.grad(sum(t.sum() for t in expected), (x, b_ih))
+        have_grads = torch.autograd.grad(sum(t.sum() for t in got), (x, b_ih))
+        for want, have in zip(want_grads, have_grads):
+            torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # The persistent CUDA kernel (GPU only).
 

@@ -455,10 +455,12 @@ def _check_input(input, fn):
         raise RuntimeError(f"{fn}(): argument 'input' must be a floating-point tensor, not {input.dtype}")
 
 
-def _run_layer(x2d, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse):
-    """One layer, one direction over rows x2d (N, I): the input projection as one GEMM, then the
-    recurrence op. Returns (out (N, P), h_n, c_n)."""
+def _run_layer(x2d, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, gates_bias=None):
+    """One layer, one direction over rows x2d (N, I): the input projection as one GEMM (plus
+    `gates_bias`, biases that are not one vector), then the recurrence op. Returns (out (N, P), h_n, c_n)."""
     gates_x = torch.nn.functional.linear(x2d, w_ih)
+    if gates_bias is not None:
+        gates_x = gates_x + gates_bias
     save = _needs_grad(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0)
     out, hn, cn, _, _ = lstm_layer_op(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save)
     return out, hn, cn
@@ -582,8 +584,25 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
     or None for zeros; returns (h_1, c_1)."""
     fn = "lstm_cell"
     _check_input(input, fn)
+    for name, t in (("input", input), ("weight_ih", w_ih)):
+        if isinstance(t, Tensor) and t.dim() < 2:  # torch reads their size(1) first: IndexError
+            raise IndexError(f"{fn}(): Dimension out of range (expected to be in range of [-1, 0], but got 1) "
+                             f"(argument '{name}' is 1-D)")
     if input.dim() != 2:
         raise RuntimeError(f"{fn}(): 'input' must have 2 dimensions (batch, input_size), got {input.dim()}")
+    # torch adds the biases by broadcasting, so (1, 4H) and per-row (B, 4H) biases work too: those
+    # join the input projection (where any bias may go: the gates sum them all)
+    gates_bias = None
+    for name, b in (("bias_ih", b_ih), ("bias_hh", b_hh)):
+        if isinstance(b, Tensor) and b.dim() != 1 and isinstance(w_ih, Tensor) and w_ih.dim() == 2:
+            _check_like(b, name, input, "input", fn)
+            try:
+                b = b.expand(input.shape[0], w_ih.shape[0])
+            except RuntimeError as error:
+                raise RuntimeError(f"{fn}(): argument '{name}' of shape {tuple(b.shape)} does not broadcast to the "
+                                   f"gates' {(input.shape[0], w_ih.shape[0])}: {error}") from None
+            gates_bias = b if gates_bias is None else gates_bias + b
+            b_ih, b_hh = (None, b_hh) if name == "bias_ih" else (b_ih, None)
     H, _ = _check_weights(input, w_ih, w_hh, b_ih, b_hh, None, fn)
     B = input.shape[0]
     if hx is not None and isinstance(hx, (tuple, list)) and len(hx) == 2:
@@ -599,7 +618,7 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
                 raise RuntimeError(f"{fn}(): hidden{i} has inconsistent hidden_size: got {t.shape[1]}, expected {H} "
                                    f"(argument 'hx[{i}]')")
     h0, c0 = _initial_state(hx, input, (B, H), (B, H), fn)
-    out, _, cn = _run_layer(input, w_ih, w_hh, b_ih, b_hh, None, h0, c0, [], False)
+    out, _, cn = _run_layer(input, w_ih, w_hh, b_ih, b_hh, None, h0, c0, [], False, gates_bias)
     return out, cn
 
 
@@ -616,12 +635,25 @@ def lstm(input: Tensor, hx, params, has_biases: bool, num_layers: int, dropout: 
     """
     fn = "lstm"
     if isinstance(hx, Tensor):  # the packed overload: (data, batch_sizes, hx, params, ...)
+        if not isinstance(params, (tuple, list)) or not isinstance(has_biases, (tuple, list)):
+            # neither overload fits (e.g. a bare tensor as hx): torch's argument parser's TypeError
+            raise TypeError(f"{fn}() received an invalid combination of arguments: expected (input, hx, params, "
+                            f"has_biases, ...) with hx and params sequences of Tensors, or (data, batch_sizes, hx, "
+                            f"params, ...); got hx of type Tensor")
         data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional = (
             input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
         _check_input(data, fn)
         sizes = [int(b) for b in batch_sizes]
         return _lstm_layers(data, sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional, fn)
     _check_input(input, fn)
+    if isinstance(hx, (tuple, list)):
+        for i, t in enumerate(hx):  # torch reads hx[i].size(2) (and input's) first: IndexError
+            if isinstance(t, Tensor) and t.dim() < 3:
+                raise IndexError(f"{fn}(): Dimension out of range (expected to be in range of [-{t.dim()}, "
+                                 f"{t.dim() - 1}], but got 2) (argument 'hx[{i}]' must be 3-D)")
+    if input.dim() < 3:
+        raise IndexError(f"{fn}(): Dimension out of range (expected to be in range of [-{input.dim()}, "
+                         f"{input.dim() - 1}], but got 2) (argument 'input' must be 3-D)")
     if input.dim() != 3:
         raise RuntimeError(f"{fn}(): 'input' must have 3 dimensions, got {input.dim()}")
     x = input.transpose(0, 1) if batch_first else input
