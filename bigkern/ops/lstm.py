@@ -635,7 +635,7 @@ def lstm(input: Tensor, hx, params, has_biases: bool, num_layers: int, dropout: 
     """
     fn = "lstm"
     if isinstance(hx, Tensor):  # the packed overload: (data, batch_sizes, hx, params, ...)
-        if not isinstance(params, (tuple, list)) or not isinstance(has_biases, (tuple, list)):
+        if not (params is None or isinstance(params, (tuple, list))) or not isinstance(has_biases, (tuple, list)):
             # neither overload fits (e.g. a bare tensor as hx): torch's argument parser's TypeError
             raise TypeError(f"{fn}() received an invalid combination of arguments: expected (input, hx, params, "
                             f"has_biases, ...) with hx and params sequences of Tensors, or (data, batch_sizes, hx, "
