@@ -33,7 +33,8 @@ def patch(model: torch.nn.Module, include: Optional[Iterable] = None, exclude: O
 
     include / exclude: torch module classes, class names, or fnmatch patterns of qualified module
     names (as in `model.named_modules()`, "" for the root), e.g. exclude=["encoder.layers.0.*"].
-    Hugging Face models are also switched to bigkern's attention (attn_implementation="bigkern").
+    Hugging Face models that transformers runs on SDPA are also switched to bigkern's attention
+    (attn_implementation="bigkern"); others keep theirs.
     """
     include = list(include) if include is not None else None
     exclude = list(exclude or [])
@@ -126,7 +127,9 @@ def _patch_huggingface(model):
         return
     from bigkern.integrations import huggingface
 
-    if huggingface.register():
+    # bigkern's attention is an SDPA drop-in: a model transformers does not run on SDPA (it may need
+    # the weights, or pass what SDPA cannot take) keeps its own attention
+    if getattr(model, "_supports_sdpa", True) and huggingface.register():
         setattr(model, "_bigkern_original_attn_implementation", config._attn_implementation)
         huggingface.set_attention(model, "bigkern")
 

@@ -147,3 +147,37 @@ def test_huggingface_attn_implementation_bigkern():
         expected = copy.deepcopy(unpatched).double()(tokens).logits
         torch_logits = unpatched(tokens).logits
     assert_close(logits, expected, torch_logits)
+
+
+def test_huggingface_attention_sinks_take_the_models_eager_attention():
+    """gpt-oss passes its attention sinks (s_aux) to the attention function; the fused kernel does
+    not compute them, so under auto such calls run the model's own eager attention (the model gives
+    the eager model's outputs) and a forced backend raises UnsupportedError."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no gpt-oss")
+    config = transformers.GptOssConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64)
+    eager = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for parameter in eager.parameters():
+            parameter.copy_(make_tensor(parameter.shape, scale=0.3))
+    # gpt-oss does not run on SDPA in transformers: patch() leaves its attention alone ...
+    assert bigkern.patch(copy.deepcopy(eager)).config._attn_implementation == "eager"
+    # ... and when bigkern's is chosen anyway, the calls with sinks take the model's eager attention
+    pytest.importorskip("bigkern.integrations.huggingface").register()
+    patched = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="bigkern").eval()
+    patched.load_state_dict(eager.state_dict())
+    assert patched.config._attn_implementation == "bigkern"
+    tokens = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        expected = eager(tokens).logits
+        without_sinks = copy.deepcopy(eager)
+        for layer in without_sinks.model.layers:
+            layer.self_attn.sinks.fill_(-1e4)
+        assert (without_sinks(tokens).logits - expected).abs().max() > 1e-2  # the sinks matter here
+        torch.testing.assert_close(patched(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+        with bigkern.use_backend("triton"), pytest.raises(dispatch.UnsupportedError, match="s_aux"):
+            patched(tokens)

@@ -7,19 +7,31 @@
 The function follows transformers' own SDPA integration (query, key, value as (batch, heads, seq,
 head_dim); returns (batch, seq, heads, head_dim) and no weights) with bigkern's
 scaled_dot_product_attention doing the work; GQA goes to the kernel directly instead of repeating
-the key/value heads.
+the key/value heads. Calls that change the attention itself (sinks, soft-capping, ALiBi) take the
+model's own eager attention under `auto`, and raise UnsupportedError with a forced backend.
 """
+
+import sys
 
 import torch
 
 NAME = "bigkern"
+
+# Keyword arguments with which some models change the attention itself -- attention sinks (gpt-oss),
+# logit soft-capping (Gemma 2), ALiBi biases -- which neither bigkern's kernel nor transformers' SDPA
+# path computes: those calls take the model's own eager attention.
+EAGER_ONLY = ("s_aux", "sinks", "softcap", "alibi")
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       **kwargs):
     from bigkern.nn import functional
 
-    unsupported = [k for k in ("softcap", "position_bias", "cache") if kwargs.get(k) is not None]
+    eager_only = [k for k in EAGER_ONLY if kwargs.get(k) is not None]
+    if eager_only:
+        return _model_eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                      eager_only, **kwargs)
+    unsupported = [k for k in ("position_bias", "cache") if kwargs.get(k) is not None]
     if unsupported or kwargs.get("output_attentions"):
         # transformers' own SDPA path handles these (it calls torch's SDPA)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -33,6 +45,32 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal,
         enable_gqa=query.shape[1] != key.shape[1])
     return output.transpose(1, 2).contiguous(), None
+
+
+def _model_eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_only,
+                           **kwargs):
+    """The attention of the model's own `eager_attention_forward` (what attn_implementation="eager"
+    runs), given the mask bigkern's mask interface built for SDPA: boolean, or None for plain causal."""
+    from bigkern import dispatch
+
+    reason = (f"{type(module).__name__} passes {', '.join(eager_only)}, which bigkern's attention kernels do not "
+              f"compute")
+    if dispatch.requested_backend() in ("triton", "cuda"):
+        raise dispatch.UnsupportedError(f"{reason}: use the auto or torch backend (the model's eager attention)")
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise dispatch.UnsupportedError(f"{reason}, and {type(module).__module__} has no eager_attention_forward "
+                                        f"to leave it to")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and is_causal and q_len > 1:  # SDPA's is_causal: top-left aligned
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager masks are additive
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def register() -> bool:
