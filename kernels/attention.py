@@ -109,7 +109,12 @@ def _mask_scores(s, mask_ptrs, rows, cols, seq_q, seq_k, MASK_KIND: tl.constexpr
         s = s + tl.where(keep, 0.0, float("-inf"))
     elif MASK_KIND == 2:
         bias = tl.load(mask_ptrs, mask=(rows < seq_q) & (cols < seq_k), other=0.0).to(tl.float32)
-        s = s + bias * LOG2E
+        # a finite bias stays finite in base 2 (finfo.min * log2(e) would overflow to -inf, and a row
+        # masked by finfo.min everywhere must average its values as torch's softmax does, not give 0)
+        bias2 = bias * LOG2E
+        bias2 = tl.where((bias2 == float("-inf")) & (bias != float("-inf")), -3.4028234663852886e38, bias2)
+        bias2 = tl.where((bias2 == float("inf")) & (bias != float("inf")), 3.4028234663852886e38, bias2)
+        s = s + bias2
     return s
 
 
@@ -267,10 +272,16 @@ def attention_forward_kernel(
     inv_l = tl.where(empty_row, 0.0, 1.0 / l_safe)
     out = acc * inv_l[:, None]
     lse = (m_i + tl.math.log2(l_safe)) * LN2
-    if SPLIT:  # a split that saw no key weighs nothing in the merge
-        lse = tl.where(empty_row, float("-inf"), lse)
+    if SPLIT:
+        # the split's max and log l apart (m at `split`, log l at `split + n_splits`): a max near the
+        # float range's end (finfo.min masks) would round log l away in their sum, and the merge
+        # must weigh each split by its l. A split that saw no key weighs nothing (max -inf).
         o_base = Out + split.to(tl.int64) * stride_os
         lse_base = Lse + split.to(tl.int64) * stride_ls
+        lse = tl.where(empty_row, float("-inf"), m_i * LN2)
+        log_l_base = (Lse + (split + n_splits).to(tl.int64) * stride_ls + b64 * stride_lb
+                      + h.to(tl.int64) * stride_lh + q_start.to(tl.int64))
+        tl.store(log_l_base + offs_m, tl.math.log2(l_safe) * LN2, mask=row_ok)
     else:
         lse = tl.where(empty_row, float("inf"), lse)
         o_base = Out
@@ -292,11 +303,13 @@ def attention_split_combine_kernel(
     n_splits, seq_q,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Merge the splits of one query block (Part (B, H, splits, L, Dv), PartLse (B, H, splits, L)):
+    """Merge the splits of one query block (Part (B, H, splits, L, Dv); PartLse (B, H, 2 splits, L):
+    each split's max m_s, then each split's log l_s), with lse_s = m_s + log l_s:
 
         lse = log sum_s exp(lse_s);   out = sum_s exp(lse_s - lse) * out_s
 
-    A row no split saw a key for gets out 0 and lse +inf, as the unsplit kernel gives it."""
+    (the exponents taken as (m_s - max m) + log l_s). A row no split saw a key for gets out 0 and
+    lse +inf, as the unsplit kernel gives it."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -313,8 +326,9 @@ def attention_split_combine_kernel(
     total = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     for s in range(0, n_splits):
-        lse_s = tl.load(lse_base + s * stride_qs, mask=row_ok, other=float("-inf"))
-        weight = tl.math.exp2((lse_s - m_safe) * LOG2E)
+        m_s = tl.load(lse_base + s * stride_qs, mask=row_ok, other=float("-inf"))
+        log_l_s = tl.load(lse_base + (s + n_splits) * stride_qs, mask=row_ok, other=0.0)
+        weight = tl.math.exp2(((m_s - m_safe) + log_l_s) * LOG2E)
         total += weight
         acc += weight[:, None] * tl.load(part_base + s * stride_ps, mask=part_ok, other=0.0)
     empty_row = total == 0.0
@@ -807,12 +821,13 @@ def attention_forward(q, k, v, mask, out, lse, *, scale, is_causal, dropout=None
                  *_batch_strides(lse, 2, varlen), 0, 0, 0, *scalars), {**meta, "SPLIT": False})
         return
 
-    # each split writes (B, H, split, L, Dv) fp32 partial outputs and (B, H, split, L) lse; then merge
+    # each split writes (B, H, split, L, Dv) fp32 partial outputs and its (B, H, L) max and log l
+    # into (B, H, 2 splits, L); then merge
     import torch
 
     splits = triton.cdiv(seq_k, keys_per_split)
     part = torch.empty((batch, heads, splits, seq_q, v.shape[3]), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((batch, heads, splits, seq_q), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((batch, heads, 2 * splits, seq_q), dtype=torch.float32, device=q.device)
     _launch("forward", attention_forward_kernel,
             lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]) * splits, heads, batch),
             (*pointers[:4], part, part_lse, cu_q, cu_k, *pointers[4:], *inputs,

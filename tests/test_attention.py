@@ -225,11 +225,35 @@ def test_fully_masked_rows_give_zero_output_gradients_and_inf_lse(backend, S):
     args, _ = attention.prepare_sdpa(q, k, v, mask)
     _, lse = attention.sdpa_forward_op(*args)
     assert torch.isinf(lse[:, :, 1]).all() and (lse[:, :, 1] > 0).all()
-    scores = (q.double() @ k.double().transpose(-1, -2)) / 4 + torch.zeros(5, S).masked_fill(~mask, -math.inf)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / 4 + \
+        torch.zeros(5, S, dtype=torch.float64, device=DEVICE).masked_fill(~mask, -math.inf)
     expected = torch.logsumexp(scores, -1)
-    keep = torch.ones(5, dtype=torch.bool)
+    keep = torch.ones(5, dtype=torch.bool, device=DEVICE)
     keep[1] = False
     torch.testing.assert_close(lse[:, :, keep], expected[:, :, keep].float())  # fp32 tolerances
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else []), ids=str)
+@pytest.mark.parametrize("S", [6, 100])
+def test_rows_masked_by_the_lowest_finite_value_average_like_torch(backend, dtype, S):
+    """Hugging Face masks with finfo(dtype).min, not -inf. For float32 and bfloat16 a row masked so
+    everywhere is, for torch, a softmax of equal scores (the scores vanish next to the mask): the
+    mean of the values. The kernels work in base 2, where finfo.min * log2(e) overflows; they must
+    still average, not give 0. (float16's min, -65504, leaves the scores visible: softmax as usual.)
+    Rows with one key left see only that key."""
+    q, k, v = (make_tensor((2, 2, 5, 16) if n == 0 else (2, 2, S, 16), dtype, DEVICE) for n in range(3))
+    lowest = torch.finfo(dtype).min
+    mask = torch.zeros(2, 1, 5, S, dtype=dtype, device=DEVICE)
+    mask[:, :, 1] = lowest
+    mask[:, :, 3, 1:] = lowest
+    skip_unless_served(q, k, v, mask)
+    out = F.scaled_dot_product_attention(q, k, v, mask)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask.double())
+    if dtype != torch.float16:
+        torch.testing.assert_close(out[:, :, 1].double(), v.double().mean(2), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out[:, :, 3].double(), v[:, :, 0].double(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2 if dtype != torch.float32 else 2e-4,
+                               atol=2e-2 if dtype != torch.float32 else 2e-4)
 
 
 @pytest.mark.parametrize("S", [9, 100])

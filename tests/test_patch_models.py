@@ -181,3 +181,17 @@ def test_huggingface_attention_sinks_take_the_models_eager_attention():
         torch.testing.assert_close(patched(tokens).logits, expected, rtol=1e-5, atol=1e-5)
         with bigkern.use_backend("triton"), pytest.raises(dispatch.UnsupportedError, match="s_aux"):
             patched(tokens)
+
+
+def test_huggingface_t5_position_bias_patched():
+    """T5 passes learned relative position biases (position_bias): they reach bigkern's kernel as
+    one additive mask with the padding folded in, and their gradient flows back to the bias table."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=67, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
+                                   num_heads=4, dropout_rate=0.0)
+    model = transformers.T5ForConditionalGeneration(config)
+    tokens, targets = torch.randint(1, 67, (2, 9)), torch.randint(1, 67, (2, 5))
+    padding = torch.ones(2, 9, dtype=torch.long)
+    padding[1, 6:] = 0
+    check_patched_model(model, lambda m: m(input_ids=tokens, attention_mask=padding, decoder_input_ids=targets).logits,
+                        ["sdpa_forward", "sdpa_backward"])

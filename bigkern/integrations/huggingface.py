@@ -12,6 +12,7 @@ model's own eager attention under `auto`, and raise UnsupportedError with a forc
 """
 
 import sys
+import warnings
 
 import torch
 
@@ -31,20 +32,33 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if eager_only:
         return _model_eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                       eager_only, **kwargs)
-    unsupported = [k for k in ("position_bias", "cache") if kwargs.get(k) is not None]
-    if unsupported or kwargs.get("output_attentions"):
-        # transformers' own SDPA path handles these (it calls torch's SDPA)
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+    if kwargs.get("output_attentions"):  # as transformers' SDPA path: no weights, said once
+        warnings.warn("bigkern attention does not return attention weights (output_attentions=True): use "
+                      "attn_implementation='eager' for them")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # as transformers does: causal only for a prefill without an explicit mask
     is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:  # T5-style relative position biases: one additive mask
+        attention_mask = _position_bias_mask(position_bias, attention_mask, is_causal, query, key)
+        is_causal = False
     output = functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal,
         enable_gqa=query.shape[1] != key.shape[1])
     return output.transpose(1, 2).contiguous(), None
+
+
+def _position_bias_mask(position_bias, attention_mask, is_causal, query, key):
+    """The bias added to the logits, with the attention mask folded in (boolean: True keeps a key;
+    float: added) or, without one, causality when asked."""
+    lowest = torch.finfo(key.dtype).min
+    if attention_mask is None and is_causal:
+        attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=key.device).tril()
+    if attention_mask is None:
+        return position_bias
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, position_bias, lowest)
+    return position_bias + attention_mask
 
 
 def _model_eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_only,

@@ -128,14 +128,27 @@ def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, ke
     keep: the dropout keep pattern (B, Hq, L, S) or None. Rows with every key masked give 0 and
     lse +inf, exactly like the kernels (torch gives the same 0)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = _masked_scores(q, k, attn_mask, is_causal, scale)
-    all_masked = (s == float("-inf")).all(-1, keepdim=True)
-    lse = torch.logsumexp(torch.where(all_masked, 0.0, s), -1, keepdim=True)
-    p = torch.exp(s - lse)  # s = -inf everywhere in a fully masked row: p = 0
+    p, lse = _probabilities(_masked_scores(q, k, attn_mask, is_causal, scale))
     if keep is not None:
         p = p * dropout_multiplier(keep, dropout_p, p.dtype)
     out = torch.matmul(p, _expand_kv_heads(v, q.shape[1]))
-    return out, torch.where(all_masked, float("inf"), lse).squeeze(-1)
+    return out, lse
+
+
+def _probabilities(s):
+    """softmax(s) and logsumexp(s) along the keys, with every key masked giving p = 0 and lse = +inf.
+    p is exp(s - max) / sum, not exp(s - lse): with scores near the float range's end (a finite
+    mask of finfo.min on every key, as Hugging Face builds) lse = max + log(sum) rounds to max, and
+    exp(s - lse) would weigh every key 1 instead of 1/n."""
+    all_masked = (s == float("-inf")).all(-1, keepdim=True)
+    # the shift cancels (softmax is shift-invariant): no gradient through it, which would only add
+    # inf - inf at the argmax when a value is infinite
+    top = torch.where(all_masked, 0.0, s.amax(-1, keepdim=True) if s.shape[-1] else s.sum(-1, keepdim=True)).detach()
+    weights = torch.exp(s - top)  # s = -inf everywhere in a fully masked row: 0
+    total = weights.sum(-1, keepdim=True)
+    p = weights / torch.where(all_masked, 1.0, total)
+    lse = torch.where(all_masked, float("inf"), top + torch.log(total))
+    return p, lse.squeeze(-1)
 
 
 def _compute_dtype(dtype):
@@ -162,12 +175,12 @@ def torch_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, first_s
 
 def torch_backward(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal, scale, seed,
                    mask_grad, first_stream=0):
-    """The pure-PyTorch backward, FlashAttention-2's formulas with the saved lse:
-    p = exp(s - lse); dV = (p Z)^T dO; dS = p (dO V^T Z - delta); dQ = scale dS K; dK = scale dS^T Q."""
+    """The pure-PyTorch backward, FlashAttention-2's formulas (p recomputed as softmax(s)):
+    dV = (p Z)^T dO; dS = p (dO V^T Z - delta); dQ = scale dS K; dK = scale dS^T Q."""
     c = _compute_dtype(q.dtype)
     qc, kc, vc, go = q.to(c), k.to(c), v.to(c), grad_out.to(c)
     heads, kv_heads = q.shape[1], k.shape[1]
-    p = torch.exp(_masked_scores(qc, kc, attn_mask, is_causal, scale) - lse.to(c).unsqueeze(-1))
+    p, _ = _probabilities(_masked_scores(qc, kc, attn_mask, is_causal, scale))  # recomputed: see _probabilities
     keep = _torch_keep(seed, q, k.shape[2], dropout_p, first_stream)
     z = dropout_multiplier(keep, dropout_p, c) if keep is not None else None
     grad_v = torch.matmul((p if z is None else p * z).transpose(-1, -2), go)
