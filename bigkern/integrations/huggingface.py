@@ -53,12 +53,17 @@ def _position_bias_mask(position_bias, attention_mask, is_causal, query, key):
     float: added) or, without one, causality when asked."""
     lowest = torch.finfo(key.dtype).min
     if attention_mask is None and is_causal:
-        attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=key.device).tril()
+        attention_mask = _top_left_causal(query, key)
     if attention_mask is None:
         return position_bias
     if attention_mask.dtype == torch.bool:
         return torch.where(attention_mask, position_bias, lowest)
     return position_bias + attention_mask
+
+
+def _top_left_causal(query, key):
+    """SDPA's is_causal as a boolean mask (True keeps): query i sees keys 0..i."""
+    return torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
 
 
 def _model_eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_only,
@@ -75,10 +80,9 @@ def _model_eager_attention(module, query, key, value, attention_mask, dropout, s
     if eager is None:
         raise dispatch.UnsupportedError(f"{reason}, and {type(module).__module__} has no eager_attention_forward "
                                         f"to leave it to")
-    q_len, kv_len = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if attention_mask is None and is_causal and q_len > 1:  # SDPA's is_causal: top-left aligned
-        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()
+    if attention_mask is None and is_causal and query.shape[2] > 1:
+        attention_mask = _top_left_causal(query, key)
     if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager masks are additive
         attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~attention_mask, torch.finfo(query.dtype).min)

@@ -449,6 +449,12 @@ def _check_weights(input, w_ih, w_hh, b_ih, b_hh, w_hr, fn, suffix=""):
     return H, P
 
 
+def _size_read_error(fn, name, t, dim, expected):
+    """torch reads t.size(dim) before it checks t's dimensions: its IndexError, naming the argument."""
+    return IndexError(f"{fn}(): Dimension out of range (expected to be in range of [-{t.dim()}, {t.dim() - 1}], "
+                      f"but got {dim}) (argument '{name}' must be {expected})")
+
+
 def _check_input(input, fn):
     _check_tensor(input, "input", fn)
     if not input.is_floating_point():
@@ -586,8 +592,7 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
     _check_input(input, fn)
     for name, t in (("input", input), ("weight_ih", w_ih)):
         if isinstance(t, Tensor) and t.dim() < 2:  # torch reads their size(1) first: IndexError
-            raise IndexError(f"{fn}(): Dimension out of range (expected to be in range of [-1, 0], but got 1) "
-                             f"(argument '{name}' is 1-D)")
+            raise _size_read_error(fn, name, t, 1, "2-D")
     if input.dim() != 2:
         raise RuntimeError(f"{fn}(): 'input' must have 2 dimensions (batch, input_size), got {input.dim()}")
     # torch adds the biases by broadcasting, so (1, 4H) and per-row (B, 4H) biases work too: those
@@ -612,8 +617,7 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
                 raise RuntimeError(f"{fn}(): Input batch size {B} doesn't match hidden{i} batch size {t.shape[0]} "
                                    f"(argument 'hx[{i}]')")
             if isinstance(t, Tensor) and t.dim() == 1:  # torch reads hx[i].size(1) next: IndexError
-                raise IndexError(f"{fn}(): Dimension out of range (expected to be in range of [-1, 0], but got 1) "
-                                 f"(argument 'hx[{i}]' is 1-D; expected (batch, hidden_size))")
+                raise _size_read_error(fn, f"hx[{i}]", t, 1, "(batch, hidden_size)")
             if isinstance(t, Tensor) and t.dim() >= 2 and t.shape[1] != H:
                 raise RuntimeError(f"{fn}(): hidden{i} has inconsistent hidden_size: got {t.shape[1]}, expected {H} "
                                    f"(argument 'hx[{i}]')")
@@ -649,11 +653,9 @@ def lstm(input: Tensor, hx, params, has_biases: bool, num_layers: int, dropout: 
     if isinstance(hx, (tuple, list)):
         for i, t in enumerate(hx):  # torch reads hx[i].size(2) (and input's) first: IndexError
             if isinstance(t, Tensor) and t.dim() < 3:
-                raise IndexError(f"{fn}(): Dimension out of range (expected to be in range of [-{t.dim()}, "
-                                 f"{t.dim() - 1}], but got 2) (argument 'hx[{i}]' must be 3-D)")
+                raise _size_read_error(fn, f"hx[{i}]", t, 2, "3-D")
     if input.dim() < 3:
-        raise IndexError(f"{fn}(): Dimension out of range (expected to be in range of [-{input.dim()}, "
-                         f"{input.dim() - 1}], but got 2) (argument 'input' must be 3-D)")
+        raise _size_read_error(fn, "input", input, 2, "3-D")
     if input.dim() != 3:
         raise RuntimeError(f"{fn}(): 'input' must have 3 dimensions, got {input.dim()}")
     x = input.transpose(0, 1) if batch_first else input
