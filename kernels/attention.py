@@ -271,7 +271,6 @@ def attention_forward_kernel(
     l_safe = tl.where(empty_row, 1.0, l_i)
     inv_l = tl.where(empty_row, 0.0, 1.0 / l_safe)
     out = acc * inv_l[:, None]
-    lse = (m_i + tl.math.log2(l_safe)) * LN2
     if SPLIT:
         # the split's max and log l apart (m at `split`, log l at `split + n_splits`): a max near the
         # float range's end (finfo.min masks) would round log l away in their sum, and the merge
@@ -283,7 +282,7 @@ def attention_forward_kernel(
                       + h.to(tl.int64) * stride_lh + q_start.to(tl.int64))
         tl.store(log_l_base + offs_m, tl.math.log2(l_safe) * LN2, mask=row_ok)
     else:
-        lse = tl.where(empty_row, float("inf"), lse)
+        lse = tl.where(empty_row, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
         o_base = Out
         lse_base = Lse
     o_base += b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
