@@ -26,6 +26,39 @@ def outputs_and_gradients(model, forward, cotangent):
     return output.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
 
 
+def linear_gradient_term_magnitudes(model, forward, cotangent):
+    """{parameter name: magnitude} for each nn.Linear's weight and bias: the largest sum of |terms|
+    its gradient adds up (bias: sum over tokens of |dY|; weight: |dY|^T |X|), from a run of `model`.
+
+    Such a gradient rounds in proportion to its terms, not to its value, and some true values are
+    zero: a key projection's bias shifts each query's logits by a constant, which softmax cancels,
+    so its gradient is pure rounding in both torch and bigkern. The FA floor is measured at this
+    magnitude (as test_torch_samples measures at the sample's), keeping the 3x factor."""
+    sums, handles = {}, []
+
+    def watch(name, module):
+        def after_forward(_, inputs, output):
+            x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1])
+
+            def on_gradient(grad):
+                g = grad.detach().abs().reshape(-1, grad.shape[-1])
+                sums[f"{name}.weight"] = sums.get(f"{name}.weight", 0) + g.t() @ x
+                sums[f"{name}.bias"] = sums.get(f"{name}.bias", 0) + g.sum(0)
+            if output.requires_grad:
+                output.register_hook(on_gradient)
+        handles.append(module.register_forward_hook(after_forward))
+
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear:
+            watch(name, module)
+    try:
+        outputs_and_gradients(model, forward, cotangent)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: total.max().item() for name, total in sums.items()}
+
+
 def check_patched_model(model, forward, expected_ops, *, scoped_functional=False, include=None):
     """Patched (Triton forced) vs unpatched, both fp32, against the model in fp64.
 
@@ -41,6 +74,7 @@ def check_patched_model(model, forward, expected_ops, *, scoped_functional=False
         cotangent = make_tensor(tuple(forward(model).shape))
     torch_output, torch_grads = outputs_and_gradients(model, forward, cotangent)
     reference_output, reference_grads = outputs_and_gradients(reference_model, forward, cotangent.double())
+    term_magnitudes = linear_gradient_term_magnitudes(reference_model, forward, cotangent.double())
     with bigkern.use_backend("triton"), bigkern.record() as calls:
         if scoped_functional:
             with bigkern.enable():
@@ -57,7 +91,8 @@ def check_patched_model(model, forward, expected_ops, *, scoped_functional=False
         if reference_grads[name] is None:  # unused by this forward (BERT's pooler, say)
             assert grads[name] is None, f"grad {name}: expected none"
             continue
-        assert_close(grads[name], reference_grads[name], torch_grads[name], name=f"grad {name}", factor=3.0)
+        assert_close(grads[name], reference_grads[name], torch_grads[name], name=f"grad {name}", factor=3.0,
+                     scale=term_magnitudes.get(name))
     return patched, calls
 
 
