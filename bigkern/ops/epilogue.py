@@ -45,6 +45,18 @@ def torch_activation(z: Tensor, code: int, negative_slope: float) -> Tensor:
     }[code]()
 
 
+def exact_activation(z: Tensor, code: int, negative_slope: float) -> Tensor:
+    """act(z) for the float64 references: torch's own, except the GELUs, whose 1 + erf(.) and
+    1 + tanh(.) cancel to exactly 0 below z ~ -7.5 even in float64 while the true values (~1e-18,
+    what a float32 kernel computes) are not: there the same functions in forms that do not cancel,
+    z/2 erfc(-z/sqrt 2) and z sigmoid(2 sqrt(2/pi) (z + 0.044715 z^3))."""
+    if code == 2:
+        return 0.5 * z * torch.special.erfc(-z * 0.7071067811865476)
+    if code == 3:
+        return z * torch.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+    return torch_activation(z, code, negative_slope)
+
+
 def torch_activation_backward(grad: Tensor, z: Tensor, code: int, negative_slope: float) -> Tensor:
     aten = torch.ops.aten
     if code == 0:
@@ -307,10 +319,11 @@ def bias_act(x: Tensor, bias: Optional[Tensor] = None, activation: Optional[str]
 # ---------------------------------------------------------------------------------------------
 # Verification against float64, shared by tests/test_epilogue.py and `bigkern verify`.
 
-def reference(x, bias, activation, dim, negative_slope=0.01):
-    """torch's own composition act(x + bias), in whatever dtype x has."""
+def reference(x, bias, activation, dim, negative_slope=0.01, activation_fn=torch_activation):
+    """torch's own composition act(x + bias), in whatever dtype x has (activation_fn=exact_activation:
+    the float64 reference's)."""
     z = x if bias is None else x + _broadcast_bias(bias, x, dim % x.dim())
-    return torch_activation(z, activation_code(activation), negative_slope)
+    return activation_fn(z, activation_code(activation), negative_slope)
 
 
 def compare_with_reference(x, bias, activation, dim, negative_slope=0.01):
@@ -323,7 +336,7 @@ def compare_with_reference(x, bias, activation, dim, negative_slope=0.01):
     y.backward(grad_y)
 
     x64, b64 = testing.fp64_copy(x), testing.fp64_copy(bias)
-    y64 = reference(x64, b64, activation, dim, negative_slope)
+    y64 = reference(x64, b64, activation, dim, negative_slope, activation_fn=exact_activation)
     y64.backward(grad_y.double().cpu())
     xt, bt = testing.same_dtype_copy(x), testing.same_dtype_copy(bias)
     yt = reference(xt, bt, activation, dim, negative_slope)
