@@ -21,7 +21,8 @@ Backward (FlashAttention-2): delta = rowsum(dO * O) first; then one program per 
 accumulates dK and dV over every query block (and, for GQA, over every query head of its group,
 so no atomics are needed), and one program per query block accumulates dQ over every key block:
 
-    p  = exp(s - lse)                 (recomputed, never stored)
+    p  = exp(s - lse)                 (recomputed, never stored; a float mask's rows whose lse is
+                                       huge use their max and l instead: _row_stats)
     dV += (p * Z)^T dO                Z = keep / (1 - dropout_p), 1 without dropout
     dP = (dO V^T) * Z
     dS = p * (dP - delta)             = d loss / d (scores + mask): also the float mask's gradient
@@ -373,8 +374,105 @@ def attention_backward_delta_kernel(
     tl.store(Delta + lse_offsets, delta, mask=rows < seq_q)
 
 
+# A float mask can put a row's scores near the float range's end (Hugging Face masks with
+# finfo.min): there lse = max + log l, one fp32 number, has rounded log l away (and ln/log2
+# conversions move it by whole units of a huge ulp), so exp(s - lse) is no probability. The
+# backward then reads each row as (center, offset) in base 2, p = 2^((s - center) - offset): lse
+# itself (offset 0) for ordinary rows; the row's max and log2 l, recomputed, for rows whose
+# |lse| is at least ROW_STATS_RECOMPUTE_FROM (its ulp, 2^-13 there, is already coarser than a
+# fresh pass gets). Blocks without such rows read lse and leave.
+ROW_STATS_RECOMPUTE_FROM = tl.constexpr(1024.0)
+
+
 @triton.jit
-def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, delta_base, mask_base,
+def attention_backward_row_stats_kernel(
+    Q, K, Mask, Lse, Stats, CuSeqQ, CuSeqK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_lb, stride_lh, stride_stats,
+    group_size, seq_q, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """(center, offset) of every row under a float mask (planes 0 and 1 of Stats, each laid out as
+    lse): the forward's online max and sum, without the values, for the rows that need it."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seq_q = _sequence(CuSeqQ, b, seq_q, VARLEN)
+    k_start, seq_k = _sequence(CuSeqK, b, seq_k, VARLEN)
+    m0 = tl.program_id(0) * BLOCK_M
+    if m0 >= seq_q:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < seq_q
+    lse_offsets = b64 * stride_lb + h64 * stride_lh + q_start.to(tl.int64) + rows
+    center = tl.load(Lse + lse_offsets, mask=row_ok, other=0.0) * LOG2E
+    offset = tl.zeros((BLOCK_M,), tl.float32)
+    magnitude = tl.abs(center)
+    recompute = (magnitude >= ROW_STATS_RECOMPUTE_FROM) & (magnitude < float("inf")) & row_ok
+    if tl.max(recompute.to(tl.int32), 0) > 0:
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + (q_start + rows).to(tl.int64)[:, None] * stride_qm
+                    + offs_d[None, :], mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        k_base = K + b64 * stride_kb + (h // group_size).to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+        mask_base = Mask + b64 * stride_mb + h64 * stride_mh
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        end = seq_k
+        if IS_CAUSAL:
+            end = tl.minimum(seq_k, m0 + BLOCK_M)
+        for n0 in range(0, end, BLOCK_N):
+            cols = n0 + offs_n
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :],
+                        mask=(cols < seq_k)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            rows2 = rows[:, None]
+            cols2 = cols[None, :]
+            s = _mask_scores(s, mask_base + rows2.to(tl.int64) * stride_mm + cols2.to(tl.int64) * stride_mn,
+                             rows2, cols2, seq_q, seq_k, 2)
+            visible = cols2 < seq_k
+            if IS_CAUSAL:
+                visible = visible & (cols2 <= rows2)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+            m_i = m_new
+        center = tl.where(recompute, m_i, center)
+        offset = tl.where(recompute, tl.math.log2(tl.where(recompute, l_i, 1.0)), offset)
+    tl.store(Stats + lse_offsets, center, mask=row_ok)
+    tl.store(Stats + stride_stats + lse_offsets, offset, mask=row_ok)
+
+
+@triton.jit
+def _row_stats(lse_ptrs, stats_ptrs, stride_stats, row_ok, MASK_KIND: tl.constexpr):
+    """(center, offset) of rows, in base 2: from Stats under a float mask, else (lse * log2 e, 0).
+    Rows past seq_q read center +inf: their p is 0."""
+    if MASK_KIND == 2:
+        center = tl.load(stats_ptrs, mask=row_ok, other=float("inf"))
+        offset = tl.load(stats_ptrs + stride_stats, mask=row_ok, other=0.0)
+    else:
+        center = tl.load(lse_ptrs, mask=row_ok, other=float("inf")) * LOG2E
+        offset = tl.zeros_like(center)
+    return center, offset
+
+
+@triton.jit
+def _recomputed_probabilities(s, center, offset, MASK_KIND: tl.constexpr):
+    """p = 2^((s - center) - offset); center and offset broadcast against s."""
+    if MASK_KIND == 2:
+        return tl.math.exp2((s - center) - offset)
+    else:
+        return tl.math.exp2(s - center)
+
+
+@triton.jit
+def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, stats_base, stride_stats,
+                         delta_base, mask_base,
                          m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_dom, stride_mm,
                          stride_mn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -393,7 +491,7 @@ def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, l
                     mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :],
                      mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
-    lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E
+    center, offset = _row_stats(lse_base + rows, stats_base + rows, stride_stats, row_ok, MASK_KIND)
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
     rows2 = rows[None, :]
@@ -401,7 +499,7 @@ def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, l
     if MASK_KIND != 0:
         s_t = _mask_scores(s_t, mask_base + rows2.to(tl.int64) * stride_mm + cols2.to(tl.int64) * stride_mn,
                            rows2, cols2, seq_q, seq_k, MASK_KIND)
-    p_t = tl.math.exp2(s_t - lse2[None, :])
+    p_t = _recomputed_probabilities(s_t, center[None, :], offset[None, :], MASK_KIND)
     if DIAGONAL:
         if IS_CAUSAL:
             p_t = tl.where(cols2 <= rows2, p_t, 0.0)
@@ -419,14 +517,14 @@ def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, l
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-    Q, K, V, Mask, GradOut, Lse, Delta, GradK, GradV, CuSeqQ, CuSeqK,
+    Q, K, V, Mask, GradOut, Lse, Stats, Delta, GradK, GradV, CuSeqQ, CuSeqK,
     QDesc, GradOutDesc,  # TMA only: descriptors of the (B, Hq, L, D) query and output-gradient views
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm,
-    stride_lb, stride_lh,
+    stride_lb, stride_lh, stride_stats,  # Stats (float masks only): lse's layout, planes stride_stats apart
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     n_heads, group_size, seq_q, seq_k,
@@ -477,14 +575,16 @@ def attention_backward_dkdv_kernel(
         mask_base = Mask + b64 * stride_mb + h64 * stride_mh
         for m0 in range(start, diag_end, BLOCK_M):
             dk, dv = _backward_dkdv_block(
-                dk, dv, k, v, q_base, do_base, QDesc, GradOutDesc, b, h, Lse + lse_offset, Delta + lse_offset,
+                dk, dv, k, v, q_base, do_base, QDesc, GradOutDesc, b, h, Lse + lse_offset, Stats + lse_offset, stride_stats,
+                Delta + lse_offset,
                 mask_base, m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_gm, stride_mm,
                 stride_mn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
                 True)
         for m0 in range(tl.maximum(start, diag_end), seq_q, BLOCK_M):
             dk, dv = _backward_dkdv_block(
-                dk, dv, k, v, q_base, do_base, QDesc, GradOutDesc, b, h, Lse + lse_offset, Delta + lse_offset,
+                dk, dv, k, v, q_base, do_base, QDesc, GradOutDesc, b, h, Lse + lse_offset, Stats + lse_offset, stride_stats,
+                Delta + lse_offset,
                 mask_base, m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_gm, stride_mm,
                 stride_mn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
@@ -499,7 +599,7 @@ def attention_backward_dkdv_kernel(
 
 
 @triton.jit
-def _backward_dq_block(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, b, kv_head, mask_base,
+def _backward_dq_block(dq, q, do, center, offset, delta, k_base, v_base, k_desc, v_desc, b, kv_head, mask_base,
                        grad_mask_base, n0, rows, offs_n, offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn,
                        stride_mm, stride_mn, stride_gmm, stride_gmn, qk_scale, dropout_threshold, dropout_scale,
                        seed_lo, seed_hi, stream,
@@ -524,7 +624,7 @@ def _backward_dq_block(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, b
     if MASK_KIND != 0:
         s = _mask_scores(s, mask_base + rows2.to(tl.int64) * stride_mm + cols2.to(tl.int64) * stride_mn,
                          rows2, cols2, seq_q, seq_k, MASK_KIND)
-    p = tl.math.exp2(s - lse2[:, None])
+    p = _recomputed_probabilities(s, center[:, None], offset[:, None], MASK_KIND)
     if BOUNDARY:
         # keys past seq_k must not count: with a very negative lse their p would overflow
         visible = cols2 < seq_k
@@ -545,14 +645,14 @@ def _backward_dq_block(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, b
 
 @triton.jit
 def attention_backward_dq_kernel(
-    Q, K, V, Mask, GradOut, Lse, Delta, GradQ, GradMask, CuSeqQ, CuSeqK,
+    Q, K, V, Mask, GradOut, Lse, Stats, Delta, GradQ, GradMask, CuSeqQ, CuSeqK,
     KDesc, VDesc,  # TMA only: descriptors of the (B, Hkv, S, D) key and value views
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm,
-    stride_lb, stride_lh,
+    stride_lb, stride_lh, stride_stats,  # Stats (float masks only): lse's layout, planes stride_stats apart
     stride_dqb, stride_dqh, stride_dqm,
     stride_gmb, stride_gmh, stride_gmm, stride_gmn,
     n_heads, group_size, seq_q, seq_k,
@@ -590,7 +690,7 @@ def attention_backward_dq_kernel(
     do = tl.load(GradOut + b64 * stride_gb + h64 * stride_gh + q_rows[:, None] * stride_gm + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
     lse_offsets = b64 * stride_lb + h64 * stride_lh + q_rows
-    lse2 = tl.load(Lse + lse_offsets, mask=row_ok, other=float("inf")) * LOG2E
+    center, offset = _row_stats(Lse + lse_offsets, Stats + lse_offsets, stride_stats, row_ok, MASK_KIND)
     delta = tl.load(Delta + lse_offsets, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
@@ -607,14 +707,14 @@ def attention_backward_dq_kernel(
         full_end = (seq_k // BLOCK_N) * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         dq = _backward_dq_block(
-            dq, q, do, lse2, delta, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, grad_mask_base, n0, rows,
+            dq, q, do, center, offset, delta, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, grad_mask_base, n0, rows,
             offs_n, offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm,
             stride_gmn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION,
             TMA, False)
     for n0 in range(full_end, end, BLOCK_N):
         dq = _backward_dq_block(
-            dq, q, do, lse2, delta, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, grad_mask_base, n0, rows,
+            dq, q, do, center, offset, delta, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, grad_mask_base, n0, rows,
             offs_n, offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm,
             stride_gmn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION,
@@ -949,23 +1049,37 @@ def attention_backward(grad_out, q, k, v, mask, out, lse, grad_lse, delta, grad_
             *_batch_strides(out, 3, varlen), *_batch_strides(grad_out, 3, varlen), *_batch_strides(lse, 2, varlen),
             seq_q, HEAD_DIM_V=meta["HEAD_DIM_V"], BLOCK_DV=meta["BLOCK_DV"], VARLEN=varlen,
             HAS_GRAD_LSE=grad_lse is not None, BLOCK_M=block_m)
+    mask_arg = mask if mask is not None else q
+    stats, stride_stats = lse, 0  # read only under a float mask
+    if meta["MASK_KIND"] == MASK_FLOAT and seq_q > 0 and seq_k > 0:
+        import torch
+
+        stats = torch.empty((2, *lse.shape), dtype=torch.float32, device=lse.device)
+        stride_stats = stats.stride(0)
+        block_m, block_n = (32, 16) if _interpreting() else (64, 64)
+        attention_backward_row_stats_kernel[(triton.cdiv(seq_q, block_m), heads, batch)](
+            q, k, mask_arg, lse, stats, cu_q, cu_k, *_batch_strides(q, 3, varlen), *_batch_strides(k, 3, varlen),
+            *_strides(mask, 4), *_batch_strides(lse, 2, varlen), stride_stats, heads // kv_heads, seq_q, seq_k,
+            scale * 1.4426950408889634, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
+            IS_CAUSAL=meta["IS_CAUSAL"], VARLEN=varlen, PRECISION=meta["PRECISION"], BLOCK_M=block_m,
+            BLOCK_N=block_n)
     common = (*_batch_strides(q, 3, varlen), *_batch_strides(k, 3, varlen), *_batch_strides(v, 3, varlen),
-              *_strides(mask, 4), *_batch_strides(grad_out, 3, varlen), *_batch_strides(lse, 2, varlen))
+              *_strides(mask, 4), *_batch_strides(grad_out, 3, varlen), *_batch_strides(lse, 2, varlen),
+              stride_stats)
     scalars = (heads, heads // kv_heads, seq_q, seq_k, scale, scale * 1.4426950408889634,
                threshold, dropout_scale, seed_lo, seed_hi, _bucket(seq_q), _bucket(seq_k))
-    mask_arg = mask if mask is not None else q
     if seq_k > 0:
         descriptors = tma_descriptors("dkdv", q, grad_out, seq_q, meta, varlen)
         _launch("dkdv", attention_backward_dkdv_kernel,
                 lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), kv_heads, batch),
-                (q, k, v, mask_arg, grad_out, lse, delta, grad_k, grad_v, cu_q, cu_k, *(descriptors or (q, q)),
+                (q, k, v, mask_arg, grad_out, lse, stats, delta, grad_k, grad_v, cu_q, cu_k, *(descriptors or (q, q)),
                  *common, *_batch_strides(grad_k, 3, varlen), *_batch_strides(grad_v, 3, varlen), *scalars),
                 {**meta, "TMA": descriptors is not None})
     if seq_q > 0:
         descriptors = tma_descriptors("dq", k, v, seq_q, meta, varlen)
         _launch("dq", attention_backward_dq_kernel,
                 lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), heads, batch),
-                (q, k, v, mask_arg, grad_out, lse, delta, grad_q, grad_mask if grad_mask is not None else q,
+                (q, k, v, mask_arg, grad_out, lse, stats, delta, grad_q, grad_mask if grad_mask is not None else q,
                  cu_q, cu_k, *(descriptors or (q, q)), *common, *_batch_strides(grad_q, 3, varlen),
                  *_strides(grad_mask, 4), *scalars),
                 {**meta, "MASK_GRAD": grad_mask is not None, "TMA": descriptors is not None})
