@@ -935,7 +935,7 @@ def _replay_seed(rng_state_before, dropout_p):
     return seed
 
 
-def _gradient_term_scales(args64, out64, lse64, grad_out64, users):
+def _gradient_term_scales(args64, out64, grad_out64, users):
     """For each input, the largest sum of |terms| its gradient adds up (the floor's magnitude: the
     gradients are sums whose terms cancel). `users` maps input name -> user tensor (for the
     broadcast multiplicity: a broadcast input's gradient sums over the copies too)."""
@@ -943,7 +943,7 @@ def _gradient_term_scales(args64, out64, lse64, grad_out64, users):
     with torch.no_grad():
         heads = q.shape[1]
         ke, ve = _expand_kv_heads(k, heads), _expand_kv_heads(v, heads)
-        p = torch.exp(_masked_scores(q, k, mask, is_causal, scale) - lse64.unsqueeze(-1)).nan_to_num(0.0)
+        p = _probabilities(_masked_scores(q, k, mask, is_causal, scale))[0].nan_to_num(0.0)
         z = torch.ones_like(p)
         if seed is not None:
             z = dropout_multiplier(dropout_keep_mask(seed, *q.shape[:3], k.shape[2], dropout_p, q.device), dropout_p,
@@ -1000,13 +1000,13 @@ def compare_with_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_
             result.backward(grad_out.to(device=result.device, dtype=result.dtype))
         return result, tensors + [mask], args, out4, lse4
 
-    out64, leaves64, args64, out4_64, lse4_64 = reference(testing.fp64_copy)
+    out64, leaves64, args64, out4_64, _ = reference(testing.fp64_copy)
     out_t, leaves_t, *_ = reference(testing.same_dtype_copy)
     results = [testing.compare(out, out64, out_t)]
     names = ("query", "key", "value", "attn_mask")
     users = {name: t for name, t in zip(names, (query, key, value, attn_mask)) if t is not None}
     grad_out4 = grad_out.double().cpu().reshape(out4_64.shape)
-    scales = _gradient_term_scales(args64, out4_64.detach(), lse4_64.detach(), grad_out4, users)
+    scales = _gradient_term_scales(args64, out4_64.detach(), grad_out4, users)
     for name, user, ref, same in zip(names, (query, key, value, attn_mask), leaves64, leaves_t):
         if user is None or not user.requires_grad:
             continue
