@@ -248,8 +248,9 @@ def test_rows_masked_by_the_lowest_finite_value_average_like_torch(backend, dtyp
     mask = torch.zeros(2, 1, 5, S, dtype=dtype, device=DEVICE)
     mask[:, :, 1] = lowest
     mask[:, :, 3, 1:] = lowest
+    mask.requires_grad_()
     skip_unless_served(q, k, v, mask, enable_gqa=True)
-    check(attention.compare_with_reference(q, k, v, mask, enable_gqa=True))  # FA rule, output and gradients
+    check(attention.compare_with_reference(q, k, v, mask, enable_gqa=True))  # FA rule: output, every gradient
     with torch.no_grad():
         out = F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
     if dtype != torch.float16:
