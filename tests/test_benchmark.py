@@ -174,7 +174,7 @@ def test_gpu_check_keeps_its_deadline_and_always_packages_what_it_has(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
-    command = [sys.executable, str(root / "scripts" / "gpu_check.py"), "--skip-build", "--deadline", "40",
+    command = [sys.executable, str(root / "scripts" / "gpu_check.py"), "--skip-build", "--deadline", "60",
                "--tests", "tests/test_testing.py -k compare", "--results", str(tmp_path / "results"),
                "--readme", str(tmp_path / "README.md"), "--logs", str(tmp_path / "logs")]
     (tmp_path / "README.md").write_text("readme\n")
@@ -183,7 +183,9 @@ def test_gpu_check_keeps_its_deadline_and_always_packages_what_it_has(tmp_path):
     summary = result.stdout.split("=== gpu-check summary")[-1]
     steps = {line.split()[0]: line.split()[1] for line in summary.strip().splitlines()}
     assert steps["info"] == steps["tests"] == "rc=0", result.stdout[-2000:] + result.stderr[-2000:]
-    assert "rc=skip" in summary and result.returncode == 1  # 40 s cannot hold them all: skipped, and said
+    # 60 s cannot hold them all (25 kept for packaging, bench keeps 30 for report): skipped, and said.
+    # (With 40, a loaded 2-core machine's slow `info` left the tests under the 10 s minimum.)
+    assert "rc=skip" in summary and result.returncode == 1
     with tarfile.open(out / "results.tar.gz") as tar:
         names = tar.getnames()
     assert "README.md" in names and any(name.startswith("gpu-check-logs/") for name in names)
