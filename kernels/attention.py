@@ -133,6 +133,17 @@ def _sequence(CuSeq, b, fixed_len, VARLEN: tl.constexpr):
 # Forward
 
 @triton.jit
+def _online_softmax_step(s, m_i, l_i):
+    """One key block of the online softmax (base 2): (p, alpha, l, m) for running max m_i and sum l_i."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row that has seen only masked keys so far keeps m = -inf: subtract 0 instead (no inf - inf)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
 def _forward_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kv_head, mask_base, n0, offs_m, offs_n,
                    offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
                    dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
@@ -165,12 +176,7 @@ def _forward_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kv_head,
         if IS_CAUSAL:
             visible = visible & (cols2 <= rows2)
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # a row that has seen only masked keys so far keeps m = -inf: subtract 0 instead (no inf - inf)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = _online_softmax_step(s, m_i, l_i)
     acc = acc * alpha[:, None]
     if DROPOUT:
         keep = dropout_keep(rows2, cols2, stream, seed_lo, seed_hi, dropout_threshold)
@@ -438,10 +444,7 @@ def attention_backward_row_stats_kernel(
             if IS_CAUSAL:
                 visible = visible & (cols2 <= rows2)
             s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-            m_i = m_new
+            _, _, l_i, m_i = _online_softmax_step(s, m_i, l_i)
         center = tl.where(recompute, m_i, center)
         offset = tl.where(recompute, tl.math.log2(tl.where(recompute, l_i, 1.0)), offset)
     tl.store(Stats + lse_offsets, center, mask=row_ok)
