@@ -70,24 +70,11 @@ flash_backward_dq_kernel(const AttentionProblem problem, const AttentionBackward
 
   const T* q = head_pointer<T>(args.q, batch, head) + m0 * args.q.row_stride;
   const T* grad_out = head_pointer<T>(args.grad_out, batch, head) + m0 * args.grad_out.row_stride;
-  const T* k = head_pointer<T>(args.k, batch, kv_head);
-  const T* v = head_pointer<T>(args.v, batch, kv_head);
-
-  const int n_end = problem.causal ? min(problem.len_kv, m0 + kBlockM) : problem.len_kv;
-  const int n_blocks = (n_end + BLOCK_N - 1) / BLOCK_N;
-
-  auto load_kv = [&](int n_block, int stage) {
-    const int n0 = n_block * BLOCK_N;
-    load_tile_async<BLOCK_N, D, kThreads>(k_tiles + stage * BLOCK_N * kStride, k + n0 * args.k.row_stride,
-                                          args.k.row_stride, problem.len_kv - n0);
-    load_tile_async<BLOCK_N, D, kThreads>(v_tiles + stage * BLOCK_N * kStride, v + n0 * args.v.row_stride,
-                                          args.v.row_stride, problem.len_kv - n0);
-  };
-
+  KeyBlockWalk<T, D, BLOCK_N, kThreads> keys(k_tiles, v_tiles, problem, args.k, args.v, batch, kv_head,
+                                               m0 + kBlockM);
   load_tile_async<kBlockM, D, kThreads>(q_tile, q, args.q.row_stride, problem.len_q - m0);
   load_tile_async<kBlockM, D, kThreads>(do_tile, grad_out, args.grad_out.row_stride, problem.len_q - m0);
-  if (n_blocks > 0) load_kv(n_blocks - 1, 0);
-  cp_async_commit();
+  keys.start();
 
   // lse (in log2 units) and delta of this lane's two rows; rows past the end get 0 (never stored)
   float lse2[2], delta[2];
@@ -105,16 +92,7 @@ flash_backward_dq_kernel(const AttentionProblem problem, const AttentionBackward
   const T* q_warp = q_tile + warp * 16 * kStride;
   const T* do_warp = do_tile + warp * 16 * kStride;
 
-  for (int it = 0; it < n_blocks; ++it) {
-    const int n_block = n_blocks - 1 - it;
-    const int stage = it % 2;
-    if (it + 1 < n_blocks) load_kv(n_block - 1, stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const T* k_tile = k_tiles + stage * BLOCK_N * kStride;
-    const T* v_tile = v_tiles + stage * BLOCK_N * kStride;
-
+  keys.walk([&](int n_block, const T* k_tile, const T* v_tile) {
     float s[BLOCK_N / 8][4];
     zero(s);
     warp_gemm_abt<T, BLOCK_N, D, kStride, kStride>(s, q_warp, k_tile, lane);
@@ -140,9 +118,7 @@ flash_backward_dq_kernel(const AttentionProblem problem, const AttentionBackward
       }
     }
     warp_gemm_rb<T, D, BLOCK_N, kStride>(dq, s, k_tile, lane);
-    __syncthreads();  // every warp is done with this stage before it is refilled
-  }
-  cp_async_wait<0>();  // nothing left in flight at exit (the last group is empty, or the only one unused)
+  });
 
   T* dq_out = head_pointer_mut<T>(args.dq, batch, head) + int64_t(warp_row0) * args.dq.row_stride;
   store_rows<T, D>(dq_out, args.dq.row_stride, dq, problem.scale, problem.scale, problem.len_q - warp_row0, lane);

@@ -128,47 +128,21 @@ flash_forward_kernel(const AttentionProblem problem, const AttentionForwardArgs 
   const int warp_row0 = m0 + warp * 16;  // first query row of this warp
 
   const T* q = head_pointer<T>(args.q, batch, head) + m0 * args.q.row_stride;
-  const T* k = head_pointer<T>(args.k, batch, kv_head);
-  const T* v = head_pointer<T>(args.v, batch, kv_head);
-
-  // keys this block can see: all, or under the causal mask those j <= its last row
-  const int n_end = problem.causal ? min(problem.len_kv, m0 + kBlockM) : problem.len_kv;
-  const int n_blocks = (n_end + BLOCK_N - 1) / BLOCK_N;
-
-  auto load_kv = [&](int n_block, int stage) {
-    const int n0 = n_block * BLOCK_N;
-    load_tile_async<BLOCK_N, D, kThreads>(k_tiles + stage * BLOCK_N * kStride, k + n0 * args.k.row_stride,
-                                          args.k.row_stride, problem.len_kv - n0);
-    load_tile_async<BLOCK_N, D, kThreads>(v_tiles + stage * BLOCK_N * kStride, v + n0 * args.v.row_stride,
-                                          args.v.row_stride, problem.len_kv - n0);
-  };
-
+  KeyBlockWalk<T, D, BLOCK_N, kThreads> keys(k_tiles, v_tiles, problem, args.k, args.v, batch, kv_head,
+                                               m0 + kBlockM);
   load_tile_async<kBlockM, D, kThreads>(q_tile, q, args.q.row_stride, problem.len_q - m0);
-  if (n_blocks > 0) load_kv(n_blocks - 1, 0);
-  cp_async_commit();
+  keys.start();
 
   ForwardRows<D, BLOCK_N> rows(problem, warp_row0);
   const T* q_warp = q_tile + warp * 16 * kStride;
 
-  for (int it = 0; it < n_blocks; ++it) {
-    const int n_block = n_blocks - 1 - it;
-    const int stage = it % 2;
-    if (it + 1 < n_blocks) load_kv(n_block - 1, stage ^ 1);
-    cp_async_commit();  // possibly empty: the wait below always leaves exactly the newest group
-    cp_async_wait<1>();
-    __syncthreads();
-    const T* k_tile = k_tiles + stage * BLOCK_N * kStride;
-    const T* v_tile = v_tiles + stage * BLOCK_N * kStride;
-
+  keys.walk([&](int n_block, const T* k_tile, const T* v_tile) {
     float s[BLOCK_N / 8][4];
     zero(s);
     warp_gemm_abt<T, BLOCK_N, D, kStride, kStride>(s, q_warp, k_tile, lane);
-
     rows.softmax_step(s, n_block * BLOCK_N, problem, lane);
     warp_gemm_rb<T, D, BLOCK_N, kStride>(rows.o, s, v_tile, lane);
-    __syncthreads();  // every warp is done with this stage before it is refilled
-  }
-  cp_async_wait<0>();  // nothing left in flight at exit (the last group is empty, or the only one unused)
+  });
 
   rows.template finish<T>(problem, args, batch, head, lane);
 }

@@ -88,6 +88,63 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
   }
 }
 
+// The key side of a query block's pass (the forward, and dQ of the backward): K and V tiles of
+// BLOCK_N rows through two shared-memory stages (`k_tiles` and `v_tiles`, 2 x BLOCK_N padded rows
+// each), from the last key block the block's rows can see down to the first, so that the causal
+// diagonal block, the only one with masked keys, comes first. start() issues the first block's
+// copies (with any the caller issued before it); walk(step) calls step(n_block, k_tile, v_tile)
+// once per block, with that block's tiles landed and the next block's copies in flight.
+template <typename T, int D, int BLOCK_N, int THREADS>
+struct KeyBlockWalk {
+  static constexpr int kStride = kTileStride<D>;
+  T* k_tiles;
+  T* v_tiles;
+  const AttentionProblem& problem;
+  const AttentionTensor& key;
+  const AttentionTensor& value;
+  const T* k;
+  const T* v;
+  int n_blocks;
+
+  __device__ __forceinline__ KeyBlockWalk(T* k_tiles, T* v_tiles, const AttentionProblem& problem,
+                                          const AttentionTensor& key, const AttentionTensor& value, int batch,
+                                          int kv_head, int query_end)
+      : k_tiles(k_tiles), v_tiles(v_tiles), problem(problem), key(key), value(value),
+        k(head_pointer<T>(key, batch, kv_head)), v(head_pointer<T>(value, batch, kv_head)) {
+    // keys the block can see: all, or under the causal mask those j < query_end (j <= its last row)
+    const int n_end = problem.causal ? min(problem.len_kv, query_end) : problem.len_kv;
+    n_blocks = (n_end + BLOCK_N - 1) / BLOCK_N;
+  }
+
+  __device__ __forceinline__ void load(int n_block, int stage) const {
+    const int n0 = n_block * BLOCK_N;
+    load_tile_async<BLOCK_N, D, THREADS>(k_tiles + stage * BLOCK_N * kStride, k + n0 * key.row_stride,
+                                         key.row_stride, problem.len_kv - n0);
+    load_tile_async<BLOCK_N, D, THREADS>(v_tiles + stage * BLOCK_N * kStride, v + n0 * value.row_stride,
+                                         value.row_stride, problem.len_kv - n0);
+  }
+
+  __device__ __forceinline__ void start() const {
+    if (n_blocks > 0) load(n_blocks - 1, 0);
+    cp_async_commit();
+  }
+
+  template <typename Step>
+  __device__ __forceinline__ void walk(Step&& step) const {
+    for (int it = 0; it < n_blocks; ++it) {
+      const int n_block = n_blocks - 1 - it;
+      const int stage = it % 2;
+      if (it + 1 < n_blocks) load(n_block - 1, stage ^ 1);
+      cp_async_commit();  // possibly empty: the wait below always leaves exactly the newest group
+      cp_async_wait<1>();
+      __syncthreads();
+      step(n_block, k_tiles + stage * BLOCK_N * kStride, v_tiles + stage * BLOCK_N * kStride);
+      __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+    cp_async_wait<0>();  // nothing left in flight at exit (the last group is empty, or the only one unused)
+  }
+};
+
 // acc (16 x N) += A (16 x K) B^T, with this warp's 16 rows of A row-major at `a` and all N rows of
 // B row-major (N x K) at `b`, both padded tiles. Used for every "rows times rows" product:
 // Q K^T, dO V^T, K Q^T, V dO^T.
