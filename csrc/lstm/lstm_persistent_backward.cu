@@ -123,13 +123,9 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_backward_kernel(B
 
 int lstm_persistent_backward_blocks_per_sm(DType dtype, int max_batch, int64_t shared_memory) {
   int blocks = 0;
-  dispatch_dtype(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    lstm::dispatch_max_batch(max_batch, [&](auto mb) {
-      constexpr int MAX_B = decltype(mb)::value;
-      blocks = resident_blocks_per_sm(lstm::lstm_persistent_backward_kernel<T, MAX_B>, lstm::kThreads,
-                                      static_cast<size_t>(shared_memory));
-    });
+  lstm::dispatch_instance(dtype, max_batch, [&](auto zero, auto mb) {
+    blocks = resident_blocks_per_sm(lstm::lstm_persistent_backward_kernel<decltype(zero), decltype(mb)::value>, lstm::kThreads,
+                                    static_cast<size_t>(shared_memory));
   });
   return blocks;
 }
@@ -144,13 +140,9 @@ cudaError_t lstm_persistent_backward(DType dtype, const PersistentPlan& plan, co
   lstm::BackwardParams params{grad_out, grad_h_n, grad_c_n, w_hh, gates, cells, c0, dz, dc,
                               steps, batch, hidden, plan.units_per_block, reverse};
   cudaError_t error = cudaErrorInvalidValue;
-  dispatch_dtype(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    lstm::dispatch_max_batch(batch, [&](auto mb) {
-      constexpr int MAX_B = decltype(mb)::value;
-      error = launch_cooperative(lstm::lstm_persistent_backward_kernel<T, MAX_B>, dim3(plan.blocks), lstm::kThreads,
-                                 static_cast<size_t>(plan.shared_memory), stream, params);
-    });
+  lstm::dispatch_instance(dtype, batch, [&](auto zero, auto mb) {
+    error = launch_cooperative(lstm::lstm_persistent_backward_kernel<decltype(zero), decltype(mb)::value>, dim3(plan.blocks),
+                               lstm::kThreads, static_cast<size_t>(plan.shared_memory), stream, params);
   });
   return error;
 }

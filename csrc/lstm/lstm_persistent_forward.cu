@@ -124,13 +124,9 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(Fo
 
 int lstm_persistent_forward_blocks_per_sm(DType dtype, int max_batch, int64_t shared_memory) {
   int blocks = 0;
-  dispatch_dtype(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    lstm::dispatch_max_batch(max_batch, [&](auto mb) {
-      constexpr int MAX_B = decltype(mb)::value;
-      blocks = resident_blocks_per_sm(lstm::lstm_persistent_forward_kernel<T, MAX_B>, lstm::kThreads,
-                                      static_cast<size_t>(shared_memory));
-    });
+  lstm::dispatch_instance(dtype, max_batch, [&](auto zero, auto mb) {
+    blocks = resident_blocks_per_sm(lstm::lstm_persistent_forward_kernel<decltype(zero), decltype(mb)::value>, lstm::kThreads,
+                                    static_cast<size_t>(shared_memory));
   });
   return blocks;
 }
@@ -188,13 +184,9 @@ cudaError_t lstm_persistent_forward(DType dtype, const PersistentPlan& plan, con
   lstm::ForwardParams params{gx, gx_stride, w_hh, bias, h0, c0, out, cells, gates, h_n, c_n,
                              steps, batch, hidden, plan.units_per_block, reverse};
   cudaError_t error = cudaErrorInvalidValue;
-  dispatch_dtype(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    lstm::dispatch_max_batch(batch, [&](auto mb) {
-      constexpr int MAX_B = decltype(mb)::value;
-      error = launch_cooperative(lstm::lstm_persistent_forward_kernel<T, MAX_B>, dim3(plan.blocks), lstm::kThreads,
-                                 static_cast<size_t>(plan.shared_memory), stream, params);
-    });
+  lstm::dispatch_instance(dtype, batch, [&](auto zero, auto mb) {
+    error = launch_cooperative(lstm::lstm_persistent_forward_kernel<decltype(zero), decltype(mb)::value>, dim3(plan.blocks),
+                               lstm::kThreads, static_cast<size_t>(plan.shared_memory), stream, params);
   });
   return error;
 }

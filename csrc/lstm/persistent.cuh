@@ -133,6 +133,13 @@ inline bool dispatch_max_batch(int64_t batch, Fn&& fn) {
   return false;
 }
 
+// Calls fn(T{}, std::integral_constant<int, MAX_B>{}) for the kernel instance that serves this dtype
+// and batch: the persistent kernels' one switch over their template arguments.
+template <typename Fn>
+inline void dispatch_instance(DType dtype, int64_t batch, Fn&& fn) {
+  dispatch_dtype(dtype, [&](auto zero) { dispatch_max_batch(batch, [&](auto max_batch) { fn(zero, max_batch); }); });
+}
+
 }  // namespace lstm
 
 // Blocks of the kernel one SM keeps resident with this much dynamic shared memory (0: none), after
