@@ -174,43 +174,40 @@ def _partials_to_grad_bias(partial, n_channels, bias):
     return partial.view(-1, n_channels).sum(0).to(bias.dtype)
 
 
+def _bias_act_backward_by_partials(partials, grad_y, x, bias, activation, dim, negative_slope):
+    """grad_x, and grad_bias summed from the per-block partial sums `partials(...)` writes (either
+    kernel backend: they share the layout and differ only in the kernel)."""
+    x = memory.dense(x)
+    bias = None if bias is None else bias.contiguous()  # the kernels index bias[c] densely
+    grad_y = _same_layout(grad_y, x)
+    grad_x = memory.empty_like(x)
+    grad_bias = memory.empty((0 if bias is None else bias.numel(),), dtype=x.dtype, device=x.device)
+    if x.numel():
+        _, n_channels, n_rows, n_cols, channel_in_rows = channel_layout(x, dim, bias is not None)
+        partial = partials(grad_y, x, bias, grad_x, n_rows, n_cols, n_channels, channel_in_rows, activation,
+                           negative_slope)
+        if bias is not None:
+            grad_bias = _partials_to_grad_bias(partial, n_channels, bias)
+    elif bias is not None:
+        grad_bias.zero_()
+    return grad_x, grad_bias
+
+
 @BIAS_ACT_BACKWARD.register("triton", _triton_unsupported)
 def _bias_act_backward_triton(grad_y, x, bias, activation, dim, negative_slope):
     from bigkern.kernels import epilogue as kernels
 
-    x = memory.dense(x)
-    bias = None if bias is None else bias.contiguous()  # the kernels index bias[c] densely
-    grad_y = _same_layout(grad_y, x)
-    grad_x = memory.empty_like(x)
-    grad_bias = memory.empty((0 if bias is None else bias.numel(),), dtype=x.dtype, device=x.device)
-    if x.numel():
-        _, n_channels, n_rows, n_cols, channel_in_rows = channel_layout(x, dim, bias is not None)
-        partial = kernels.bias_act_backward_partials(
-            grad_y, x, bias, grad_x, n_rows, n_cols, n_channels, channel_in_rows, activation, negative_slope,
-            lambda shape: memory.empty(shape, dtype=torch.float32, device=x.device))
-        if bias is not None:
-            grad_bias = _partials_to_grad_bias(partial, n_channels, bias)
-    elif bias is not None:
-        grad_bias.zero_()
-    return grad_x, grad_bias
+    def partials(*args):
+        return kernels.bias_act_backward_partials(
+            *args, lambda shape: memory.empty(shape, dtype=torch.float32, device=x.device))
+
+    return _bias_act_backward_by_partials(partials, grad_y, x, bias, activation, dim, negative_slope)
 
 
 @BIAS_ACT_BACKWARD.register("cuda", _cuda_unsupported, auto=False)
 def _bias_act_backward_cuda(grad_y, x, bias, activation, dim, negative_slope):
-    x = memory.dense(x)
-    bias = None if bias is None else bias.contiguous()  # the kernels index bias[c] densely
-    grad_y = _same_layout(grad_y, x)
-    grad_x = memory.empty_like(x)
-    grad_bias = memory.empty((0 if bias is None else bias.numel(),), dtype=x.dtype, device=x.device)
-    if x.numel():
-        _, n_channels, n_rows, n_cols, channel_in_rows = channel_layout(x, dim, bias is not None)
-        partial = CUDA_KERNELS.bias_act_backward(
-            grad_y, x, bias, grad_x, n_rows, n_cols, n_channels, channel_in_rows, activation, negative_slope)
-        if bias is not None:
-            grad_bias = _partials_to_grad_bias(partial, n_channels, bias)
-    elif bias is not None:
-        grad_bias.zero_()
-    return grad_x, grad_bias
+    return _bias_act_backward_by_partials(CUDA_KERNELS.bias_act_backward, grad_y, x, bias, activation, dim,
+                                          negative_slope)
 
 
 @BIAS_ACT_BACKWARD.register("torch", _always)
