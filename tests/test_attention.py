@@ -683,6 +683,44 @@ def test_varlen_attn_bad_input_as_torch():
         F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0, 0))
 
 
+_BAD_CUMULATIVE_LENGTHS = {
+    # name: (cu_seq_q, cu_seq_k, max_q, max_k, the argument blamed, what the message says)
+    "decreasing": ([0, 5, 3, 8], [0, 3, 5, 8], 5, 5, "cu_seq_q", "decreases"),
+    "past the end": ([0, 3, 12], [0, 3, 8], 9, 5, "cu_seq_q", "ends at 12"),
+    "short of the end": ([0, 3, 8], [0, 3, 6], 5, 5, "cu_seq_k", "ends at 6"),
+    "not from 0": ([1, 3, 8], [0, 3, 8], 5, 5, "cu_seq_q", "starts at 1"),
+    "max_q too small": ([0, 3, 8], [0, 3, 8], 4, 5, "cu_seq_q", "max_q=4"),
+    "max_k too small": ([0, 3, 8], [0, 3, 8], 5, 2, "cu_seq_k", "max_k=2"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_CUMULATIVE_LENGTHS), ids=str)
+def test_varlen_rejects_what_is_not_cumulative_lengths(backend, case, monkeypatch):
+    """Lengths that would make the kernels read past the packed tensors or skip rows raise,
+    naming the argument; on a GPU the same predicate runs as a device-side assert (checked here
+    by sending CPU tensors down that path, where torch._assert_async raises at once)."""
+    if backend == "cuda":
+        pytest.skip("no CUDA varlen kernel")
+    if DEVICE != "cpu":
+        pytest.skip("on a GPU the check is a device-side assert, which would end this process's CUDA context")
+    cu_q, cu_k, max_q, max_k, blamed, says = _BAD_CUMULATIVE_LENGTHS[case]
+    q, k, v = (make_tensor((8, 2, 16), torch.float32, DEVICE, requires_grad=True) for _ in range(3))
+    cu_q, cu_k = (torch.tensor(cu, dtype=torch.int32, device=DEVICE) for cu in (cu_q, cu_k))
+    with pytest.raises(RuntimeError, match=f"argument '{blamed}' .*{says}"):
+        F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k)
+    with monkeypatch.context() as patched:
+        patched.setattr(attention, "_checked_on_host", lambda t: False)
+        with pytest.raises(RuntimeError, match=f"argument '{blamed}' must hold cumulative sequence lengths"):
+            F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k)
+    # the backward op checks its own arguments too (it is callable on its own)
+    good_q = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(RuntimeError, match="cu_seq_k"):
+        torch.ops.bigkern.varlen_attention_backward(q.detach(), None, q.detach(), k.detach(), v.detach(), q.detach(),
+                                                    torch.zeros(2, 8, device=DEVICE), good_q,
+                                                    torch.tensor([0, 3, 9], dtype=torch.int32, device=DEVICE), 5, 5,
+                                                    0.0, False, 0.25, None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registration, compile, dispatch
 

@@ -681,10 +681,44 @@ def _varlen_backward_torch(grad_out, grad_lse, q, k, v, out, lse, cu_seq_q, cu_s
     return grad_q, grad_k, grad_v
 
 
+def _checked_on_host(t: Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def check_cumulative_lengths(cu_seq: Tensor, total: int, longest: int, name: str, longest_name: str):
+    """cu_seq must start at 0, never decrease, end at `total` tokens, and hold no sequence longer than
+    `longest`: else the kernels would read past the packed tensors or leave rows unwritten. Checked
+    at once (RuntimeError naming the argument) on the CPU; on a GPU as torch checks indices there,
+    with an asynchronous device-side assert (no host sync, so it also runs in CUDA graphs)."""
+    if _checked_on_host(cu_seq):
+        bounds = cu_seq.tolist()
+        lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+        problem = None
+        if bounds[0] != 0:
+            problem = f"starts at {bounds[0]}, not 0"
+        elif any(length < 0 for length in lengths):
+            problem = f"decreases (sequence {next(i for i, n in enumerate(lengths) if n < 0)})"
+        elif bounds[-1] != total:
+            problem = f"ends at {bounds[-1]} where the packed tensor has {total} tokens"
+        elif lengths and max(lengths) > longest:
+            problem = f"has a sequence of {max(lengths)} tokens, longer than {longest_name}={longest}"
+        if problem is not None:
+            raise RuntimeError(f"{_VARLEN}: argument '{name}' must hold cumulative sequence lengths, but it {problem}")
+        return
+    lengths = cu_seq[1:] - cu_seq[:-1]
+    valid = (cu_seq[0] == 0) & (cu_seq[-1] == total)
+    if lengths.numel():
+        valid = valid & (lengths.min() >= 0) & (lengths.max() <= longest)
+    torch._assert_async(valid, f"{_VARLEN}: argument '{name}' must hold cumulative sequence lengths: start at 0, "
+                               f"never decrease, end at {total}, no step above {longest_name}={longest}")
+
+
 @torch.library.custom_op("bigkern::varlen_attention_forward", mutates_args=())
 def varlen_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int,
                       dropout_p: float, is_causal: bool, scale: float,
                       seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    check_cumulative_lengths(cu_seq_q, q.shape[0], max_q, "cu_seq_q", "max_q")
+    check_cumulative_lengths(cu_seq_k, k.shape[0], max_k, "cu_seq_k", "max_k")
     return VARLEN_FORWARD(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, seed)
 
 
@@ -698,6 +732,8 @@ def _(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, se
 def varlen_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        lse: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int, dropout_p: float,
                        is_causal: bool, scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    check_cumulative_lengths(cu_seq_q, q.shape[0], max_q, "cu_seq_q", "max_q")
+    check_cumulative_lengths(cu_seq_k, k.shape[0], max_k, "cu_seq_k", "max_k")
     return VARLEN_BACKWARD(grad_out, grad_lse, q, k, v, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p,
                            is_causal, scale, seed)
 
@@ -796,7 +832,9 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor
     cumulative lengths (cu[0] = 0, cu[N] = total tokens); max_q / max_k the longest sequences.
     Sequence b's queries attend to sequence b's keys only, exactly as a scaled_dot_product_attention
     call per sequence would (is_causal top-left aligned within each sequence). Returns out
-    (Tq, Hq, Ev), and lse (Hq, Tq) float32 too with return_lse=True (differentiable).
+    (Tq, Hq, Ev), and lse (Hq, Tq) float32 too with return_lse=True (differentiable). Lengths that
+    are not that (not from 0, decreasing, not ending at T, a sequence longer than max_q / max_k)
+    raise RuntimeError on the CPU and trip a device-side assert on a GPU (check_cumulative_lengths).
     """
     query, key, value = amp.cast_inputs(query, key, value)
     args = prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p=dropout_p,
@@ -885,7 +923,8 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     split the keys, so every sequence's result is the same whatever else is in the batch. Sliding
     windows, paged KV caches (seqused_k, block_table) and causal over unequal lengths are not in
     bigkern's kernels: a forced triton/cuda backend raises UnsupportedError, otherwise torch's own
-    varlen_attn serves the call.
+    varlen_attn serves the call. cu_seq_q / cu_seq_k are checked (see varlen_attention); a packed
+    buffer with tokens past cu_seq_q[-1], whose rows torch's kernels leave unwritten, is refused.
     """
     return _varlen_attn(_TORCH_VARLEN_ATTN, None, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux,
                         scale, window_size, enable_gqa, seqused_k, block_table, num_splits)
