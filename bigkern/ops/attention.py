@@ -713,12 +713,17 @@ def check_cumulative_lengths(cu_seq: Tensor, total: int, longest: int, name: str
                                f"never decrease, end at {total}, no step above {longest_name}={longest}")
 
 
+def _check_varlen_lengths(q, k, cu_seq_q, cu_seq_k, max_q, max_k):
+    check_cumulative_lengths(cu_seq_q, q.shape[0], max_q, "cu_seq_q", "max_q")
+    if not (cu_seq_k is cu_seq_q and k.shape[0] == q.shape[0] and max_k == max_q):  # self-attention: checked
+        check_cumulative_lengths(cu_seq_k, k.shape[0], max_k, "cu_seq_k", "max_k")
+
+
 @torch.library.custom_op("bigkern::varlen_attention_forward", mutates_args=())
 def varlen_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int,
                       dropout_p: float, is_causal: bool, scale: float,
                       seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    check_cumulative_lengths(cu_seq_q, q.shape[0], max_q, "cu_seq_q", "max_q")
-    check_cumulative_lengths(cu_seq_k, k.shape[0], max_k, "cu_seq_k", "max_k")
+    _check_varlen_lengths(q, k, cu_seq_q, cu_seq_k, max_q, max_k)
     return VARLEN_FORWARD(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, seed)
 
 
@@ -732,8 +737,7 @@ def _(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, se
 def varlen_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        lse: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int, dropout_p: float,
                        is_causal: bool, scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    check_cumulative_lengths(cu_seq_q, q.shape[0], max_q, "cu_seq_q", "max_q")
-    check_cumulative_lengths(cu_seq_k, k.shape[0], max_k, "cu_seq_k", "max_k")
+    _check_varlen_lengths(q, k, cu_seq_q, cu_seq_k, max_q, max_k)
     return VARLEN_BACKWARD(grad_out, grad_lse, q, k, v, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p,
                            is_causal, scale, seed)
 
