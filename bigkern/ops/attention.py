@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from bigkern import amp, dispatch, memory
+from bigkern.ops.checks import check_like, check_tensor
 
 # ---------------------------------------------------------------------------------------------
 # Dropout: counter-based random numbers, identical in every implementation.
@@ -439,12 +440,6 @@ sdpa_forward_op.register_autograd(_sdpa_backward, setup_context=_sdpa_setup_cont
 _NAME = "scaled_dot_product_attention()"
 
 
-def _check_tensor(t, name, position=None):
-    if not isinstance(t, Tensor):
-        where = f" (position {position})" if position else ""
-        raise TypeError(f"{_NAME}: argument '{name}'{where} must be Tensor, not {type(t).__name__}")
-
-
 def _broadcast(shapes_by_name, what):
     try:
         return tuple(torch.broadcast_shapes(*shapes_by_name.values()))
@@ -456,12 +451,7 @@ def _broadcast(shapes_by_name, what):
 def _check_like_query(op_name, query, key, value):
     """key and value share query's dtype and device; query is floating point (torch: RuntimeError)."""
     for t, name in ((key, "key"), (value, "value")):
-        if t.dtype != query.dtype:
-            raise RuntimeError(f"{op_name}: expected argument '{name}' to have the dtype of 'query' ({query.dtype}), "
-                               f"but got {t.dtype}")
-        if t.device != query.device:
-            raise RuntimeError(f"{op_name}: expected argument '{name}' on the device of 'query' ({query.device}), "
-                               f"but it is on {t.device}")
+        check_like(t, name, query, "query", op_name)
     if not query.is_floating_point():
         raise RuntimeError(f"{op_name}: expected argument 'query' to be a floating-point tensor, not {query.dtype}")
 
@@ -469,7 +459,7 @@ def _check_like_query(op_name, query, key, value):
 def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """Raise what torch raises for bad input (its exception types), naming the argument."""
     for position, (t, name) in enumerate(((query, "query"), (key, "key"), (value, "value")), 1):
-        _check_tensor(t, name, position)
+        check_tensor(t, name, _NAME, position=position)
     for t, name in ((query, "query"), (key, "key"), (value, "value")):
         if t.dim() < 2:
             raise RuntimeError(f"{_NAME}: expected argument '{name}' to be at least 2-dimensional, "
@@ -491,7 +481,7 @@ def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, e
                 raise RuntimeError(f"{_NAME}: the number of heads in '{name}' ({heads}) must divide the number of "
                                    f"heads in 'query' ({query.shape[-3]}) with enable_gqa=True")
     if attn_mask is not None:
-        _check_tensor(attn_mask, "attn_mask")
+        check_tensor(attn_mask, "attn_mask", _NAME)
         if attn_mask.dtype != torch.bool and attn_mask.dtype not in (torch.float32, query.dtype):
             raise RuntimeError(f"{_NAME}: expected argument 'attn_mask' to be bool, float32 or the dtype of 'query' "
                                f"({query.dtype}), but got {attn_mask.dtype}")
@@ -773,9 +763,7 @@ _VARLEN = "varlen_attention()"
 def check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, enable_gqa):
     for position, (t, name) in enumerate(((query, "query"), (key, "key"), (value, "value"),
                                           (cu_seq_q, "cu_seq_q"), (cu_seq_k, "cu_seq_k")), 1):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{_VARLEN}: argument '{name}' (position {position}) must be Tensor, "
-                            f"not {type(t).__name__}")
+        check_tensor(t, name, _VARLEN, position=position)
     for t, name in ((query, "query"), (key, "key"), (value, "value")):
         if t.dim() != 3:
             raise RuntimeError(f"{_VARLEN}: expected argument '{name}' to be 3-dimensional (total tokens, heads, "

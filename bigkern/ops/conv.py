@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from bigkern import dispatch, memory
+from bigkern.ops.checks import check_tensor
 from bigkern.ops import epilogue
 from bigkern.ops.epilogue import activation_code, torch_activation
 
@@ -456,13 +457,6 @@ def _int_tuple(value, name, allow_string=False):
     raise TypeError(f"conv2d(): argument '{name}' must be {expected}, not {type(value).__name__}")
 
 
-def _check_tensor(t, name, optional=False):
-    if t is None and optional:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"conv2d(): argument '{name}' must be Tensor, not {type(t).__name__}")
-
-
 def _resolve_padding(padding, kernel_hw, stride, dilation):
     """(top, left, bottom, right) from an int, a pair, 'same' or 'valid'."""
     if isinstance(padding, str):
@@ -497,10 +491,10 @@ def _check_weight_dims(input, weight):
 def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, residual=None):
     """Raise what torch raises for bad input, naming the argument. Returns (stride, padding as
     (top, left, bottom, right), dilation, groups) for batched input."""
-    _check_tensor(input, "input")
-    _check_tensor(weight, "weight")
-    _check_tensor(bias, "bias", optional=True)
-    _check_tensor(residual, "residual", optional=True)
+    check_tensor(input, "input", "conv2d()")
+    check_tensor(weight, "weight", "conv2d()")
+    check_tensor(bias, "bias", "conv2d()", optional=True)
+    check_tensor(residual, "residual", "conv2d()", optional=True)
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"conv2d(): argument 'groups' must be int, not {type(groups).__name__}")
     stride = _int_tuple(stride, "stride")
@@ -575,8 +569,8 @@ def _prepare(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
 
 
 def _explain_prepare(input, weight, *args, **kwargs):
-    _check_tensor(input, "input")
-    _check_tensor(weight, "weight")
+    check_tensor(input, "input", "conv2d()")
+    check_tensor(weight, "weight", "conv2d()")
     _check_weight_dims(input, weight)
     if input.dim() == 3:
         input = input.unsqueeze(0)
@@ -596,8 +590,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     Input may be batched (N, C, H, W) or unbatched (C, H, W), NCHW or channels_last; the output has
     the memory format torch's conv2d would give.
     """
-    _check_tensor(input, "input")
-    _check_tensor(weight, "weight")
+    check_tensor(input, "input", "conv2d()")
+    check_tensor(weight, "weight", "conv2d()")
     _check_weight_dims(input, weight)
     autocast_dtype = _autocast_dtype(input)
     if autocast_dtype is not None:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from bigkern import dispatch, memory
+from bigkern.ops.checks import check_like, check_tensor
 
 # name -> code shared with kernels/epilogue.py and csrc/common/activation.cuh
 ACTIVATIONS = {
@@ -268,8 +269,7 @@ bias_act_op.register_autograd(_backward, setup_context=_setup_context)
 
 def check_bias_act_args(x, bias, dim):
     """Raise what torch raises for bad input, naming the argument; returns dim made non-negative."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"bias_act(): argument 'input' must be Tensor, not {type(x).__name__}")
+    check_tensor(x, "input", "bias_act()")
     if not x.is_floating_point():
         raise RuntimeError(f"bias_act(): argument 'input' must be a floating-point tensor, not {x.dtype}")
     ndim = max(x.dim(), 1)
@@ -278,14 +278,8 @@ def check_bias_act_args(x, bias, dim):
                          f"[{-ndim}, {ndim - 1}], but got {dim})")
     dim %= ndim
     if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"bias_act(): argument 'bias' must be Tensor, not {type(bias).__name__}")
-        if bias.device != x.device:
-            raise RuntimeError(f"bias_act(): expected argument 'bias' on the same device as 'input' "
-                               f"({x.device}), but it is on {bias.device}")
-        if bias.dtype != x.dtype:
-            raise RuntimeError(f"bias_act(): expected argument 'bias' to have the dtype of 'input' "
-                               f"({x.dtype}), but got {bias.dtype}")
+        check_tensor(bias, "bias", "bias_act()")
+        check_like(bias, "bias", x, "input", "bias_act()")
         expected = x.shape[dim] if x.dim() else 1
         if bias.dim() != 1 or bias.numel() != expected:
             raise RuntimeError(f"bias_act(): argument 'bias' must have shape ({expected},) to match "

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from bigkern import dispatch, memory
+from bigkern.ops.checks import check_like, check_tensor
 
 # ---------------------------------------------------------------------------------------------
 # The schedule: which rows each processing step owns and where its recurrent state comes from.
@@ -403,25 +404,6 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _check_tensor(t, name, fn, optional=False):
-    if t is None and optional:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{fn}(): argument '{name}' must be Tensor, not {type(t).__name__}")
-
-
-def _check_like(t, name, ref, ref_name, fn):
-    """Same device and dtype as the reference tensor, else torch's RuntimeError naming both."""
-    if t is None:
-        return
-    if t.device != ref.device:
-        raise RuntimeError(f"{fn}(): expected argument '{name}' on the device of '{ref_name}' ({ref.device}), "
-                           f"but it is on {t.device}")
-    if t.dtype != ref.dtype:
-        raise RuntimeError(f"{fn}(): expected argument '{name}' to have the dtype of '{ref_name}' ({ref.dtype}), "
-                           f"but got {t.dtype}")
-
-
 def _check_shape(t, name, expected, fn):
     if t is not None and tuple(t.shape) != tuple(expected):
         raise RuntimeError(f"{fn}(): argument '{name}' must have shape {tuple(expected)}, but got {tuple(t.shape)}")
@@ -431,8 +413,8 @@ def _check_weights(input, w_ih, w_hh, b_ih, b_hh, w_hr, fn, suffix=""):
     """Shapes of one layer's parameters against each other and the input; returns (H, P)."""
     for name, t, optional in (("weight_ih", w_ih, False), ("weight_hh", w_hh, False), ("bias_ih", b_ih, True),
                               ("bias_hh", b_hh, True), ("weight_hr", w_hr, True)):
-        _check_tensor(t, name + suffix, fn, optional)
-        _check_like(t, name + suffix, input, "input", fn)
+        check_tensor(t, name + suffix, f"{fn}()", optional=optional)
+        check_like(t, name + suffix, input, "input", f"{fn}()")
     if w_ih.dim() != 2 or w_ih.shape[0] % 4:
         raise RuntimeError(f"{fn}(): argument 'weight_ih{suffix}' must be (4*hidden_size, input_size), "
                            f"but got {tuple(w_ih.shape)}")
@@ -456,7 +438,7 @@ def _size_read_error(fn, name, t, dim, expected):
 
 
 def _check_input(input, fn):
-    _check_tensor(input, "input", fn)
+    check_tensor(input, "input", f"{fn}()")
     if not input.is_floating_point():
         raise RuntimeError(f"{fn}(): argument 'input' must be a floating-point tensor, not {input.dtype}")
 
@@ -577,8 +559,8 @@ def _initial_state(hx, input, h_shape, c_shape, fn, names=("hx[0]", "hx[1]")):
         raise RuntimeError(f"{fn} expects two hidden states (argument 'hx' has {len(hx)})")
     h0, c0 = hx
     for t, name, shape in ((h0, names[0], h_shape), (c0, names[1], c_shape)):
-        _check_tensor(t, name, fn)
-        _check_like(t, name, input, "input", fn)
+        check_tensor(t, name, f"{fn}()")
+        check_like(t, name, input, "input", f"{fn}()")
         _check_shape(t, name, shape, fn)
     return h0, c0
 
@@ -600,7 +582,7 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
     gates_bias = None
     for name, b in (("bias_ih", b_ih), ("bias_hh", b_hh)):
         if isinstance(b, Tensor) and b.dim() != 1 and isinstance(w_ih, Tensor) and w_ih.dim() == 2:
-            _check_like(b, name, input, "input", fn)
+            check_like(b, name, input, "input", f"{fn}()")
             try:
                 b = b.expand(input.shape[0], w_ih.shape[0])
             except RuntimeError as error:

@@ -1,0 +1,25 @@
+"""Argument checks every family's entry point shares: torch's exception types, with messages that
+name the argument. `op` is the call as torch names it in its messages, e.g. "conv2d()"."""
+
+from torch import Tensor
+
+
+def check_tensor(t, name: str, op: str, *, optional: bool = False, position=None):
+    """torch's TypeError for an argument that is not a Tensor (None passes when optional)."""
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        where = f" (position {position})" if position else ""
+        raise TypeError(f"{op}: argument '{name}'{where} must be Tensor, not {type(t).__name__}")
+
+
+def check_like(t, name: str, ref: Tensor, ref_name: str, op: str):
+    """Same device and dtype as the reference tensor (None passes), else torch's RuntimeError naming both."""
+    if t is None:
+        return
+    if t.device != ref.device:
+        raise RuntimeError(f"{op}: expected argument '{name}' on the device of '{ref_name}' ({ref.device}), "
+                           f"but it is on {t.device}")
+    if t.dtype != ref.dtype:
+        raise RuntimeError(f"{op}: expected argument '{name}' to have the dtype of '{ref_name}' ({ref.dtype}), "
+                           f"but got {t.dtype}")
