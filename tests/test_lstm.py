@@ -544,6 +544,50 @@ def test_bad_input_to_packed_lstm():
         _raises_like_torch(lambda: theirs(*args), lambda: ours(*args), name)
 
 
+@pytest.mark.parametrize("batch_sizes,state", [
+    ([2, 3, 2], False),         # increasing: torch fails inside its loop
+    ([3, 0, 2, 2], False),      # an empty step
+    ([3, 3, 3], False),         # more rows than the data has (our kernels would read past it)
+    ("int32", True),            # not int64
+    ("2-d", True),
+    ("2-d", False),
+    ("float", False),           # torch.nn.LSTM sizes its zero state by it first: TypeError
+], ids=str)
+def test_bad_batch_sizes_of_a_hand_made_packed_sequence(backend, batch_sizes, state):
+    """PackedSequence(data, batch_sizes) built by hand, not by pack_padded_sequence: what torch
+    rejects, bigkern rejects with torch's exception type, naming batch_sizes, before any kernel runs."""
+    if backend_skip_reason(backend) or backend == "cuda":
+        pytest.skip(backend_skip_reason(backend) or "the persistent kernel takes dense batches")
+    theirs = torch.nn.LSTM(4, 5).to(DEVICE)
+    ours = rnn.LSTM(4, 5).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    data = make_tensor((7, 4), device=DEVICE)
+    if isinstance(batch_sizes, str):
+        sizes = {"int32": torch.tensor([3, 2, 2], dtype=torch.int32), "2-d": torch.tensor([[3, 2, 2]]),
+                 "float": torch.tensor([3.0, 2.0, 2.0])}[batch_sizes]
+    else:
+        sizes = torch.tensor(batch_sizes)
+    packed = PackedSequence(data, sizes)
+    hx = (make_tensor((1, 3, 5), device=DEVICE), make_tensor((1, 3, 5), device=DEVICE)) if state else None
+    with bigkern.use_backend(backend):
+        _raises_like_torch(lambda: theirs(packed, hx), lambda: ours(packed, hx), "batch_sizes")
+
+
+def test_packed_rows_past_the_batch_sizes_are_ignored_as_torch_ignores_them(backend):
+    if backend_skip_reason(backend) or backend == "cuda":
+        pytest.skip(backend_skip_reason(backend) or "the persistent kernel takes dense batches")
+    theirs = torch.nn.LSTM(4, 5).to(DEVICE)
+    ours = rnn.LSTM(4, 5).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    packed = PackedSequence(make_tensor((7, 4), device=DEVICE), torch.tensor([3, 2]))
+    expected, (h, c) = theirs(packed)
+    with bigkern.use_backend(backend):
+        out, (h_ours, c_ours) = ours(packed)
+    assert out.data.shape == expected.data.shape == (5, 5)
+    torch.testing.assert_close(out.data, expected.data)
+    torch.testing.assert_close((h_ours, c_ours), (h, c))
+
+
 def test_bad_input_to_lstm_cell():
     theirs = torch.nn.LSTMCell(4, 5)
     ours = rnn.LSTMCell(4, 5)

@@ -42,6 +42,13 @@ class LSTM(torch.nn.LSTM):
         weights = self._weights()
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            if hx is None and isinstance(batch_sizes, torch.Tensor) and (
+                    batch_sizes.is_floating_point() or batch_sizes.dim() != 1):
+                # torch.nn.LSTM sizes its zero state by batch_sizes[0] before anything checks it
+                raise TypeError("zeros(): argument 'size' failed to unpack the object at pos 2 with error \"type "
+                                "must be tuple of ints,but got Tensor\" (argument 'batch_sizes' of the "
+                                "PackedSequence must be a 1-d int64 tensor)")
+            ops.packed_batch_sizes(batch_sizes, data.shape[0] if data.dim() else 0, "lstm")
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
             self._check_packed(data, batch_sizes, hx, weights)

@@ -443,6 +443,27 @@ def _check_input(input, fn):
         raise RuntimeError(f"{fn}(): argument 'input' must be a floating-point tensor, not {input.dtype}")
 
 
+def packed_batch_sizes(batch_sizes, n_rows, fn):
+    """A PackedSequence's batch sizes as a list: a 1-d CPU int64 tensor of positive, non-increasing
+    sizes (all pack_padded_sequence makes; the kernels index rows by them) adding up to at most the
+    data's rows. torch raises RuntimeError for anything else, mostly from deep inside its loop;
+    here before any kernel runs. Rows past the sum are ignored, as torch ignores them."""
+    check_tensor(batch_sizes, "batch_sizes", f"{fn}()")
+    if batch_sizes.dtype != torch.int64:
+        raise RuntimeError(f"{fn}(): argument 'batch_sizes': expected scalar type Long but found {batch_sizes.dtype}")
+    if batch_sizes.dim() != 1 or batch_sizes.device.type != "cpu":
+        raise RuntimeError(f"{fn}(): argument 'batch_sizes' must be a 1-d CPU tensor, but got shape "
+                           f"{tuple(batch_sizes.shape)} on {batch_sizes.device}")
+    sizes = batch_sizes.tolist()
+    if any(size < 1 for size in sizes) or any(later > earlier for earlier, later in zip(sizes, sizes[1:])):
+        raise RuntimeError(f"{fn}(): argument 'batch_sizes' must be positive and non-increasing (as "
+                           f"pack_padded_sequence makes them), but got {sizes}")
+    if sum(sizes) > n_rows:
+        raise RuntimeError(f"{fn}(): argument 'batch_sizes' adds up to {sum(sizes)} rows, but the packed "
+                           f"data has {n_rows}")
+    return sizes
+
+
 def _run_layer(x2d, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, gates_bias=None):
     """One layer, one direction over rows x2d (N, I): the input projection as one GEMM (plus
     `gates_bias`, biases that are not one vector), then the recurrence op. Returns (out (N, P), h_n, c_n)."""
@@ -629,7 +650,8 @@ def lstm(input: Tensor, hx, params, has_biases: bool, num_layers: int, dropout: 
         data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional = (
             input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
         _check_input(data, fn)
-        sizes = [int(b) for b in batch_sizes]
+        sizes = packed_batch_sizes(batch_sizes, data.shape[0] if data.dim() else 0, fn)
+        data = data[:sum(sizes)]
         return _lstm_layers(data, sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional, fn)
     _check_input(input, fn)
     if isinstance(hx, (tuple, list)):
