@@ -1,5 +1,3 @@
-import sys
+from bigkern.cli import command
 
-from bigkern.cli import main
-
-sys.exit(main())
+command()

@@ -14,13 +14,25 @@ from pathlib import Path
 
 
 def _prepare_environment():
-    """Without a GPU, Triton kernels can only run in the interpreter; it must be chosen before
-    any kernel module is imported."""
+    """Without a GPU, Triton kernels can only run in the interpreter, which Triton decides when it
+    is imported (its own library functions are made for one mode or the other). Returns True when
+    the switch came too late for this process: torch had imported Triton already."""
     if "TRITON_INTERPRET" not in os.environ:
         import torch
 
         if not torch.cuda.is_available():
             os.environ["TRITON_INTERPRET"] = "1"
+            return "triton" in sys.modules
+    return False
+
+
+def command():
+    """The `bigkern` program (console script and `python -m bigkern`). `import bigkern` imports
+    torch's compiler stack, which imports Triton, so on a machine without a GPU the program starts
+    itself again with the interpreter chosen from the first line."""
+    if _prepare_environment():
+        os.execv(sys.executable, [sys.executable, "-m", "bigkern", *sys.argv[1:]])
+    sys.exit(main())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,4 +211,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -189,3 +189,20 @@ def test_gpu_check_keeps_its_deadline_and_always_packages_what_it_has(tmp_path):
     with tarfile.open(out / "results.tar.gz") as tar:
         names = tar.getnames()
     assert "README.md" in names and any(name.startswith("gpu-check-logs/") for name in names)
+
+
+def test_the_bigkern_program_runs_triton_on_a_machine_without_a_gpu():
+    """`make bench` on a CPU machine: the program must choose Triton's interpreter before Triton is
+    imported (torch imports it with bigkern), else every Triton kernel fails to launch ("Cannot call
+    @triton.jit'd outside of the scope of a kernel") and the verification table says fail."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "bigkern", "verify", "--op", "epilogue", "--backend", "triton",
+                             "--dtype", "float32"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("epilogue"))
+    assert row.split()[:3] == ["epilogue", "triton", "float32"] and "ok" in row, row
