@@ -54,7 +54,7 @@ def compare(name, model, make_batch, loss_fn, batch, args):
     losses_torch, step_torch = train(plain, make_batch, loss_fn, args.steps, args.device, dtype)
     losses_bigkern, step_bigkern = train(patched, make_batch, loss_fn, args.steps, args.device, dtype)
     print(f"{'step':>6} {'torch loss':>12} {'bigkern loss':>13}")
-    for step in list(range(0, args.steps, args.print_every)) + [args.steps - 1]:
+    for step in sorted(set(range(0, args.steps, args.print_every)) | {args.steps - 1}):
         print(f"{step:>6} {losses_torch[step]:>12.4f} {losses_bigkern[step]:>13.4f}")
     print(f"throughput: torch {batch / step_torch:,.0f} samples/s, bigkern {batch / step_bigkern:,.0f} samples/s "
           f"({step_torch / step_bigkern:.2f}x)")
