@@ -87,6 +87,22 @@ def triton_unavailable() -> Optional[str]:
     return _TRITON_IMPORT_ERROR or None
 
 
+def triton_mode_mismatch() -> Optional[str]:
+    """Triton makes its own library functions (tl.cdiv, tl.zeros, ...) for the interpreter or for
+    compiled kernels when it is imported; TRITON_INTERPRET switched afterwards leaves kernels that
+    cannot launch. Why, or None."""
+    import triton.language as tl
+
+    interpreted = type(tl.cdiv).__name__ == "InterpretedFunction"
+    if interpreted == triton_interpreter_enabled():
+        return None
+    if interpreted:
+        return ("Triton was imported with TRITON_INTERPRET=1 and it is unset now: compiled kernels need it "
+                "unset before torch (which imports Triton) is imported")
+    return ("TRITON_INTERPRET=1 was set after Triton was imported (torch imports it with bigkern): set it "
+            "before importing torch")
+
+
 def _capability_reason(tensors, backend, minimum=(8, 0)):
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type == "cuda":
@@ -108,12 +124,12 @@ def triton_unsupported(*tensors) -> Optional[str]:
     if devices == {"cpu"}:
         if not triton_interpreter_enabled():
             return "Triton kernels run on CPU tensors only in the interpreter (TRITON_INTERPRET=1)"
-        return None
+        return triton_mode_mismatch()
     if devices - {"cuda", "cpu"}:
         return f"Triton kernels run on CUDA tensors, not {', '.join(sorted(devices))}"
     if triton_interpreter_enabled():
         return "TRITON_INTERPRET=1 runs Triton on CPU tensors only"
-    return _capability_reason(tensors, "Triton")
+    return triton_mode_mismatch() or _capability_reason(tensors, "Triton")
 
 
 def cuda_unsupported(*tensors) -> Optional[str]:

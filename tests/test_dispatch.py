@@ -85,3 +85,32 @@ def test_auto_with_no_usable_implementation_raises_with_every_reason():
 def test_explain_rejects_what_is_not_bigkern():
     with pytest.raises(TypeError):
         bigkern.explain(torch.nn.functional.relu, torch.empty(1))
+
+
+def test_interpreter_switched_after_triton_was_imported_is_a_reason_not_a_crash():
+    """TRITON_INTERPRET set after `import torch` (which imports Triton) leaves Triton's library
+    functions compiled-mode: the kernels cannot launch. Triton then cannot serve, and says why:
+    auto takes torch, a forced triton raises UnsupportedError (before: InterpreterError inside)."""
+    import subprocess
+    import sys
+
+    script = """
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, bigkern
+if torch.cuda.is_available():
+    print("skip: a GPU"); raise SystemExit
+os.environ["TRITON_INTERPRET"] = "1"
+x, b = torch.randn(3, 5), torch.randn(5)
+y = bigkern.nn.functional.bias_act(x, b, "gelu")
+assert torch.allclose(y, torch.nn.functional.gelu(x + b))
+try:
+    with bigkern.use_backend("triton"):
+        bigkern.nn.functional.bias_act(x, b, "gelu")
+except bigkern.UnsupportedError as error:
+    assert "set after Triton was imported" in str(error), error
+    print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] in ("ok", "skip: a GPU"), \
+        result.stdout[-2000:] + result.stderr[-2000:]
