@@ -13,13 +13,18 @@ def check_tensor(t, name: str, op: str, *, optional: bool = False, position=None
         raise TypeError(f"{op}: argument '{name}'{where} must be Tensor, not {type(t).__name__}")
 
 
+def check_same_device(t, name: str, ref: Tensor, ref_name: str, op: str):
+    """Same device as the reference tensor (None passes), else torch's RuntimeError naming both."""
+    if t is not None and t.device != ref.device:
+        raise RuntimeError(f"{op}: expected argument '{name}' on the device of '{ref_name}' ({ref.device}), "
+                           f"but it is on {t.device}")
+
+
 def check_like(t, name: str, ref: Tensor, ref_name: str, op: str):
     """Same device and dtype as the reference tensor (None passes), else torch's RuntimeError naming both."""
     if t is None:
         return
-    if t.device != ref.device:
-        raise RuntimeError(f"{op}: expected argument '{name}' on the device of '{ref_name}' ({ref.device}), "
-                           f"but it is on {t.device}")
+    check_same_device(t, name, ref, ref_name, op)
     if t.dtype != ref.dtype:
         raise RuntimeError(f"{op}: expected argument '{name}' to have the dtype of '{ref_name}' ({ref.dtype}), "
                            f"but got {t.dtype}")

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from bigkern import dispatch, memory
-from bigkern.ops.checks import check_tensor
+from bigkern.ops.checks import check_same_device, check_tensor
 from bigkern.ops import epilogue
 from bigkern.ops.epilogue import activation_code, torch_activation
 
@@ -506,10 +506,8 @@ def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, re
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
         if t is None:
             continue
-        if t.device != input.device:
-            raise RuntimeError(f"conv2d(): expected argument '{name}' on the device of 'input' ({input.device}), "
-                               f"but it is on {t.device}")
-        if t.dtype != input.dtype:
+        check_same_device(t, name, input, "input", "conv2d()")
+        if t.dtype != input.dtype:  # torch's own wording, which its tests pin
             raise RuntimeError(f"conv2d(): Input type ({input.dtype}) and {name} type ({t.dtype}) should be the same "
                                f"(argument '{name}')")
     if any(s <= 0 for s in stride):
