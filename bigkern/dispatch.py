@@ -15,6 +15,7 @@ and a backend switch needs no recompilation.
 
 import contextlib
 import dataclasses
+import functools
 import os
 from typing import Callable, Optional
 
@@ -87,13 +88,19 @@ def triton_unavailable() -> Optional[str]:
     return _TRITON_IMPORT_ERROR or None
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_imported_for_the_interpreter() -> bool:
+    """The mode Triton's library was made for; fixed from its import on (every dispatch asks)."""
+    import triton.language as tl
+
+    return type(tl.cdiv).__name__ == "InterpretedFunction"
+
+
 def triton_mode_mismatch() -> Optional[str]:
     """Triton makes its own library functions (tl.cdiv, tl.zeros, ...) for the interpreter or for
     compiled kernels when it is imported; TRITON_INTERPRET switched afterwards leaves kernels that
     cannot launch. Why, or None."""
-    import triton.language as tl
-
-    interpreted = type(tl.cdiv).__name__ == "InterpretedFunction"
+    interpreted = _triton_imported_for_the_interpreter()
     if interpreted == triton_interpreter_enabled():
         return None
     if interpreted:

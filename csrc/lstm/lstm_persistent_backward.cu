@@ -124,8 +124,8 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_backward_kernel(B
 int lstm_persistent_backward_blocks_per_sm(DType dtype, int max_batch, int64_t shared_memory) {
   int blocks = 0;
   lstm::dispatch_instance(dtype, max_batch, [&](auto zero, auto mb) {
-    blocks = resident_blocks_per_sm(lstm::lstm_persistent_backward_kernel<decltype(zero), decltype(mb)::value>, lstm::kThreads,
-                                    static_cast<size_t>(shared_memory));
+    const auto kernel = lstm::lstm_persistent_backward_kernel<decltype(zero), decltype(mb)::value>;
+    blocks = resident_blocks_per_sm(kernel, lstm::kThreads, static_cast<size_t>(shared_memory));
   });
   return blocks;
 }
@@ -141,8 +141,9 @@ cudaError_t lstm_persistent_backward(DType dtype, const PersistentPlan& plan, co
                               steps, batch, hidden, plan.units_per_block, reverse};
   cudaError_t error = cudaErrorInvalidValue;
   lstm::dispatch_instance(dtype, batch, [&](auto zero, auto mb) {
-    error = launch_cooperative(lstm::lstm_persistent_backward_kernel<decltype(zero), decltype(mb)::value>, dim3(plan.blocks),
-                               lstm::kThreads, static_cast<size_t>(plan.shared_memory), stream, params);
+    const auto kernel = lstm::lstm_persistent_backward_kernel<decltype(zero), decltype(mb)::value>;
+    error = launch_cooperative(kernel, dim3(plan.blocks), lstm::kThreads, static_cast<size_t>(plan.shared_memory),
+                               stream, params);
   });
   return error;
 }
