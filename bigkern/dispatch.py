@@ -20,6 +20,7 @@ import os
 from typing import Callable, Optional
 
 import torch
+from torch.autograd import forward_ad
 
 from bigkern import _ext
 
@@ -148,6 +149,42 @@ def cuda_unsupported(*tensors) -> Optional[str]:
     if devices != {"cuda"}:
         return f"the CUDA kernels take CUDA tensors, not {', '.join(sorted(devices)) or 'none'}"
     return _capability_reason(tensors, "CUDA")
+
+
+# Differentiation that must go through torch's own ops. bigkern's ops carry reverse-mode formulas
+# registered on torch custom ops: forward-mode AD finds no formula there (the tangent would come out
+# zero), and torch.func's transforms cannot call such a formula at all (pytorch#168393). Calls made
+# under them are left to torch's own function (a forced triton/cuda backend raises).
+_FORWARD_AD = "forward-mode AD (torch.autograd.forward_ad): bigkern's kernels define reverse-mode gradients only"
+_FUNC_TRANSFORM = ("torch.func's grad/jvp transforms (grad, jacrev, jacfwd, hessian, ...) cannot use a custom op's "
+                   "autograd formula (pytorch#168393)")
+_GRAD, _JVP = torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp
+
+
+def autodiff_transform_reason(*tensors) -> Optional[str]:
+    """Why bigkern's ops cannot serve a call differentiated by torch.func.grad/jvp (and the
+    transforms built on them) or carrying forward-mode tangents, or None. vmap alone is served."""
+    if torch.compiler.is_compiling():  # the graph is differentiated as a whole, by torch
+        return None
+    stack = torch._C._functorch.get_interpreter_stack()
+    if stack and any(level.key() in (_GRAD, _JVP) for level in stack):
+        return _FUNC_TRANSFORM
+    if forward_ad._current_level >= 0 and any(  # (tensors may come in tuples and lists, as LSTM states)
+            isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
+            for t in torch.utils._pytree.tree_leaves(tensors)):
+        return _FORWARD_AD
+    return None
+
+
+def served_by_torch(name: str, reason: str, torch_fn: Callable, *args, **kwargs):
+    """Leave a call to `torch_fn` (torch's own function, or bigkern's composition of torch's ops)
+    for `reason`: counted by record() as the torch backend; UnsupportedError when triton or cuda
+    is forced."""
+    if requested_backend() in ("triton", "cuda"):
+        raise UnsupportedError(f"{name}: {reason}")
+    for calls in _RECORDERS:
+        calls[(name, "torch")] += 1
+    return torch_fn(*args, **kwargs)
 
 
 class CompiledKernels:
@@ -313,6 +350,9 @@ def explain(fn, *args, **kwargs) -> Explanation:
         fn = REGISTRY[fn]
     if isinstance(fn, Op):
         return fn.explain(*args, **kwargs)
+    reason = autodiff_transform_reason(*args, *kwargs.values())
+    if reason is not None:
+        return torch_path_explanation(getattr(fn, "__name__", type(fn).__name__), reason)
     if hasattr(fn, "bigkern_explain"):  # a module, or a function that may leave a call to torch itself
         return fn.bigkern_explain(*args, **kwargs)
     if hasattr(fn, "bigkern_op"):

@@ -2,6 +2,7 @@
 FSDP2, autocast, state_dict. CPU; Triton forced (in the interpreter) so bigkern's kernels do the work.
 """
 
+import contextlib
 import copy
 import os
 import sys
@@ -190,3 +191,106 @@ def test_cuda_graph_capture_and_replay(model_and_input):
             with torch.no_grad():
                 expected = patched(new_input)
             torch.testing.assert_close(static_output, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.func and forward-mode AD: bigkern's ops carry reverse-mode formulas on custom ops, which
+# forward mode cannot use and torch.func cannot call (pytorch#168393); such calls are left to torch's
+# own functions, so derivatives equal torch's instead of a silent zero tangent or a crash.
+
+def _transform_cases():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    f64 = dict(dtype=torch.float64)
+    q, k, v = (make_tensor((2, 3, 7, 8), **f64) for _ in range(3))
+    w, b, residual = make_tensor((5, 3, 3, 3), **f64), make_tensor((5,), **f64), make_tensor((2, 5, 7, 7), **f64)
+    lstm = torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2).double()
+    cell = torch.nn.LSTMCell(3, 5).double()
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True).double()
+    patched = {name: bigkern.patch(copy.deepcopy(module)) for name, module in
+               (("lstm", lstm), ("cell", cell), ("mha", mha))}
+    kv, vv = make_tensor((12, 2, 8), **f64), make_tensor((12, 2, 8), **f64)
+    cu, bounds = torch.tensor([0, 5, 12], dtype=torch.int32), [(0, 5), (5, 12)]
+
+    def per_sequence(a):
+        return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            a[s:e].transpose(0, 1), kv[s:e].transpose(0, 1), vv[s:e].transpose(0, 1), is_causal=True).transpose(0, 1)
+            for s, e in bounds])
+
+    F, BF = torch.nn.functional, bigkern.nn.functional
+    math_only = lambda: sdpa_kernel(SDPBackend.MATH)  # noqa: E731 (torch's CPU flash has no forward AD)
+    return {
+        "sdpa": (lambda a: BF.scaled_dot_product_attention(a, k, v, is_causal=True),
+                 lambda a: F.scaled_dot_product_attention(a, k, v, is_causal=True), q, math_only),
+        "conv2d": (lambda a: BF.conv2d(a, w, b, padding=1, activation="gelu", residual=residual),
+                   lambda a: F.gelu(F.conv2d(a, w, b, padding=1) + residual), make_tensor((2, 3, 7, 7), **f64),
+                   contextlib.nullcontext),
+        "bias_act": (lambda a: BF.bias_act(a, b, "silu", dim=1), lambda a: F.silu(a + b[:, None]),
+                     make_tensor((3, 5, 4), **f64), contextlib.nullcontext),
+        "lstm": (lambda a: patched["lstm"](a)[0], lambda a: lstm(a)[0], make_tensor((4, 2, 3), **f64),
+                 contextlib.nullcontext),
+        "lstm_cell": (lambda a: patched["cell"](a)[1], lambda a: cell(a)[1], make_tensor((2, 3), **f64),
+                      contextlib.nullcontext),
+        "varlen": (lambda a: BF.varlen_attention(a, kv, vv, cu, cu, 7, 7, is_causal=True), per_sequence,
+                   make_tensor((12, 2, 8), **f64), math_only),
+        "mha": (lambda a: patched["mha"](a, a, a, need_weights=False)[0],
+                lambda a: mha(a, a, a, need_weights=False)[0], make_tensor((2, 5, 8), **f64), math_only),
+    }
+
+
+@pytest.mark.parametrize("case", ["sdpa", "conv2d", "bias_act", "lstm", "lstm_cell", "varlen", "mha"])
+def test_func_transforms_and_forward_ad_give_torchs_derivatives(case):
+    from torch.autograd import forward_ad
+
+    ours, theirs, x, context = _transform_cases()[case]
+    tangent = make_tensor(tuple(x.shape), dtype=x.dtype)
+    with context():
+        expected_tangent = torch.func.jvp(theirs, (x,), (tangent,))[1]
+        assert expected_tangent.abs().max() > 1e-4  # a zero tangent (the bug) would pass unnoticed
+        torch.testing.assert_close(torch.func.jvp(ours, (x,), (tangent,))[1], expected_tangent)
+        with forward_ad.dual_level():
+            out = ours(forward_ad.make_dual(x, tangent))
+            torch.testing.assert_close(forward_ad.unpack_dual(out).tangent, expected_tangent)
+        cotangent = make_tensor(tuple(expected_tangent.shape), dtype=x.dtype)
+        torch.testing.assert_close(torch.func.grad(lambda a: (ours(a) * cotangent).sum())(x),
+                                   torch.func.grad(lambda a: (theirs(a) * cotangent).sum())(x))
+
+
+def test_func_grad_of_a_patched_models_parameters():
+    torch.manual_seed(0)
+    model = ExampleCNN(image=20).double()
+    patched = patch_copy(model)
+    x = make_tensor((2, 3, 20, 20), dtype=torch.float64)
+
+    def loss(module, params):
+        return torch.func.functional_call(module, params, (x,)).square().mean()
+
+    with bigkern.record() as calls:
+        got = torch.func.grad(lambda p: loss(patched, p))(dict(patched.named_parameters()))
+    expected = torch.func.grad(lambda p: loss(model, p))(dict(model.named_parameters()))
+    assert calls[("conv2d", "torch")] == 3, dict(calls)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+
+
+def test_forced_kernels_refuse_what_they_cannot_differentiate():
+    from torch.autograd import forward_ad
+
+    x, w = make_tensor((1, 2, 5, 5)), make_tensor((3, 2, 3, 3))
+    with bigkern.use_backend("triton"):
+        with pytest.raises(bigkern.UnsupportedError, match="pytorch#168393"):
+            torch.func.grad(lambda a: bigkern.nn.functional.conv2d(a, w).sum())(x)
+        with forward_ad.dual_level(), pytest.raises(bigkern.UnsupportedError, match="forward-mode AD"):
+            bigkern.nn.functional.conv2d(forward_ad.make_dual(x, torch.ones_like(x)), w)
+        # vmap alone is served by the kernels (torch runs the op once per sample)
+        with bigkern.record() as calls:
+            got = torch.func.vmap(lambda a: bigkern.nn.functional.conv2d(a, w))(x.unsqueeze(1))
+        assert calls[("conv2d", "triton")] == 1, dict(calls)
+    torch.testing.assert_close(got.squeeze(1), torch.nn.functional.conv2d(x, w), rtol=1e-4, atol=1e-5)
+
+    def explained(a):
+        explanation = bigkern.explain(bigkern.nn.functional.conv2d, a, w)
+        assert explanation.backend == "torch" and "pytorch#168393" in explanation.reasons["triton"], explanation
+        return a.sum()
+
+    torch.func.grad(explained)(x)

@@ -574,6 +574,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     Memory O(L + S) per head: the (L, S) matrix is never stored (except a float mask's gradient).
     Under torch.autocast, floating inputs (a float mask too) are cast as torch casts them.
     """
+    reason = dispatch.autodiff_transform_reason(query, key, value, attn_mask)
+    if reason is not None:
+        return dispatch.served_by_torch("scaled_dot_product_attention", reason,
+                                        torch.nn.functional.scaled_dot_product_attention, query, key, value, attn_mask,
+                                        dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     query, key, value, attn_mask = amp.cast_inputs(query, key, value, attn_mask)
     args, (batch_shape, L, Ev) = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     out, _ = sdpa_forward_op(*args)
@@ -628,14 +633,16 @@ def _sequences(cu_seq_q, cu_seq_k):
 
 @VARLEN_FORWARD.register("torch", _always)
 def _varlen_forward_torch(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, seed):
-    out = torch.zeros((q.shape[0], q.shape[1], v.shape[-1]), dtype=q.dtype, device=q.device)
-    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    """One torch_forward per sequence, concatenated (differentiable: varlen_attention's path under
+    forward-mode AD and torch.func too). The lengths are checked: the sequences tile q."""
+    outs = [q.new_empty((0, q.shape[1], v.shape[-1]))]
+    lses = [torch.empty((q.shape[1], 0), dtype=lse_dtype(q.dtype), device=q.device)]
     for b, (q0, q1, k0, k1) in enumerate(_sequences(cu_seq_q, cu_seq_k)):
         o, l_ = torch_forward(_as_4d(q[q0:q1]), _as_4d(k[k0:k1]), _as_4d(v[k0:k1]), None, dropout_p, is_causal,
                               scale, seed, first_stream=b * q.shape[1])
-        out[q0:q1] = o[0].transpose(0, 1)
-        lse[:, q0:q1] = l_[0]
-    return out, lse
+        outs.append(o[0].transpose(0, 1))
+        lses.append(l_[0])
+    return torch.cat(outs), torch.cat(lses, 1)
 
 
 @VARLEN_BACKWARD.register("triton", _varlen_backward_triton_unsupported)
@@ -831,7 +838,12 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor
     query, key, value = amp.cast_inputs(query, key, value)
     args = prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p=dropout_p,
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    out, lse = varlen_forward_op(*args)
+    reason = dispatch.autodiff_transform_reason(query, key, value)
+    if reason is None:
+        out, lse = varlen_forward_op(*args)
+    else:
+        _check_varlen_lengths(*args[:2], *args[3:7])
+        out, lse = dispatch.served_by_torch("varlen_attention", reason, _varlen_forward_torch, *args)
     return (out, lse) if return_lse else out
 
 

@@ -607,7 +607,11 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
             residual = residual.unsqueeze(0)
     args, _ = _prepare(input, weight, bias, stride, padding, dilation, groups, activation=activation,
                        residual=residual, negative_slope=negative_slope)
-    if input.shape[1] == 0:
+    reason = dispatch.autodiff_transform_reason(input, weight, bias, residual)
+    if reason is not None:
+        y = dispatch.served_by_torch("conv2d", reason, reference, input, weight, bias, *args[4:8], activation, residual,
+                                     negative_slope)
+    elif input.shape[1] == 0:
         # no input channels: torch returns (N, 0, P, Q); nothing to compute
         y = reference(input, weight, bias, *args[4:8], activation, residual, negative_slope)
     else:

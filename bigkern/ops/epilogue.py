@@ -303,7 +303,11 @@ def bias_act(x: Tensor, bias: Optional[Tensor] = None, activation: Optional[str]
     negative_slope) or None. The result has x's memory layout, as torch's `x + bias` would.
     """
     args, _ = _prepare(x, bias, activation, dim=dim, negative_slope=negative_slope)
-    y = bias_act_op(*args)
+    reason = dispatch.autodiff_transform_reason(x, bias)
+    if reason is not None:
+        y = dispatch.served_by_torch("bias_act", reason, reference, args[0], bias, activation, args[3], args[4])
+    else:
+        y = bias_act_op(*args)
     return y.view(()) if x.dim() == 0 else y
 
 

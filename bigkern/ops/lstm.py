@@ -160,6 +160,28 @@ def _lstm_layer_torch(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, 
     return out, hn, cn, gates, _saved(cells, save)
 
 
+def _layer_in_torch_ops(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse):
+    """The layer as a plain composition of torch's differentiable ops, with no op of bigkern's and
+    no in-place write: what forward-mode AD and torch.func differentiate instead of the kernels
+    (dispatch.autodiff_transform_reason). h and c are carried for the whole batch; a step updates
+    its first n sequences (the others have ended, or, walking backwards, not started yet)."""
+    acc = state_dtype(gx.dtype)
+    steps, _ = schedule(_batch_sizes(batch_sizes, gx.shape[0], h0.shape[0]), reverse)
+    bias = sum(b.to(acc) for b in (b_ih, b_hh) if b is not None)
+    h, c = h0, c0.to(acc)
+    out_rows = {}
+    for row, n, *_ in steps:
+        i, f, g, o = (_rows(gx, row, n).to(acc) + h[:n].to(acc).mm(w_hh.to(acc).t()) + bias).chunk(4, 1)
+        c_step = torch.sigmoid(f) * c[:n] + torch.sigmoid(i) * torch.tanh(g)
+        h_step = (torch.sigmoid(o) * torch.tanh(c_step)).to(gx.dtype)
+        if w_hr is not None:  # rounded to the input dtype before projecting, as the kernels do
+            h_step = h_step.to(acc).mm(w_hr.to(acc).t()).to(gx.dtype)
+        h, c = torch.cat([h_step, h[n:]]), torch.cat([c_step, c[n:]])
+        out_rows[row] = h_step
+    out = torch.cat([out_rows[row] for row in sorted(out_rows)]) if out_rows else gx.new_empty((0, h0.shape[1]))
+    return out, h, c.to(gx.dtype)
+
+
 def _lstm_layer_backward_torch(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0,
                                batch_sizes, reverse):
     B, H, P, N = h0.shape[0], c0.shape[1], h0.shape[1], out.shape[0]
@@ -470,6 +492,10 @@ def _run_layer(x2d, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, 
     gates_x = torch.nn.functional.linear(x2d, w_ih)
     if gates_bias is not None:
         gates_x = gates_x + gates_bias
+    reason = dispatch.autodiff_transform_reason(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0)
+    if reason is not None:
+        return dispatch.served_by_torch("lstm_layer", reason, _layer_in_torch_ops, gates_x, w_hh, b_ih, b_hh, w_hr,
+                                        h0, c0, batch_sizes, reverse)
     save = _needs_grad(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0)
     out, hn, cn, _, _ = lstm_layer_op(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save)
     return out, hn, cn
