@@ -8,12 +8,18 @@ inputs are cast to the autocast dtype); pointwise ops such as bias_act run in th
 import torch
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for devices autocast does not know (meta:
+    shape inference, where torch's ops run and asking would raise)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def autocast_dtype(*tensors):
     """The dtype autocast would run a lower-precision op in for these tensors, or None."""
     for t in tensors:
         if isinstance(t, torch.Tensor):
             device_type = t.device.type
-            if torch.is_autocast_enabled(device_type):
+            if autocast_enabled(device_type):
                 return torch.get_autocast_dtype(device_type)
             return None
     return None

@@ -187,6 +187,35 @@ def served_by_torch(name: str, reason: str, torch_fn: Callable, *args, **kwargs)
     return torch_fn(*args, **kwargs)
 
 
+def backward_is_differentiated() -> bool:
+    """True inside a backward pass run with create_graph=True (gradient penalties, Hessian-vector
+    products): its gradients must be differentiable in turn, which bigkern's backward ops are not."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def gradients_by_torch(name: str, forward: Callable, inputs: tuple, grad_outputs: tuple, needs_input_grad):
+    """The gradients of `forward(*inputs)` -- a composition of torch's ops recomputing what the
+    kernels computed -- for the inputs in `needs_input_grad`, by torch's autograd with
+    create_graph=True, so they can be differentiated again. For backward_is_differentiated()
+    passes; a forced triton/cuda backend raises UnsupportedError."""
+    if requested_backend() in ("triton", "cuda"):
+        raise UnsupportedError(f"{name}: a backward pass with create_graph=True (double backward) goes through "
+                               f"torch's ops: bigkern's backward kernels have no derivatives of their own")
+    for calls in _RECORDERS:
+        calls[(f"{name}_double_backward", "torch")] += 1
+    wanted = [i for i, need in enumerate(needs_input_grad) if need and isinstance(inputs[i], torch.Tensor)]
+    with torch.enable_grad():
+        outputs = forward(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs) if grad is not None]
+    grads = torch.autograd.grad([out for out, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                create_graph=True, allow_unused=True) if pairs and wanted else ()
+    result = [None] * len(inputs)
+    for i, grad in zip(wanted, grads):
+        result[i] = torch.zeros_like(inputs[i]) if grad is None else grad
+    return result
+
+
 class CompiledKernels:
     """The compiled launchers a family's "cuda" implementations call -- `kernels.<name>(...)` is
     torch.ops.bigkern.<name>_cuda, looked up at call time -- and whether they can take these

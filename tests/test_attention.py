@@ -7,6 +7,7 @@ import random
 import types
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as torch_F
@@ -847,6 +848,13 @@ def _bad_calls():
             q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.bool), is_causal=True)),
         (RuntimeError, "'dropout_p'", lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=1.5)),
         (RuntimeError, "'dropout_p'", lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=-0.1)),
+        (TypeError, "'dropout_p'", lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=None)),
+        (TypeError, "'is_causal'", lambda: F.scaled_dot_product_attention(q, k, v, is_causal="no")),
+        (TypeError, "'enable_gqa'", lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=1)),
+        (TypeError, "'scale'", lambda: F.scaled_dot_product_attention(q, k, v, scale="0.5")),
+        (TypeError, "positional", lambda: F.scaled_dot_product_attention(q, k, v, None, 0.0, False, 0.5)),
+        (RuntimeError, "'key'", lambda: F.scaled_dot_product_attention(t(2, 4, 3, 4), t(2, 0, 5, 4), t(2, 0, 5, 6),
+                                                                      enable_gqa=True)),
         (RuntimeError, "'key'", lambda: F.varlen_attention(t(9, 4, 8), t(9, 3, 8), t(9, 3, 8), _cu(), _cu(), 5, 5,
                                                            enable_gqa=True)),
         (RuntimeError, "'cu_seq_k'", lambda: F.varlen_attention(t(9, 2, 8), t(9, 2, 8), t(9, 2, 8), _cu(),
@@ -882,9 +890,29 @@ def test_torch_raises_the_same_types():
                                                                     is_causal=True)),
         (RuntimeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, dropout_p=1.5)),
         (IndexError, lambda: torch_F.scaled_dot_product_attention(t(3, 4), t(5, 4), t(5, 6), enable_gqa=True)),
+        (TypeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, dropout_p=None)),
+        (TypeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, is_causal="no")),
+        (TypeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, enable_gqa=1)),
+        (TypeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, scale="0.5")),
+        (TypeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, None, 0.0, False, 0.5)),
     ]:
         with pytest.raises(error):
             call()
+
+
+def test_numbers_and_meta_tensors_torch_accepts():
+    """A numpy or 0-d tensor scale / dropout_p, as torch's argument parser takes them, and meta
+    tensors (shape inference) give torch's results."""
+    q, k, v = make_tensor((1, 2, 5, 8)), make_tensor((1, 2, 7, 8)), make_tensor((1, 2, 7, 4))
+    expected = torch_F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    for scale, dropout_p in ((np.float32(0.3), 0.0), (torch.tensor(0.3), torch.tensor(0.0)), (0.3, np.float64(0))):
+        got = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    meta = [t.to("meta") for t in (q, k, v)]
+    assert F.scaled_dot_product_attention(*meta).shape == expected.shape
+    mha = bigkern.nn.MultiheadAttention(8, 2, batch_first=True).to("meta")
+    x = torch.empty((3, 5, 8), device="meta")
+    assert mha(x, x, x, need_weights=False)[0].shape == (3, 5, 8)
 
 
 # ---------------------------------------------------------------------------------------------

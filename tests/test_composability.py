@@ -294,3 +294,47 @@ def test_forced_kernels_refuse_what_they_cannot_differentiate():
         return a.sum()
 
     torch.func.grad(explained)(x)
+
+
+# Double backward (create_graph=True: gradient penalties, Hessian-vector products): the kernels'
+# backward ops have no derivatives, so such a backward recomputes through torch's ops
+# (dispatch.gradients_by_torch). LSTMs are left as cuDNN's are: no double backward.
+
+def _double_backward_cases():
+    def leaf(*shape):
+        return make_tensor(shape, dtype=torch.float64).requires_grad_()
+
+    F = bigkern.nn.functional
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    residual_without_grad = make_tensor((1, 3, 5, 5), dtype=torch.float64)
+    return {
+        "conv2d": (lambda x, w, b: F.conv2d(x, w, b, padding=1), (leaf(1, 2, 5, 5), leaf(3, 2, 3, 3), leaf(3))),
+        "conv2d_fused": (lambda x, w, b, r: F.conv2d(x, w, b, padding=1, activation="gelu", residual=r),
+                         (leaf(1, 2, 5, 5), leaf(3, 2, 3, 3), leaf(3), leaf(1, 3, 5, 5))),
+        "conv2d_fused_constant_residual": (
+            lambda x, w: F.conv2d(x, w, stride=2, activation="tanh", residual=residual_without_grad[..., :2, :2]),
+            (leaf(1, 2, 5, 5), leaf(3, 2, 3, 3))),
+        "bias_act": (lambda x, b: F.bias_act(x, b, "silu"), (leaf(3, 4), leaf(4))),
+        "sdpa": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                 (leaf(1, 2, 4, 3), leaf(1, 2, 5, 3), leaf(1, 2, 5, 3), leaf(4, 5))),
+        "sdpa_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                        (leaf(1, 2, 4, 3), leaf(1, 2, 4, 3), leaf(1, 2, 4, 3))),
+        "varlen": (lambda q, k, v: F.varlen_attention(q, k, v, cu, cu, 4, 4, is_causal=True, return_lse=True),
+                   (leaf(7, 2, 3), leaf(7, 2, 3), leaf(7, 2, 3))),
+    }
+
+
+@pytest.mark.parametrize("case", list(_double_backward_cases()))
+def test_double_backward_matches_finite_differences(case):
+    fn, inputs = _double_backward_cases()[case]
+    with bigkern.record() as calls:
+        assert torch.autograd.gradgradcheck(fn, inputs)
+    assert any(name.endswith("_double_backward") for name, _ in calls), dict(calls)
+
+
+def test_forced_kernels_refuse_double_backward():
+    x, w = make_tensor((1, 2, 5, 5)).requires_grad_(), make_tensor((3, 2, 3, 3))
+    with bigkern.use_backend("triton"):
+        y = bigkern.nn.functional.conv2d(x, w).square().sum()
+        with pytest.raises(bigkern.UnsupportedError, match="create_graph=True"):
+            torch.autograd.grad(y, x, create_graph=True)

@@ -38,6 +38,21 @@ def test_compare_fails_unwritten_nan_and_misplaced_nan():
     assert not result.ok and "NaN" in result.detail
 
 
+def test_compare_accepts_torchs_own_non_finite_values_only():
+    """Where torch's same-dtype result departs from the math (NaN where the reference is +inf), the
+    same NaN passes as torch's behavior; a NaN torch does not give still fails."""
+    ref = torch.randn(10, dtype=torch.float64)
+    ref[2] = float("inf")
+    torch_result = ref.float().clone()
+    torch_result[2] = float("nan")
+    assert testing.compare(torch_result, ref, torch_result).ok
+    assert testing.compare(ref.float(), ref, torch_result).ok
+    stray = torch_result.clone()
+    stray[5] = float("nan")
+    result = testing.compare(stray, ref, torch_result)
+    assert not result.ok and "non-finite" in result.detail
+
+
 def test_compare_fails_wrong_shape():
     ref = torch.randn(4, 5, dtype=torch.float64)
     assert not testing.compare(ref.float().t(), ref, ref.float()).ok

@@ -28,6 +28,7 @@ types, naming the argument), broadcasts the batch dimensions of query, key, valu
 """
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -423,6 +424,13 @@ def _sdpa_setup_context(ctx, inputs, output):
 def _sdpa_backward(ctx, grad_out, grad_lse):
     q, k, v, attn_mask, out, lse, seed = ctx.saved_tensors
     dropout_p, is_causal, scale = ctx.args
+    if dispatch.backward_is_differentiated():
+        def forward(q, k, v, attn_mask):  # the same math (and dropout pattern) in torch's ops
+            return torch_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed)
+
+        grads = dispatch.gradients_by_torch("sdpa", forward, (q, k, v, attn_mask), (grad_out, grad_lse),
+                                            ctx.needs_input_grad[:4])
+        return (*grads, None, None, None, None)
     mask_grad = bool(attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3])
     if grad_out is None:
         grad_out = torch.zeros_like(out)
@@ -476,7 +484,7 @@ def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, e
             raise IndexError(f"{_NAME}: enable_gqa=True needs a heads dimension (-3) in 'query', "
                              f"which is {query.dim()}-dimensional")
         for t, name in ((key, "key"), (value, "value")):
-            if t.dim() < 3 or query.shape[-3] % t.shape[-3]:
+            if t.dim() < 3 or t.shape[-3] == 0 or query.shape[-3] % t.shape[-3]:
                 heads = t.shape[-3] if t.dim() >= 3 else "no"
                 raise RuntimeError(f"{_NAME}: the number of heads in '{name}' ({heads}) must divide the number of "
                                    f"heads in 'query' ({query.shape[-3]}) with enable_gqa=True")
@@ -493,13 +501,25 @@ def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, e
                              f"but has {attn_mask.dim()}")
         if is_causal:
             raise RuntimeError(f"{_NAME}: explicit 'attn_mask' should not be set when is_causal=True")
+    for flag, name in ((is_causal, "is_causal"), (enable_gqa, "enable_gqa")):
+        if not isinstance(flag, bool):  # torch's argument parser: a bool, not anything truthy
+            raise TypeError(f"{_NAME}: argument '{name}' must be bool, not {type(flag).__name__}")
+    dropout_p = _real(dropout_p, "dropout_p")
+    if scale is not None:
+        _real(scale, "scale")
     if not 0.0 <= dropout_p <= 1.0:
         # torch's wording. torch itself is of two minds about dropout_p < 0: its math path ignores it,
         # its CPU flash path raises RuntimeError; never a silent answer here
         raise RuntimeError(f"{_NAME}: argument 'dropout_p': dropout probability has to be between 0 and 1, "
                            f"but got {dropout_p}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"{_NAME}: argument 'scale' must be float or None, not {type(scale).__name__}")
+
+
+def _real(value, name) -> float:
+    """A float argument as torch's argument parser takes it: a Python or numpy real, or a 0-d tensor."""
+    if isinstance(value, numbers.Real) or (isinstance(value, Tensor) and value.dim() == 0
+                                           and not value.is_complex()):
+        return float(value)
+    raise TypeError(f"{_NAME}: argument '{name}' must be float, not {type(value).__name__}")
 
 
 def _lcm(a, b):
@@ -563,7 +583,7 @@ def _prepare(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, 
 
 @dispatch.entry_point(SDPA_FORWARD, _prepare)
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
-                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, *, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention, fused: same signature, same results.
 
@@ -755,6 +775,13 @@ def _varlen_setup_context(ctx, inputs, output):
 def _varlen_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_seq_q, cu_seq_k, seed = ctx.saved_tensors
     max_q, max_k, dropout_p, is_causal, scale = ctx.args
+    if dispatch.backward_is_differentiated():
+        def forward(q, k, v):
+            return _varlen_forward_torch(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, seed)
+
+        grads = dispatch.gradients_by_torch("varlen_attention", forward, (q, k, v), (grad_out, grad_lse),
+                                            ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None, None, None, None)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grad_q, grad_k, grad_v = varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_seq_q, cu_seq_k, max_q,
@@ -1020,7 +1047,8 @@ def compare_with_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_
     from bigkern import testing
 
     rng_before = torch.get_rng_state()
-    out = scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    out = scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                       enable_gqa=enable_gqa)
     seed = _replay_seed(rng_before, dropout_p)
     grad_out = testing.make_tensor(out.shape, out.dtype, out.device)
     if out.requires_grad:

@@ -393,8 +393,9 @@ def _setup_context(ctx, inputs, output):
     z = output[1]
     saved_z = activation != 0 and z.numel() == output[0].numel()
     # without a saved z, backward recomputes it, and then needs the residual
-    ctx.save_for_backward(input, weight, bias, z if saved_z else None,
-                          residual if activation != 0 and not saved_z else None)
+    # (and a residual that requires grad, for a differentiated backward: gradients_by_torch)
+    keep_residual = residual is not None and (residual.requires_grad or (activation != 0 and not saved_z))
+    ctx.save_for_backward(input, weight, bias, z if saved_z else None, residual if keep_residual else None)
     ctx.saved_z = saved_z
     ctx.has_residual = residual is not None
     ctx.geometry = (stride, padding, dilation, groups)
@@ -405,6 +406,21 @@ def _backward(ctx, grad_y, _grad_z_output):
     input, weight, bias, z, residual = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
     activation, negative_slope = ctx.activation
+    if dispatch.backward_is_differentiated():
+        def forward(input, weight, bias, residual):
+            # act(conv + residual + bias) in torch's ops; a residual not kept is the saved z's share
+            z_graph = reference(input, weight, None, stride, padding, dilation, groups)
+            if residual is not None:
+                z_graph = z_graph + residual
+            elif ctx.has_residual and activation != 0:
+                z_graph = z_graph + (z - z_graph).detach()
+            if bias is not None:
+                z_graph = z_graph + _channel_view(bias)
+            return torch_activation(z_graph, activation, negative_slope)
+
+        grads = dispatch.gradients_by_torch("conv2d", forward, (input, weight, bias, residual), (grad_y,),
+                                            ctx.needs_input_grad[:4])
+        return tuple(grads) + (None,) * 7
     need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
     need_bias = need_bias and bias is not None
     bias = None if bias is None else bias.contiguous()

@@ -257,6 +257,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, bias = ctx.saved_tensors
+    if dispatch.backward_is_differentiated():
+        activation, dim, negative_slope = ctx.args
+        def forward(x, bias):
+            return reference(x, bias, ACTIVATION_NAMES[activation], dim, negative_slope)
+
+        return (*dispatch.gradients_by_torch("bias_act", forward, (x, bias), (grad_y,), ctx.needs_input_grad[:2]),
+                None, None, None)
     grad_x, grad_bias = bias_act_backward_op(grad_y, x, bias, *ctx.args)
     return grad_x, (grad_bias if bias is not None else None), None, None, None
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bigkern import dispatch, memory
+from bigkern import amp, dispatch, memory
 from bigkern.ops.checks import check_like, check_tensor
 
 # ---------------------------------------------------------------------------------------------
@@ -522,7 +522,7 @@ def _autocast_like_torch(cast_devices):
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(input, *args, **kwargs):
-            if not isinstance(input, Tensor) or not torch.is_autocast_enabled(input.device.type):
+            if not isinstance(input, Tensor) or not amp.autocast_enabled(input.device.type):
                 return fn(input, *args, **kwargs)
             device_type = input.device.type
             with torch.autocast(device_type, enabled=False):
