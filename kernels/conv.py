@@ -12,8 +12,9 @@ Forward, per group g, is the GEMM  y[m, k] = sum_{(r, s, c)} A[m, (r, s, c)] * B
     B = w[g*Kg + k, c, r, s]
 A is never materialised: each tile is gathered with computed indices, padding by masks. The
 reduction runs as one flat loop over (tap, channel block) so Triton pipelines it across taps.
-The epilogue, on the fp32 accumulator tile: z = acc + residual (saved for backward when asked),
-then y = act(z + bias[k]) with `apply_activation` from the shared epilogue. With one input channel
+The epilogue, on the fp32 accumulator tile: z = acc + residual + bias[k] (saved for backward when
+asked: the activation's own argument), then y = act(z) with `apply_activation` from the shared
+epilogue. With one input channel
 per group (depthwise) the reduction is only R*S long: a direct kernel does the same with FMAs. With
 too few output tiles to fill the GPU (batch 1) the reduction is split into fp32 partial sums that a
 second kernel adds up before the same epilogue.
@@ -240,19 +241,21 @@ def _forward_epilogue(acc, n, p, q, m_ok, channel, channel_ok, bias_ptr, residua
                       sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w, sz_n, sz_c, sz_h, sz_w, negative_slope,
                       ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                       SAVE_Z: tl.constexpr):
-    """On the fp32 tile of output pixels (n, p, q) x channels: z = acc + residual (stored when
-    backward will need it), y = act(z + bias), with the shared epilogue's apply_activation."""
+    """On the fp32 tile of output pixels (n, p, q) x channels: z = acc + residual + bias (stored
+    when backward will need it), y = act(z), with the shared epilogue's apply_activation. z is
+    stored with the bias in it: backward takes the activation's derivative at the rounded z, on
+    the same side of relu's kink as y."""
     mask = m_ok[:, None] & channel_ok[None, :]
     n64 = n.to(tl.int64)
     if HAS_RESIDUAL:
         res = tl.load(residual_ptr + (n64 * sr_n + p * sr_h + q * sr_w)[:, None] + channel[None, :] * sr_c,
                       mask=mask, other=0.0)
         acc += res.to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
     if SAVE_Z:
         tl.store(z_ptr + (n64 * sz_n + p * sz_h + q * sz_w)[:, None] + channel[None, :] * sz_c,
                  acc.to(z_ptr.dtype.element_ty), mask=mask)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
     y = apply_activation(acc, ACTIVATION, negative_slope)
     tl.store(y_ptr + (n64 * sy_n + p * sy_h + q * sy_w)[:, None] + channel[None, :] * sy_c,
              y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -479,8 +482,8 @@ def flat_taps(channels_per_group):
 
 def conv2d_forward(x, w, bias, residual, y, z, stride, padding, dilation, groups, activation, negative_slope,
                    dot_precision, splits=1, alloc=None):
-    """y = act(conv + residual + bias), z = conv + residual when z is given. One input channel per
-    group (depthwise) takes the direct kernel; everything else the implicit GEMM, its reduction
+    """y = act(conv + residual + bias), z = conv + residual + bias when z is given. One input
+    channel per group (depthwise) takes the direct kernel; everything else the implicit GEMM, its reduction
     split `splits` ways when > 1 (fp32 scratch from `alloc(shape)`)."""
     N, C, H, W = x.shape
     K, C_g, R, S = w.shape

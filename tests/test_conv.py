@@ -5,6 +5,7 @@ epilogue; the drop-in nn.Conv2d; torch.library checks; torch's errors for bad in
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,7 +207,7 @@ def test_each_gradient_alone(backend, which):
 
 
 def test_backward_recomputes_z_when_not_saved(backend):
-    """An autograd call the forward did not prepare for (save_z=False) recomputes conv + residual."""
+    """An autograd call the forward did not prepare for (save_z=False) recomputes conv + residual + bias."""
     x, w, b, r = make_case((2, 3, 5, 6), (4, 3, 3, 3), torch.float32, residual_shape=(2, 4, 3, 4))
     args = (x, w, b, r, [1, 1], [0, 0, 0, 0], [1, 1], 1, epilogue.activation_code("gelu"), 0.01)
     y = conv.conv2d_op(*args, False)[0]
@@ -218,6 +219,20 @@ def test_backward_recomputes_z_when_not_saved(backend):
     conv.conv2d_op(*args, True)[0].backward(grad)
     for a, b_ in zip(grads, (x.grad, w.grad, b.grad, r.grad)):
         torch.testing.assert_close(a, b_)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_fp16_gradient_is_taken_where_the_output_was(backend, activation):
+    """fp16, z = conv + bias just above relu's kink while conv alone rounds to -bias: the output is
+    positive, and so must be the derivative backward takes (it once rebuilt z from the rounded
+    conv plus the bias, landing on 0: gradient 0 under a positive output)."""
+    x = torch.ones((1, 2, 1, 1), dtype=torch.float16, device=DEVICE)
+    w = torch.tensor([0.5, 2.0 ** -13], dtype=torch.float16, device=DEVICE).view(1, 2, 1, 1).requires_grad_()
+    b = torch.tensor([-0.5], dtype=torch.float16, device=DEVICE).requires_grad_()
+    y = F.conv2d(x, w, b, activation=activation)
+    assert y.item() == 2.0 ** -13  # torch's own fp16 conv2d(x, w, b) too
+    y.backward(torch.ones_like(y))
+    assert b.grad.item() == 1.0 and w.grad.flatten().tolist() == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "gelu", None])
@@ -410,7 +425,27 @@ def _bad_calls():
         ("weight", (x, 3), {}),
         ("stride", (x, w), dict(stride=1.5)),
         ("groups", (x, w), dict(groups=1.0)),
+        ("padding", (x, w), dict(padding=torch.tensor([1, 1]))),  # a tensor is an int only when 0-d
+        ("input", (make_tensor((2, 4, 0, 7)), w), dict(padding=2)),  # empty spatial dims, though padded
     ]
+
+
+def test_integers_torch_accepts():
+    """stride/padding/dilation/groups as numpy integers or 0-d integer tensors, as torch's argument
+    parser takes them (configs read through numpy), for the function and the module."""
+    x, w, b = make_tensor((2, 4, 5, 7)), make_tensor((6, 2, 3, 3)), make_tensor((6,))
+    expected = torch.nn.functional.conv2d(x, w, b, 2, 1, 1, 2)
+    for stride, padding, dilation, groups in ((np.int64(2), np.int32(1), np.int64(1), np.int64(2)),
+                                              ((torch.tensor(2), 2), torch.tensor(1), [np.int8(1)], torch.tensor(2))):
+        got = F.conv2d(x, w, b, stride, padding, dilation, groups)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    module = bigkern.nn.Conv2d(4, 6, np.int64(3), stride=np.int64(2), padding=np.int64(1), groups=np.int64(2))
+    with torch.no_grad():
+        module.weight.copy_(w)
+        module.bias.copy_(b)
+    torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-5)
+    meta = bigkern.nn.Conv2d(4, 6, 3).to("meta")
+    assert meta(torch.empty((2, 4, 5, 7), device="meta")).shape == (2, 6, 3, 5)
 
 
 def test_bad_input_raises_torchs_exception_naming_the_argument():

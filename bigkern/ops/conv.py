@@ -15,16 +15,19 @@ more at the end, as torch does, and the kernels need only the top/left offsets (
 mask). `residual` arrives already broadcast to the output's shape (stride 0 where it was 1), so
 autograd's expand reduces its gradient.
 
-Backward through the activation needs z = conv + bias + residual. The forward kernel writes
-z - bias (conv + residual) as a second output when a gradient will be needed and the activation is
-not the identity: one extra store of the output's size from registers, where recomputing would cost
-a whole second convolution. `bigkern::bias_act_backward` (the shared epilogue) then turns grad_y
-and that saved tensor into grad_z = grad_y * act'(z) and grad_bias in one pass; grad_residual is
+Backward through the activation needs z = conv + bias + residual. The forward kernel writes z as a
+second output when a gradient will be needed and the activation is not the identity: one extra
+store of the output's size from registers, where recomputing would cost a whole second
+convolution. z is stored as the activation saw it, bias included: rounded to fp16/bf16 it stays on
+the side of relu's kink the output came from (z without the bias, rounded, plus the bias could
+cross it). `bigkern::bias_act_backward` (the shared epilogue, given a zero bias) then turns grad_y
+and z into grad_z = grad_y * act'(z) and grad_bias in one pass; grad_residual is
 grad_z. With no activation grad_z is grad_y itself, and grad_bias rides along in the weight-gradient
 kernel. (If z was not saved -- a backward the forward did not expect -- it is recomputed.)
 """
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -112,13 +115,13 @@ def _channels_innermost(t: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # The pure-PyTorch reference.
 
-def torch_conv(x, w, stride, padding, dilation, groups):
-    """torch's conv2d (no bias) with (top, left, bottom, right) padding."""
+def torch_conv(x, w, stride, padding, dilation, groups, bias=None):
+    """torch's conv2d with (top, left, bottom, right) padding."""
     top, left, bottom, right = padding
     if (top, left) != (bottom, right):
         x = torch.nn.functional.pad(x, (left, right, top, bottom))
         top = left = 0
-    return torch.nn.functional.conv2d(x, w, None, stride, (top, left), dilation, groups)
+    return torch.nn.functional.conv2d(x, w, bias, stride, (top, left), dilation, groups)
 
 
 def _channel_view(bias):
@@ -212,9 +215,9 @@ def _conv2d_cuda(input, weight, bias, residual, stride, padding, dilation, group
 def _conv2d_torch(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope,
                   save_z):
     channels_last = output_channels_last(input, weight)
-    conv = torch_conv(input, weight, stride, padding, dilation, groups)
+    conv = torch_conv(input, weight, stride, padding, dilation, groups, bias)  # the bias added as torch adds it
     z = conv if residual is None else conv + residual
-    y = torch_activation(z if bias is None else z + _channel_view(bias), activation, negative_slope)
+    y = torch_activation(z, activation, negative_slope)
     y_out = _empty(y.shape, channels_last, input).copy_(y)
     return y_out, (_empty(z.shape, channels_last, input).copy_(z) if save_z else _nothing(input))
 
@@ -342,7 +345,7 @@ def _weight_grad_torch(grad, input, weight, stride, padding, dilation, groups, b
     grad_w, grad_b, _ = _weight_grad_outputs(grad, input, weight, bias_grad)
     grad_w.copy_(grad_w_t)
     if bias_grad:
-        grad_b.copy_(grad.sum((0, 2, 3), dtype=torch.float32))
+        grad_b.copy_(grad.sum((0, 2, 3), dtype=torch.promote_types(grad.dtype, torch.float32)))  # fp64 stays fp64
     return grad_w, grad_b
 
 
@@ -408,14 +411,12 @@ def _backward(ctx, grad_y, _grad_z_output):
     activation, negative_slope = ctx.activation
     if dispatch.backward_is_differentiated():
         def forward(input, weight, bias, residual):
-            # act(conv + residual + bias) in torch's ops; a residual not kept is the saved z's share
-            z_graph = reference(input, weight, None, stride, padding, dilation, groups)
+            # act(conv + bias + residual) in torch's ops; a residual not kept is the saved z's share
+            z_graph = reference(input, weight, bias, stride, padding, dilation, groups)
             if residual is not None:
                 z_graph = z_graph + residual
             elif ctx.has_residual and activation != 0:
                 z_graph = z_graph + (z - z_graph).detach()
-            if bias is not None:
-                z_graph = z_graph + _channel_view(bias)
             return torch_activation(z_graph, activation, negative_slope)
 
         grads = dispatch.gradients_by_torch("conv2d", forward, (input, weight, bias, residual), (grad_y,),
@@ -427,8 +428,11 @@ def _backward(ctx, grad_y, _grad_z_output):
     grad_bias = None
     if activation != 0:
         if not ctx.saved_z:
-            z = conv2d_op(input, weight, None, residual, stride, padding, dilation, groups, 0, 0.0, False)[0]
-        grad_z, grad_bias = epilogue.bias_act_backward_op(grad_y, z, bias, activation, 1, negative_slope)
+            z = conv2d_op(input, weight, bias, residual, stride, padding, dilation, groups, 0, 0.0, False)[0]
+        # z holds the bias already (the activation's argument itself, so its rounding cannot put it
+        # on the other side of relu's kink from the output): a zero bias only asks for its gradient
+        zero_bias = None if bias is None else torch.zeros_like(bias)
+        grad_z, grad_bias = epilogue.bias_act_backward_op(grad_y, z, zero_bias, activation, 1, negative_slope)
     else:
         grad_z = grad_y
         if need_bias and not need_weight:
@@ -452,23 +456,38 @@ conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # The Python entry point: validates like torch, then calls the registered op.
 
+def _as_int(value) -> Optional[int]:
+    """An int as torch's argument parser takes one -- an int (not a bool), a numpy integer, a 0-d
+    integer tensor -- or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Tensor):
+        integral = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        return int(value) if value.dim() == 0 and integral else None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _int_tuple(value, name, allow_string=False):
     """stride/padding/dilation as a pair of ints, as torch's argument parser accepts them."""
     if isinstance(value, bool):
         raise TypeError(f"conv2d(): argument '{name}' must be tuple of ints, not bool")
-    if isinstance(value, int):
-        return (value, value)
+    if _as_int(value) is not None:
+        return (_as_int(value),) * 2
     if isinstance(value, (tuple, list, torch.Size)):
-        for v in value:
-            if isinstance(v, bool) or not isinstance(v, int):
+        ints = [_as_int(v) for v in value]
+        for v, as_int in zip(value, ints):
+            if as_int is None:
                 raise TypeError(f"conv2d(): argument '{name}' must be tuple of ints, but found element of type "
                                 f"{type(v).__name__}")
-        if len(value) == 1:
-            return (value[0], value[0])
-        if len(value) != 2:
+        if len(ints) == 1:
+            return (ints[0], ints[0])
+        if len(ints) != 2:
             raise RuntimeError(f"conv2d(): argument '{name}': expected {name} to be a single integer value or a list "
-                               f"of 2 values to match the convolution dimensions, but got {name}={list(value)}")
-        return tuple(value)
+                               f"of 2 values to match the convolution dimensions, but got {name}={ints}")
+        return tuple(ints)
     expected = "tuple of ints or str" if allow_string else "tuple of ints"
     raise TypeError(f"conv2d(): argument '{name}' must be {expected}, not {type(value).__name__}")
 
@@ -511,8 +530,9 @@ def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, re
     check_tensor(weight, "weight", "conv2d()")
     check_tensor(bias, "bias", "conv2d()", optional=True)
     check_tensor(residual, "residual", "conv2d()", optional=True)
-    if isinstance(groups, bool) or not isinstance(groups, int):
+    if _as_int(groups) is None:
         raise TypeError(f"conv2d(): argument 'groups' must be int, not {type(groups).__name__}")
+    groups = _as_int(groups)
     stride = _int_tuple(stride, "stride")
     dilation = _int_tuple(dilation, "dilation")
     if input.dim() != 4:
@@ -539,6 +559,9 @@ def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, re
     padding = _resolve_padding(padding, tuple(weight.shape[2:]), stride, dilation)
     if any(p < 0 for p in padding):
         raise RuntimeError(f"conv2d(): argument 'padding': negative padding is not supported, got {padding[:2]}")
+    if input.numel() == 0 and input.shape[0] and input.shape[1] and any(padding):  # torch's wording
+        raise RuntimeError(f"conv2d(): argument 'input': Only zero batch or zero channel inputs are supported, but "
+                           f"got input shape: {list(input.shape)}")
     K = weight.shape[0]
     if K < groups:
         raise RuntimeError(f"conv2d(): argument 'weight': Given groups={groups}, expected weight to be at least "

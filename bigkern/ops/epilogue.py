@@ -221,7 +221,8 @@ def _bias_act_backward_torch(grad_y, x, bias, activation, dim, negative_slope):
     if bias is None:
         return grad_x, x.new_empty((0,))
     other_dims = [d for d in range(x.dim()) if d != dim % x.dim()]
-    grad_bias = grad_z.sum(other_dims, dtype=torch.float32).to(bias.dtype) if other_dims else grad_z.clone()
+    accumulate = torch.promote_types(grad_z.dtype, torch.float32)  # fp32 for the half types; fp64 stays fp64
+    grad_bias = grad_z.sum(other_dims, dtype=accumulate).to(bias.dtype) if other_dims else grad_z.clone()
     return grad_x, grad_bias
 
 

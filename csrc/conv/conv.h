@@ -23,7 +23,7 @@ struct Strides4 {
   int64_t n, c, h, w;  // for a weight: (k, c, r, s)
 };
 
-// y = act(conv(x, w) + residual + bias); z = conv(x, w) + residual when z is not null (what the
+// y = act(conv(x, w) + residual + bias); z = conv(x, w) + residual + bias when z is not null (what the
 // backward pass needs). bias, residual and z may be null. `tf32`: fp32 inputs on TF32 tensor
 // cores (torch's cudnn.allow_tf32), else fp32 FMA.
 cudaError_t conv2d_forward(DType dtype, bool tf32, const ConvGeometry& g, const void* x, Strides4 sx, const void* w,

@@ -1,5 +1,5 @@
 // Convolution forward as implicit GEMM, with the epilogue fused:
-//   y = act(conv(x, w) + residual + bias),  z = conv(x, w) + residual (saved for backward if asked)
+//   y = act(z),  z = conv(x, w) + residual + bias (saved for backward if asked: act's own argument)
 // GEMM view per group g: rows m = (n, p, q) output pixels, columns k = output channels of the group,
 // reduction over (tap, c) = (r, s, input channel), channel fastest (the order NHWC input and
 // (K, R, S, C) weights are stored in). A[m, (tap, c)] = x[n, g*Cg + c, p*stride - pad + r*dil, ...]
@@ -74,8 +74,8 @@ struct ForwardProblem {
     const int q = m % g.Q;
     const int64_t channel = int64_t(group) * n_cols + col;
     if (residual != nullptr) value += to_float(residual[n * sr.n + channel * sr.c + p * sr.h + q * sr.w]);
-    if (z != nullptr) z[n * sz.n + channel * sz.c + p * sz.h + q * sz.w] = from_float<T>(value);
     if (bias != nullptr) value += to_float(bias[channel]);
+    if (z != nullptr) z[n * sz.n + channel * sz.c + p * sz.h + q * sz.w] = from_float<T>(value);
     y[n * sy.n + channel * sy.c + p * sy.h + q * sy.w] = from_float<T>(activate_code(activation, value, negative_slope));
   }
 
