@@ -6,13 +6,16 @@ Patterns (each part after the conv optional, each intermediate used by nothing e
     y = conv(x)                       Conv2d (torch's or bigkern's, any padding mode)
     y = batch_norm(y)                 BatchNorm2d in eval mode with running statistics: folded into
                                       the conv's weight and bias (in training mode it stays separate,
-                                      and ends the chain)
+                                      and ends the chain; so does an eval-mode one whose affine
+                                      parameters still train, in a model in training mode)
     y = act(y)                        relu, gelu, silu, sigmoid, tanh, leaky_relu: as modules,
         or  y = act(y + identity)     functionals or tensor methods; the residual add as +, +=,
-                                      torch.add or Tensor.add (a ResNet block's `out += identity`)
+                                      torch.add or Tensor.add (a ResNet block's `out += identity`;
+                                      never an in-place add into the identity, which others see)
 
-The model is traced with torch.fx; where it cannot be traced (data-dependent control flow), each
-child module is fused on its own. nn.Sequential containers are matched module by module.
+The model is traced with torch.fx (bigkern's own modules, from bigkern.patch, as leaves like
+torch's); where it cannot be traced (data-dependent control flow), each child module is fused on
+its own. nn.Sequential containers are matched module by module.
 Each chain becomes one `bigkern.nn.FusedConv2d` under the conv's own name; folded batch norms
 disappear from the module tree (and the state_dict).
 """
@@ -51,31 +54,55 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if not inplace:
         model = copy.deepcopy(model)
-    return _fuse(model)
+    return _fuse(model, model.training)
 
 
-def _fuse(model):
+class _Proxy(fx.Proxy):
+    """fx's Proxy has no in-place operators: `a += b` falls back to `a = a + b`, and the traced graph
+    loses the write into a (which other names may hold). Here they are recorded as what they are."""
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift",
+              "rshift"):
+    def _in_place(self, other, _op=getattr(operator, f"i{_name}")):
+        return self.tracer.create_proxy("call_function", _op, (self, other), {})
+
+    setattr(_Proxy, f"__i{_name}__", _in_place)
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, with bigkern's modules (what bigkern.patch swapped in) as leaves like torch's,
+    and in-place operators kept in place."""
+
+    def is_leaf_module(self, m, module_qualified_name):
+        return type(m).__module__.startswith("bigkern.nn.") or super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node):
+        return _Proxy(node, self)
+
+
+def _fuse(model, model_training):
     if isinstance(model, _CONVS) or not any(True for _ in model.children()):
         return model
     if type(model) is nn.Sequential:  # a chain: module patterns find everything, and keep it a Sequential
-        return _fuse_children(model)
+        return _fuse_children(model, model_training)
     try:
-        traced = fx.symbolic_trace(model)
+        traced = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception:  # fx cannot trace it: fuse inside each child instead
-        return _fuse_children(model)
-    if not _fuse_graph(traced):
+        return _fuse_children(model, model_training)
+    if not _fuse_graph(traced, model_training):
         return model  # the trace saw every module: nothing to fuse anywhere
     traced.training = model.training
     return traced
 
 
-def _fuse_children(module):
+def _fuse_children(module, model_training):
     for name, child in list(module.named_children()):
-        fused = _fuse(child)
+        fused = _fuse(child, model_training)
         if fused is not child:
             setattr(module, name, fused)
     if isinstance(module, nn.Sequential):
-        _fuse_sequential(module)
+        _fuse_sequential(module, model_training)
     return module
 
 
@@ -118,8 +145,9 @@ def _residual(node, source):
     if not ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
             or (node.op == "call_method" and node.target in _ADD_METHODS)):
         return None
-    if node.op == "call_method" and node.target == "add_" and node.args[0] is not source:
-        return None  # identity.add_(conv) writes into identity: not ours to fuse
+    in_place = (node.op == "call_method" and node.target == "add_") or node.target is operator.iadd
+    if in_place and node.args[0] is not source:
+        return None  # identity.add_(conv) / identity += conv writes into identity: not ours to fuse
     a, b = node.args
     other = b if a is source else a if b is source else None
     if not isinstance(other, fx.Node) or other is source:
@@ -127,12 +155,15 @@ def _residual(node, source):
     return other
 
 
-def _foldable_batch_norm(module):
+def _foldable_batch_norm(module, model_training):
+    """An eval-mode BatchNorm2d with running statistics -- unless the model trains and the batch
+    norm's affine parameters train with it (a frozen-statistics batch norm in fine-tuning)."""
+    trains_affine = model_training and any(p.requires_grad for p in module.parameters())
     return (type(module) is nn.BatchNorm2d and not module.training and module.track_running_stats
-            and module.running_mean is not None)
+            and module.running_mean is not None and not trains_affine)
 
 
-def _fuse_graph(gm: fx.GraphModule) -> bool:
+def _fuse_graph(gm: fx.GraphModule, model_training: bool) -> bool:
     """Rewrite the patterns in gm's graph; True if any was found."""
     modules = dict(gm.named_modules())
     calls = {}
@@ -148,7 +179,8 @@ def _fuse_graph(gm: fx.GraphModule) -> bool:
         chain, tail = [node], node
         batch_norm = None
         user = _only_user(tail)
-        if (user is not None and user.op == "call_module" and _foldable_batch_norm(modules[user.target])
+        if (user is not None and user.op == "call_module"
+                and _foldable_batch_norm(modules[user.target], model_training)
                 and user.args == (tail,) and not user.kwargs):
             batch_norm, tail = modules[user.target], user
             chain.append(tail)
@@ -202,7 +234,7 @@ def _activation_module(module):
     return None
 
 
-def _fuse_sequential(sequential: nn.Sequential):
+def _fuse_sequential(sequential: nn.Sequential, model_training: bool):
     """Fuse runs inside `sequential`, keeping its indices: consumed modules become nn.Identity."""
     children = list(sequential)
     i = 0
@@ -212,7 +244,7 @@ def _fuse_sequential(sequential: nn.Sequential):
             continue
         j = i + 1
         batch_norm = None
-        if j < len(children) and _foldable_batch_norm(children[j]):
+        if j < len(children) and _foldable_batch_norm(children[j], model_training):
             batch_norm, j = children[j], j + 1
         activation = _activation_module(children[j]) if j < len(children) else None
         if activation is not None:

@@ -215,3 +215,76 @@ def test_fuse_in_place_and_idempotent():
     fused = bigkern.fuse(model, inplace=True)
     assert fused is model and sum(isinstance(m, FusedConv2d) for m in model.modules()) == 3
     torch.testing.assert_close(bigkern.fuse(fused)(x), expected)
+
+
+def test_patched_model_fuses_like_the_original_and_traces():
+    """bigkern.patch's modules are fx leaves to fuse, as torch's are; traced by fx's own tracer, a
+    patched conv is one node calling bigkern's conv2d."""
+    block = randomize_batch_norms(BasicBlock(4, 6, 2)).double().eval()
+    patched = bigkern.patch(copy.deepcopy(block))
+    fused_equals_original(patched, make_tensor((2, 4, 7, 6), torch.float64, DEVICE), expect=3)
+    traced = torch.fx.symbolic_trace(bigkern.patch(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())).double())
+    x = make_tensor((1, 3, 6, 6), torch.float64, DEVICE)
+    with bigkern.record() as calls:
+        y = traced(x)
+    assert calls[("conv2d", "torch")] == 1, dict(calls)
+    torch.testing.assert_close(y, traced.get_submodule("0").weight.new_zeros(()).add(
+        Fn.relu(Fn.conv2d(x, traced.get_submodule("0").weight, traced.get_submodule("0").bias))))
+
+
+class InPlaceIntoIdentity(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = x * 1.0
+        identity = x
+        identity += self.conv(x)  # writes into x as well
+        return torch.relu(identity) * x
+
+
+def test_in_place_add_into_the_identity_is_not_fused():
+    model = InPlaceIntoIdentity().double().eval()  # (its backward fails in torch: the conv saved x)
+    fused_equals_original(model, make_tensor((2, 3, 6, 6), torch.float64, DEVICE), expect=0)
+
+
+def test_fusing_keeps_the_convs_own_parameters():
+    """Without a batch norm to fold, a fused conv holds the very Parameters it replaced: an optimizer
+    built before fusing keeps training the model, and tied weights stay tied."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.Tanh(), nn.Conv2d(4, 4, 1),
+                          nn.GELU()).double()
+    model[4].weight = model[2].weight
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    fused = bigkern.fuse(model, inplace=True)
+    assert sum(isinstance(m, FusedConv2d) for m in fused.modules()) == 3
+    assert fused[4].weight is fused[2].weight
+    fused(make_tensor((2, 3, 6, 6), torch.float64, DEVICE)).square().mean().backward()
+    optimizer.step()
+    assert all(not torch.equal(p, before[name]) for name, p in fused.named_parameters())
+
+
+def test_frozen_batch_norm_folds_only_without_trainable_affine():
+    """Fine-tuning with frozen statistics (a batch norm in eval mode inside a training model): its
+    scale and shift still train, so it stays; with them frozen too, it folds."""
+    model = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).double()
+    model.train()
+    model[1].eval()
+    x = make_tensor((2, 3, 6, 6), torch.float64, DEVICE)
+    fused = fused_equals_original(model, x, expect=0)
+    assert "1.weight" in dict(fused.named_parameters())
+    model[1].requires_grad_(False)
+    fused = fused_equals_original(model, x, expect=1)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    fused(x)  # in training mode, still right: the batch norm it folded stays frozen
+
+
+def test_a_model_fused_in_eval_mode_refuses_training_mode():
+    model = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).double().eval()
+    fused = bigkern.fuse(model)
+    x = make_tensor((2, 3, 6, 6), torch.float64, DEVICE)
+    fused(x)
+    fused.train()
+    with pytest.raises(RuntimeError, match="BatchNorm2d"):
+        fused(x)

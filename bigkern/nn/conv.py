@@ -20,6 +20,16 @@ from bigkern.ops import conv as conv_ops
 from bigkern.ops.epilogue import activation_code, torch_activation
 
 
+def _conv2d(input, weight, bias, stride, padding, dilation, groups, activation, residual, negative_slope):
+    return functional.conv2d(input, weight, bias, stride, padding, dilation, groups, activation=activation,
+                             residual=residual, negative_slope=negative_slope)
+
+
+# torch.fx traces into bigkern's modules (they are not torch.nn's leaves): it records this call as
+# one node, as it records F.conv2d in torch's Conv2d, so a traced patched model still runs bigkern's
+torch.fx.wrap("_conv2d")
+
+
 class Conv2d(torch.nn.Conv2d):
     """torch.nn.Conv2d computed by bigkern's kernels (same constructor, parameters and state_dict).
 
@@ -32,8 +42,8 @@ class Conv2d(torch.nn.Conv2d):
         if self.padding_mode != "zeros":
             input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return functional.conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups,
-                                 activation=activation, residual=residual, negative_slope=negative_slope)
+        return _conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups, activation, residual,
+                       negative_slope)
 
     def bigkern_explain(self, input: Tensor, *args, **kwargs):
         """Which implementation this module's forward takes for `input`, and why."""
@@ -73,24 +83,33 @@ class FusedConv2d(Conv2d):
                   activation: Optional[str] = None, negative_slope: float = 0.01) -> "FusedConv2d":
         """A FusedConv2d computing act(batch_norm(conv(x)) + residual); batch_norm (in eval mode,
         with running statistics) is folded into the weight and bias."""
-        weight, bias = conv.weight, conv.bias
-        if batch_norm is not None:
-            if batch_norm.training or batch_norm.running_mean is None:
-                raise ValueError("FusedConv2d.from_conv: batch_norm must be in eval mode with running statistics")
-            weight, bias = torch.nn.utils.fusion.fuse_conv_bn_weights(
-                conv.weight, conv.bias, batch_norm.running_mean, batch_norm.running_var, batch_norm.eps,
-                batch_norm.weight, batch_norm.bias)
-        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, bias is not None, conv.padding_mode, activation=activation,
-                    negative_slope=negative_slope, device="meta")
-        fused.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=conv.weight.requires_grad)
-        if bias is not None:
-            bias_source = conv.bias if conv.bias is not None else conv.weight
-            fused.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=bias_source.requires_grad)
+        has_bias = conv.bias is not None or batch_norm is not None
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, has_bias, conv.padding_mode, activation=activation, negative_slope=negative_slope,
+                    device="meta")
         fused.train(conv.training)
+        if batch_norm is None:  # the conv's own parameters: an optimizer holding them, and ties, stay intact
+            fused.weight, fused.bias = conv.weight, conv.bias
+            return fused
+        if batch_norm.training or batch_norm.running_mean is None:
+            raise ValueError("FusedConv2d.from_conv: batch_norm must be in eval mode with running statistics")
+        weight, bias = torch.nn.utils.fusion.fuse_conv_bn_weights(
+            conv.weight, conv.bias, batch_norm.running_mean, batch_norm.running_var, batch_norm.eps,
+            batch_norm.weight, batch_norm.bias)
+        fused.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=conv.weight.requires_grad)
+        bias_source = conv.bias if conv.bias is not None else conv.weight
+        fused.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=bias_source.requires_grad)
+        # the statistics are frozen into the weights: right while the batch norm would be in eval
+        # mode. Folded in an eval-mode model, training mode later would need batch statistics
+        fused.folded_batch_norm_in_eval_model = not conv.training
         return fused
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if self.training and getattr(self, "folded_batch_norm_in_eval_model", False):
+            raise RuntimeError("FusedConv2d: this conv folded a BatchNorm2d's running statistics (bigkern.fuse of a "
+                               "model in eval mode); in training mode that batch norm would normalize with batch "
+                               "statistics and update its running ones, which folded weights cannot. Fuse the "
+                               "training model instead (its batch norms stay separate), or use this one in eval mode")
         activation = getattr(self, "activation", None)
         negative_slope = getattr(self, "negative_slope", 0.01)
         if residual is None or self._fusable(input, residual):
@@ -132,6 +151,6 @@ class FusedConv2d(Conv2d):
         activation = getattr(self, "activation", None)
         if activation is not None:
             text += f", activation={activation!r}"
-            if activation == "leaky_relu":
+            if activation.lower() == "leaky_relu":
                 text += f", negative_slope={self.negative_slope}"
         return text
