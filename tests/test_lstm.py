@@ -539,9 +539,28 @@ def test_bad_input_to_packed_lstm():
         ((x, (make_tensor((1, 2, 5)), make_tensor((1, 2, 6)))), r"hidden\[1\]"),
         ((wrong_width,), "input_size"),
         ((half,), "dtype"),
+        ((x, (make_tensor((2, 5)), make_tensor((2, 5)))), r"hx\[0\]"),  # 2-D state: torch's IndexError
+        ((PackedSequence(x.data[:0], torch.tensor([], dtype=torch.int64)),), "batch_sizes"),  # no steps
     ]
     for args, name in cases:
         _raises_like_torch(lambda: theirs(*args), lambda: ours(*args), name)
+    _raises_like_torch(lambda: theirs(make_tensor((0, 2, 4))), lambda: ours(make_tensor((0, 2, 4))),
+                       "Expected sequence length to be larger than 0")  # torch's wording, case included
+
+
+def test_double_backward_says_it_is_not_supported():
+    """Like cuDNN's LSTM: a clear error when gradients taken with create_graph=True are
+    differentiated again (torch.func.grad twice runs torch's ops instead, and works)."""
+    lstm = rnn.LSTM(3, 4).double()
+    x = make_tensor((5, 2, 3), dtype=torch.float64).requires_grad_()
+    grad, = torch.autograd.grad(lstm(x)[0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        grad.square().sum().backward()
+    twice = torch.func.grad(lambda a: torch.func.grad(lambda b: lstm(b)[0].sum())(a).square().sum())(x.detach())
+    reference = torch.nn.LSTM(3, 4).double()
+    reference.load_state_dict(lstm.state_dict())
+    expected = torch.func.grad(lambda a: torch.func.grad(lambda b: reference(b)[0].sum())(a).square().sum())(x.detach())
+    torch.testing.assert_close(twice, expected)
 
 
 @pytest.mark.parametrize("batch_sizes,state", [

@@ -183,7 +183,7 @@ def _observing_attention_logits():
 
     def observe(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         magnitudes.append(_logit_magnitude(query, key, scale))
-        return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
 
     with mock.patch.object(attention_ops, "scaled_dot_product_attention", observe):
         yield magnitudes

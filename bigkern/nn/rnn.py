@@ -49,6 +49,7 @@ class LSTM(torch.nn.LSTM):
                                 "must be tuple of ints,but got Tensor\" (argument 'batch_sizes' of the "
                                 "PackedSequence must be a 1-d int64 tensor)")
             ops.packed_batch_sizes(batch_sizes, data.shape[0] if data.dim() else 0, "lstm")
+            ops._check_packed_hx_dims(hx, "lstm")
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
             self._check_packed(data, batch_sizes, hx, weights)

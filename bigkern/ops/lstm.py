@@ -419,6 +419,16 @@ def _backward(ctx, grad_out, grad_hn, grad_cn, _grad_gates, _grad_cells):
 lstm_layer_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    # the recurrence would have to be recomputed from the input projection, which is not kept
+    raise RuntimeError("bigkern's LSTM has no double backward (differentiating gradients taken with "
+                       "create_graph=True), like cuDNN's LSTM: differentiate twice through torch.nn.LSTM itself "
+                       "(bigkern.unpatch), or through torch.func.grad, which runs torch's ops")
+
+
+lstm_layer_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Python entry points: validate like torch, naming the argument, then call the registered op.
 
@@ -459,6 +469,14 @@ def _size_read_error(fn, name, t, dim, expected):
                       f"but got {dim}) (argument '{name}' must be {expected})")
 
 
+def _check_packed_hx_dims(hx, fn):
+    """torch's packed LSTM reads hx[i].size(2) before any other check of hx: its IndexError."""
+    if isinstance(hx, (tuple, list)):
+        for i, t in enumerate(hx):
+            if isinstance(t, Tensor) and t.dim() < 3:
+                raise _size_read_error(fn, f"hx[{i}]", t, 2, "3-D")
+
+
 def _check_input(input, fn):
     check_tensor(input, "input", f"{fn}()")
     if not input.is_floating_point():
@@ -477,6 +495,9 @@ def packed_batch_sizes(batch_sizes, n_rows, fn):
         raise RuntimeError(f"{fn}(): argument 'batch_sizes' must be a 1-d CPU tensor, but got shape "
                            f"{tuple(batch_sizes.shape)} on {batch_sizes.device}")
     sizes = batch_sizes.tolist()
+    if not sizes:  # torch reads batch_sizes[0] first
+        raise IndexError(f"{fn}(): index 0 is out of bounds for dimension 0 with size 0 (argument 'batch_sizes' "
+                         f"is empty)")
     if any(size < 1 for size in sizes) or any(later > earlier for earlier, later in zip(sizes, sizes[1:])):
         raise RuntimeError(f"{fn}(): argument 'batch_sizes' must be positive and non-increasing (as "
                            f"pack_padded_sequence makes them), but got {sizes}")
@@ -586,7 +607,7 @@ def lstm_layer(input: Tensor, hx: Optional[tuple] = None, weight_ih: Tensor = No
             raise RuntimeError(f"{fn}(): 'input' must have 3 dimensions (seq_len, batch, input_size), "
                                f"got {input.dim()}")
         if input.shape[0] == 0:
-            raise RuntimeError(f"{fn}(): expected sequence length to be larger than 0 in RNN (argument 'input')")
+            raise RuntimeError(f"{fn}(): Expected sequence length to be larger than 0 in RNN (argument 'input')")
         sizes, B = [], input.shape[1]
         x2d = input.reshape(-1, input.shape[-1])
     h0, c0 = _initial_state(hx, input, (B, P), (B, H), fn)
@@ -676,6 +697,7 @@ def lstm(input: Tensor, hx, params, has_biases: bool, num_layers: int, dropout: 
         data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional = (
             input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
         _check_input(data, fn)
+        _check_packed_hx_dims(hx, fn)
         sizes = packed_batch_sizes(batch_sizes, data.shape[0] if data.dim() else 0, fn)
         data = data[:sum(sizes)]
         return _lstm_layers(data, sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional, fn)
@@ -691,7 +713,7 @@ def lstm(input: Tensor, hx, params, has_biases: bool, num_layers: int, dropout: 
     x = input.transpose(0, 1) if batch_first else input
     T, B = x.shape[0], x.shape[1]
     if T == 0:
-        raise RuntimeError(f"{fn}(): expected sequence length to be larger than 0 in RNN (argument 'input')")
+        raise RuntimeError(f"{fn}(): Expected sequence length to be larger than 0 in RNN (argument 'input')")
     out, hn, cn = _lstm_layers(x.reshape(T * B, x.shape[2]), [], hx, params, has_biases, num_layers, dropout,
                                train, bidirectional, fn, batch=B)
     out = out.view(T, B, out.shape[-1])
