@@ -461,13 +461,13 @@ def _as_int(value) -> Optional[int]:
     integer tensor -- or None."""
     if isinstance(value, bool):
         return None
+    if isinstance(value, int):
+        return value
     if isinstance(value, Tensor):
         integral = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
         return int(value) if value.dim() == 0 and integral else None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+    # (no try/except TypeError: torch 2.11's dynamo cannot trace one around operator.index)
+    return operator.index(value) if hasattr(type(value), "__index__") else None
 
 
 def _int_tuple(value, name, allow_string=False):
