@@ -9,6 +9,7 @@ a registered torch class are swapped: a user's subclass with its own forward is 
 
 import contextlib
 import fnmatch
+import threading
 from typing import Iterable, Optional
 
 import torch
@@ -27,6 +28,11 @@ def _selected(name: str, module: torch.nn.Module, patterns) -> bool:
     return False
 
 
+def _patterns(value):
+    """include / exclude as a list: one pattern (a string, a class) is a list of one, not its characters."""
+    return [value] if isinstance(value, (str, type)) else list(value)
+
+
 def patch(model: torch.nn.Module, include: Optional[Iterable] = None, exclude: Optional[Iterable] = None):
     """Swap every torch module bigkern has a drop-in for (Conv2d, LSTM, LSTMCell,
     MultiheadAttention, Transformer{Encoder,Decoder}Layer) for bigkern's, in place; returns model.
@@ -36,22 +42,42 @@ def patch(model: torch.nn.Module, include: Optional[Iterable] = None, exclude: O
     Hugging Face models that transformers runs on SDPA are also switched to bigkern's attention
     (attn_implementation="bigkern"); others keep theirs.
     """
-    include = list(include) if include is not None else None
-    exclude = list(exclude or [])
+    include = _patterns(include) if include is not None else None
+    exclude = _patterns(exclude or [])
     for name, module in model.named_modules():
-        drop_in = DROP_INS.get(type(module))
+        drop_in = DROP_INS.get(_module_class(module))
         if drop_in is None:
             continue
         if include is not None and not _selected(name, module, include):
             continue
         if _selected(name, module, exclude):
             continue
-        setattr(module, _ORIGINAL_CLASS, type(module))
-        module.__class__ = drop_in
+        setattr(module, _ORIGINAL_CLASS, _module_class(module))
+        _swap_class(module, drop_in)
         if isinstance(module, torch.nn.RNNBase):
             _let_dynamo_trace_rnn_modules()
     _patch_huggingface(model)
     return model
+
+
+def _module_class(module):
+    """The module's class, under the class layer torch.nn.utils.parametrize adds (ParametrizedX(X),
+    which holds the parametrized tensors' properties)."""
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return type(module).__bases__[0]
+    return type(module)
+
+
+def _swap_class(module, new_class):
+    """module.__class__ = new_class, keeping a parametrization's layer on top of it (rebuilt over
+    new_class, so the parametrized weight stays a property and removing the parametrization later
+    leaves new_class)."""
+    if not torch.nn.utils.parametrize.is_parametrized(module):
+        module.__class__ = new_class
+        return
+    layer = type(module)
+    namespace = {key: value for key, value in vars(layer).items() if key not in ("__dict__", "__weakref__")}
+    module.__class__ = type(layer.__name__, (new_class,), namespace)
 
 
 def _let_dynamo_trace_rnn_modules():
@@ -74,7 +100,7 @@ def unpatch(model: torch.nn.Module):
     for _, module in model.named_modules():
         original = module.__dict__.pop(_ORIGINAL_CLASS, None)
         if original is not None:
-            module.__class__ = original
+            _swap_class(module, original)
     _unpatch_huggingface(model)
     return model
 
@@ -92,12 +118,35 @@ _FUNCTIONAL_NAMES = (("torch.nn.functional", "scaled_dot_product_attention"), ("
                      ("torch.nn.attention.varlen", "varlen_attn"), ("torch.nn.attention.varlen", "varlen_attn_out"))
 
 
+# torch's functions enable() replaced, while any enable() block is open: blocks may nest and, in
+# several threads, overlap and end in any order; the last one to end puts torch's back
+_ENABLED = {"depth": 0, "saved": []}
+_ENABLE_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def enable():
     """Route torch.nn.functional.scaled_dot_product_attention and conv2d, and
-    torch.nn.attention.varlen.varlen_attn and varlen_attn_out, through bigkern inside the block (for models that call
-    them directly). Code that imported the function object itself before the block
-    (`from torch.nn.functional import ...`) is not affected."""
+    torch.nn.attention.varlen.varlen_attn and varlen_attn_out, through bigkern inside the block (for
+    models that call them directly). Code that imported the function object itself before the block
+    (`from torch.nn.functional import ...`) is not affected. Like use_backend and torch's sdpa_kernel,
+    the switch is process-wide: other threads see it while any block is open."""
+    with _ENABLE_LOCK:
+        if _ENABLED["depth"] == 0:
+            _ENABLED["saved"] = _install_bigkern_functions()
+        _ENABLED["depth"] += 1
+    try:
+        yield
+    finally:
+        with _ENABLE_LOCK:
+            _ENABLED["depth"] -= 1
+            if _ENABLED["depth"] == 0:
+                for module, name, original in _ENABLED["saved"]:
+                    setattr(module, name, original)
+                _ENABLED["saved"] = []
+
+
+def _install_bigkern_functions():
     import importlib
 
     import bigkern.nn.functional as bigkern_functional
@@ -111,11 +160,7 @@ def enable():
         if hasattr(module, name) and hasattr(bigkern_functional, name):
             saved.append((module, name, getattr(module, name)))
             setattr(module, name, getattr(bigkern_functional, name))
-    try:
-        yield
-    finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
+    return saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,9 +172,10 @@ def _patch_huggingface(model):
         return
     from bigkern.integrations import huggingface
 
-    # bigkern's attention is an SDPA drop-in: a model transformers does not run on SDPA (it may need
-    # the weights, or pass what SDPA cannot take) keeps its own attention
-    if getattr(model, "_supports_sdpa", True) and huggingface.register():
+    # bigkern's attention is an SDPA drop-in: a model transformers does not run on SDPA (built with
+    # eager attention, which returns the weights; flash; one whose attention SDPA cannot take; or
+    # already bigkern's, by an earlier patch) keeps its own attention
+    if config._attn_implementation == "sdpa" and getattr(model, "_supports_sdpa", True) and huggingface.register():
         setattr(model, "_bigkern_original_attn_implementation", config._attn_implementation)
         huggingface.set_attention(model, "bigkern")
 

@@ -682,6 +682,10 @@ def test_varlen_attn_bad_input_as_torch():
     q, k, v, cu_q, cu_k, max_q, max_k = _packed([5, 3], [5, 3])
     with pytest.raises(ValueError, match="window_size must have length 2"):
         F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0, 0))
+    # lengths as torch's argument parser takes ints: numpy and 0-d tensor integers
+    expected = F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
+    for as_given in (np.int64, torch.tensor):
+        torch.testing.assert_close(F.varlen_attn(q, k, v, cu_q, cu_k, as_given(max_q), as_given(max_k)), expected)
 
 
 _BAD_CUMULATIVE_LENGTHS = {
@@ -852,6 +856,8 @@ def _bad_calls():
         (TypeError, "'is_causal'", lambda: F.scaled_dot_product_attention(q, k, v, is_causal="no")),
         (TypeError, "'enable_gqa'", lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=1)),
         (TypeError, "'scale'", lambda: F.scaled_dot_product_attention(q, k, v, scale="0.5")),
+        (NotImplementedError, "'query'", lambda: F.scaled_dot_product_attention(
+            *(x.to(torch.complex64) for x in (q, k, v)))),
         (TypeError, "positional", lambda: F.scaled_dot_product_attention(q, k, v, None, 0.0, False, 0.5)),
         (RuntimeError, "'key'", lambda: F.scaled_dot_product_attention(t(2, 4, 3, 4), t(2, 0, 5, 4), t(2, 0, 5, 6),
                                                                       enable_gqa=True)),
@@ -894,6 +900,8 @@ def test_torch_raises_the_same_types():
         (TypeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, is_causal="no")),
         (TypeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, enable_gqa=1)),
         (TypeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, scale="0.5")),
+        (NotImplementedError, lambda: torch_F.scaled_dot_product_attention(
+            *(x.to(torch.complex64) for x in (q, k, v)))),
         (TypeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, None, 0.0, False, 0.5)),
     ]:
         with pytest.raises(error):

@@ -548,6 +548,14 @@ def test_bad_input_to_packed_lstm():
                        "Expected sequence length to be larger than 0")  # torch's wording, case included
 
 
+def test_lstm_cell_double_backward_matches_finite_differences():
+    cell = rnn.LSTMCell(3, 4).double()
+    x, h, c = (make_tensor(shape, dtype=torch.float64).requires_grad_() for shape in ((2, 3), (2, 4), (2, 4)))
+    with bigkern.record() as calls:
+        assert torch.autograd.gradgradcheck(lambda x, h, c: cell(x, (h, c)), (x, h, c))
+    assert calls[("lstm_layer_double_backward", "torch")] > 0, dict(calls)
+
+
 def test_double_backward_says_it_is_not_supported():
     """Like cuDNN's LSTM: a clear error when gradients taken with create_graph=True are
     differentiated again (torch.func.grad twice runs torch's ops instead, and works)."""

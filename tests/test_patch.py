@@ -110,3 +110,77 @@ def test_enable_routes_varlen_attn_and_its_fallback_still_reaches_torch():
             assert getattr(attention, found[name]) is original
     for name, original in originals.items():
         assert getattr(varlen, name, None) is original
+
+
+def test_torch_paths_inside_enable_reach_torch_not_bigkern_again():
+    """Inside enable() torch.nn.functional's conv2d / sdpa are bigkern's: the calls bigkern leaves to
+    torch (its torch backend on CPU, torch.func, NestedTensors) must reach torch's own, not recurse."""
+    F = torch.nn.functional
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    q = torch.randn(1, 2, 4, 8)
+    expected_conv, expected_grad = F.conv2d(x, w), torch.func.grad(lambda a: F.conv2d(a, w).sum())(x)
+    expected_sdpa = F.scaled_dot_product_attention(q, q, q)
+    nested = torch.nested.nested_tensor_from_jagged(torch.randn(8, 2, 8), torch.tensor([0, 3, 8])).transpose(1, 2)
+    with bigkern.enable(), bigkern.use_backend("auto"):
+        torch.testing.assert_close(F.conv2d(x, w), expected_conv)
+        torch.testing.assert_close(torch.nn.Conv2d(2, 3, 3)(x).shape, expected_conv.shape)
+        torch.testing.assert_close(torch.func.grad(lambda a: F.conv2d(a, w).sum())(x), expected_grad)
+        torch.testing.assert_close(F.scaled_dot_product_attention(q, q, q), expected_sdpa)
+        assert F.scaled_dot_product_attention(nested, nested, nested).is_nested
+
+
+def test_enable_blocks_overlapping_in_threads_restore_torch_when_the_last_ends():
+    import threading
+
+    original = torch.nn.functional.conv2d
+    first_entered, second_entered, first_left = threading.Event(), threading.Event(), threading.Event()
+    seen_inside = []
+
+    def first():
+        with bigkern.enable():
+            first_entered.set()
+            second_entered.wait(10)
+        first_left.set()
+
+    def second():
+        first_entered.wait(10)
+        with bigkern.enable():
+            second_entered.set()
+            first_left.wait(10)
+            seen_inside.append(torch.nn.functional.conv2d is not original)  # still inside a block
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen_inside == [True] and torch.nn.functional.conv2d is original
+
+
+def test_one_pattern_is_a_pattern_not_its_characters(linear_drop_in):
+    m = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(11)))
+    bigkern.patch(m, include="10")
+    assert [name for name, _ in bigkern.patch.__globals__["patched_modules"](m)] == ["10"]
+
+
+def test_parametrized_modules_patch_and_unpatch(linear_drop_in):
+    """torch.nn.utils.parametrize puts its own class layer on a module: patch and unpatch swap the
+    class under it, in either order, and the parametrized weight keeps working."""
+    from torch.nn.utils import parametrizations
+
+    x = torch.randn(3, 4)
+    for order in ("parametrize first", "patch first"):
+        m = torch.nn.Sequential(torch.nn.Linear(4, 5))
+        if order == "patch first":
+            bigkern.patch(m)
+        parametrizations.weight_norm(m[0])
+        expected = m(x)
+        if order == "parametrize first":
+            bigkern.patch(m)
+        assert isinstance(m[0], DropInLinear), order
+        torch.testing.assert_close(m(x), expected)
+        bigkern.unpatch(m)
+        assert not isinstance(m[0], DropInLinear) and isinstance(m[0], torch.nn.Linear), order
+        torch.testing.assert_close(m(x), expected)
+        torch.nn.utils.parametrize.remove_parametrizations(m[0], "weight")
+        assert type(m[0]) is torch.nn.Linear

@@ -147,8 +147,19 @@ def test_huggingface_gpt2_patched():
     original = model.config._attn_implementation
     patched, _ = check_patched_model(model, lambda m: m(tokens).logits, ["sdpa_forward", "sdpa_backward"])
     assert patched.config._attn_implementation == "bigkern"
+    bigkern.patch(patched)  # twice: still undone by one unpatch
     bigkern.unpatch(patched)
     assert patched.config._attn_implementation == original
+
+
+def test_huggingface_eager_model_keeps_its_attention():
+    """Built with attn_implementation="eager" (for the attention weights, say), a model keeps it."""
+    eager = gpt2_model(attn_implementation="eager").eval()
+    patched = bigkern.patch(copy.deepcopy(eager))
+    assert patched.config._attn_implementation == "eager"
+    tokens = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        assert len(patched(tokens, output_attentions=True).attentions) == 2
 
 
 def test_huggingface_bert_with_padding_patched():

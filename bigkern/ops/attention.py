@@ -28,14 +28,13 @@ types, naming the argument), broadcasts the batch dimensions of query, key, valu
 """
 
 import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from bigkern import amp, dispatch, memory
-from bigkern.ops.checks import check_like, check_tensor
+from bigkern.ops.checks import as_int, as_real, check_like, check_tensor
 
 # ---------------------------------------------------------------------------------------------
 # Dropout: counter-based random numbers, identical in every implementation.
@@ -460,6 +459,8 @@ def _check_like_query(op_name, query, key, value):
     """key and value share query's dtype and device; query is floating point (torch: RuntimeError)."""
     for t, name in ((key, "key"), (value, "value")):
         check_like(t, name, query, "query", op_name)
+    if query.is_complex():  # torch's kernels have no complex implementation: NotImplementedError
+        raise NotImplementedError(f"{op_name}: argument 'query' is {query.dtype}: not implemented for complex tensors")
     if not query.is_floating_point():
         raise RuntimeError(f"{op_name}: expected argument 'query' to be a floating-point tensor, not {query.dtype}")
 
@@ -515,11 +516,9 @@ def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, e
 
 
 def _real(value, name) -> float:
-    """A float argument as torch's argument parser takes it: a Python or numpy real, or a 0-d tensor."""
-    if isinstance(value, numbers.Real) or (isinstance(value, Tensor) and value.dim() == 0
-                                           and not value.is_complex()):
-        return float(value)
-    raise TypeError(f"{_NAME}: argument '{name}' must be float, not {type(value).__name__}")
+    if as_real(value) is None:
+        raise TypeError(f"{_NAME}: argument '{name}' must be float, not {type(value).__name__}")
+    return as_real(value)
 
 
 def _lcm(a, b):
@@ -581,6 +580,17 @@ def _prepare(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, 
     return args, {}
 
 
+# torch's own function (F.scaled_dot_product_attention is this binding), which bigkern.enable()
+# leaves in place: F.scaled_dot_product_attention is bigkern's inside its block
+_TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
+
+
+def _nested_reason(*tensors):
+    if any(isinstance(t, Tensor) and t.is_nested for t in tensors):
+        return "NestedTensor inputs (jagged batches) are served by torch's own scaled_dot_product_attention"
+    return None
+
+
 @dispatch.entry_point(SDPA_FORWARD, _prepare)
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, *, scale: Optional[float] = None,
@@ -594,11 +604,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     Memory O(L + S) per head: the (L, S) matrix is never stored (except a float mask's gradient).
     Under torch.autocast, floating inputs (a float mask too) are cast as torch casts them.
     """
-    reason = dispatch.autodiff_transform_reason(query, key, value, attn_mask)
+    reason = dispatch.autodiff_transform_reason(query, key, value, attn_mask) or _nested_reason(query, key, value)
     if reason is not None:
-        return dispatch.served_by_torch("scaled_dot_product_attention", reason,
-                                        torch.nn.functional.scaled_dot_product_attention, query, key, value, attn_mask,
-                                        dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        return dispatch.served_by_torch("scaled_dot_product_attention", reason, _TORCH_SDPA, query, key, value,
+                                        attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     query, key, value, attn_mask = amp.cast_inputs(query, key, value, attn_mask)
     args, (batch_shape, L, Ev) = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     out, _ = sdpa_forward_op(*args)
@@ -823,7 +832,7 @@ def check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropo
         raise RuntimeError(f"{_VARLEN}: arguments 'cu_seq_q' and 'cu_seq_k' must describe the same number of "
                            f"sequences, but have {cu_seq_q.numel()} and {cu_seq_k.numel()} entries")
     for value_, name in ((max_q, "max_q"), (max_k, "max_k")):
-        if not isinstance(value_, int) or value_ < 0:
+        if as_int(value_) is None or as_int(value_) < 0:  # (numpy and 0-d tensor integers as torch takes them)
             raise TypeError(f"{_VARLEN}: argument '{name}' must be a non-negative int, not {value_!r}")
     if not 0.0 <= dropout_p <= 1.0:
         raise RuntimeError(f"{_VARLEN}: argument 'dropout_p': dropout probability has to be between 0 and 1, "

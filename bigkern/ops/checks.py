@@ -1,6 +1,11 @@
 """Argument checks every family's entry point shares: torch's exception types, with messages that
 name the argument. `op` is the call as torch names it in its messages, e.g. "conv2d()"."""
 
+import numbers
+import operator
+from typing import Optional
+
+import torch
 from torch import Tensor
 
 
@@ -28,3 +33,27 @@ def check_like(t, name: str, ref: Tensor, ref_name: str, op: str):
     if t.dtype != ref.dtype:
         raise RuntimeError(f"{op}: expected argument '{name}' to have the dtype of '{ref_name}' ({ref.dtype}), "
                            f"but got {t.dtype}")
+
+
+def as_int(value) -> Optional[int]:
+    """An int as torch's argument parser takes one -- an int (not a bool), a numpy integer, a 0-d
+    integer tensor -- or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Tensor):
+        integral = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        return int(value) if value.dim() == 0 and integral else None
+    # (no try/except TypeError: torch 2.11's dynamo cannot trace one around operator.index)
+    return operator.index(value) if hasattr(type(value), "__index__") else None
+
+
+def as_real(value) -> Optional[float]:
+    """A float as torch's argument parser takes one -- a Python or numpy real, a 0-d real tensor --
+    or None."""
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex():
+        return float(value)
+    return None

@@ -27,14 +27,13 @@ kernel. (If z was not saved -- a backward the forward did not expect -- it is re
 """
 
 import math
-import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from bigkern import dispatch, memory
-from bigkern.ops.checks import check_same_device, check_tensor
+from bigkern.ops.checks import as_int, check_same_device, check_tensor
 from bigkern.ops import epilogue
 from bigkern.ops.epilogue import activation_code, torch_activation
 
@@ -121,7 +120,9 @@ def torch_conv(x, w, stride, padding, dilation, groups, bias=None):
     if (top, left) != (bottom, right):
         x = torch.nn.functional.pad(x, (left, right, top, bottom))
         top = left = 0
-    return torch.nn.functional.conv2d(x, w, bias, stride, (top, left), dilation, groups)
+    # torch.conv2d is F.conv2d itself, and what bigkern.enable() leaves in place (F.conv2d is
+    # bigkern's inside its block: calling that from here would recurse)
+    return torch.conv2d(x, w, bias, stride, (top, left), dilation, groups)
 
 
 def _channel_view(bias):
@@ -456,30 +457,16 @@ conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # The Python entry point: validates like torch, then calls the registered op.
 
-def _as_int(value) -> Optional[int]:
-    """An int as torch's argument parser takes one -- an int (not a bool), a numpy integer, a 0-d
-    integer tensor -- or None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, Tensor):
-        integral = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
-        return int(value) if value.dim() == 0 and integral else None
-    # (no try/except TypeError: torch 2.11's dynamo cannot trace one around operator.index)
-    return operator.index(value) if hasattr(type(value), "__index__") else None
-
-
 def _int_tuple(value, name, allow_string=False):
     """stride/padding/dilation as a pair of ints, as torch's argument parser accepts them."""
     if isinstance(value, bool):
         raise TypeError(f"conv2d(): argument '{name}' must be tuple of ints, not bool")
-    if _as_int(value) is not None:
-        return (_as_int(value),) * 2
+    if as_int(value) is not None:
+        return (as_int(value),) * 2
     if isinstance(value, (tuple, list, torch.Size)):
-        ints = [_as_int(v) for v in value]
-        for v, as_int in zip(value, ints):
-            if as_int is None:
+        ints = [as_int(v) for v in value]
+        for v, integer in zip(value, ints):
+            if integer is None:
                 raise TypeError(f"conv2d(): argument '{name}' must be tuple of ints, but found element of type "
                                 f"{type(v).__name__}")
         if len(ints) == 1:
@@ -530,9 +517,9 @@ def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, re
     check_tensor(weight, "weight", "conv2d()")
     check_tensor(bias, "bias", "conv2d()", optional=True)
     check_tensor(residual, "residual", "conv2d()", optional=True)
-    if _as_int(groups) is None:
+    if as_int(groups) is None:
         raise TypeError(f"conv2d(): argument 'groups' must be int, not {type(groups).__name__}")
-    groups = _as_int(groups)
+    groups = as_int(groups)
     stride = _int_tuple(stride, "stride")
     dilation = _int_tuple(dilation, "dilation")
     if input.dim() != 4:
@@ -686,7 +673,7 @@ def reference(input, weight, bias, stride, padding, dilation, groups, activation
         if bias is not None:
             y = y + _channel_view(bias)
     else:
-        y = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        y = torch.conv2d(input, weight, bias, stride, padding, dilation, groups)  # (see torch_conv)
     if residual is not None:
         y = y + residual
     return torch_activation(y, activation_code(activation), negative_slope)

@@ -396,14 +396,25 @@ def _(grad_out, grad_hn, grad_cn, out, gates, cells, w_hh, w_hr, h0, c0, batch_s
 def _setup_context(ctx, inputs, output):
     gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save = inputs
     out, _, _, gates, cells = output
-    ctx.save_for_backward(out, gates, cells, w_hh, w_hr, h0, c0)
+    # one step (an LSTMCell): its input projection is no bigger than the gates, so it is kept for a
+    # backward with create_graph=True, which recomputes the step in torch's ops
+    ctx.one_step = not batch_sizes and gates_x.shape[0] == h0.shape[0]
+    kept = (gates_x, b_ih, b_hh) if ctx.one_step else (None, None, None)
+    ctx.save_for_backward(out, gates, cells, w_hh, w_hr, h0, c0, *kept)
     ctx.args = (batch_sizes, reverse, save)
     ctx.bias_dtypes = (None if b_ih is None else b_ih.dtype, None if b_hh is None else b_hh.dtype)
 
 
 def _backward(ctx, grad_out, grad_hn, grad_cn, _grad_gates, _grad_cells):
-    out, gates, cells, w_hh, w_hr, h0, c0 = ctx.saved_tensors
+    out, gates, cells, w_hh, w_hr, h0, c0, gates_x, b_ih, b_hh = ctx.saved_tensors
     batch_sizes, reverse, save = ctx.args
+    if ctx.one_step and dispatch.backward_is_differentiated():
+        def forward(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0):
+            return _layer_in_torch_ops(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse)
+
+        grads = dispatch.gradients_by_torch("lstm_layer", forward, (gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0),
+                                            (grad_out, grad_hn, grad_cn), ctx.needs_input_grad[:7])
+        return (*grads, None, None, None)
     if not save:
         raise RuntimeError("bigkern::lstm_layer was called with save=False, so it kept nothing for backward")
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
@@ -421,9 +432,9 @@ lstm_layer_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _no_double_backward(ctx, *grads):
     # the recurrence would have to be recomputed from the input projection, which is not kept
-    raise RuntimeError("bigkern's LSTM has no double backward (differentiating gradients taken with "
-                       "create_graph=True), like cuDNN's LSTM: differentiate twice through torch.nn.LSTM itself "
-                       "(bigkern.unpatch), or through torch.func.grad, which runs torch's ops")
+    raise RuntimeError("bigkern's LSTM has no double backward over a sequence (differentiating gradients taken "
+                       "with create_graph=True), like cuDNN's LSTM (LSTMCell has one): differentiate twice through "
+                       "torch.nn.LSTM itself (bigkern.unpatch), or through torch.func.grad, which runs torch's ops")
 
 
 lstm_layer_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
