@@ -26,8 +26,14 @@ def autocast_dtype(*tensors):
 
 
 def cast_inputs(*tensors):
-    """tensors, with floating ones cast to the autocast dtype when autocast is on (None passes)."""
+    """tensors, with floating ones cast to the autocast dtype when autocast is on (None passes).
+    float64 is left as it is: torch's autocast never casts it."""
     dtype = autocast_dtype(*tensors)
     if dtype is None:
         return tensors
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dtype) if is_castable(t) else t for t in tensors)
+
+
+def is_castable(t) -> bool:
+    """Whether autocast casts this argument of a lower-precision op: a floating tensor, not float64."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64

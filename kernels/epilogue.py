@@ -88,7 +88,7 @@ def apply_activation(z, ACTIVATION: tl.constexpr, negative_slope):
     elif ACTIVATION == TANH:
         return tanh(z)
     elif ACTIVATION == LEAKY_RELU:
-        return tl.where(z < 0, z * negative_slope, z)
+        return tl.where(z > 0, z, z * negative_slope)  # torch's form: -0 and 0 * inf slope as torch gives them
     else:
         return z
 

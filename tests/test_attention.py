@@ -686,6 +686,18 @@ def test_varlen_attn_bad_input_as_torch():
     expected = F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
     for as_given in (np.int64, torch.tensor):
         torch.testing.assert_close(F.varlen_attn(q, k, v, cu_q, cu_k, as_given(max_q), as_given(max_k)), expected)
+    # scalars as torch's argument parser takes them, each named when it is not one
+    for name, bad, error in (("is_causal", 1, TypeError), ("enable_gqa", "yes", TypeError),
+                             ("scale", "a", TypeError), ("dropout_p", "x", TypeError), ("dropout_p", 1.5, RuntimeError)):
+        with pytest.raises(error, match=f"'{name}'"):
+            F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, **{name: bad})
+    # varlen_attn_out's out: query's dtype and device, (Tq, Hq, Dv), as torch's flash kernel checks
+    for out, says in ((torch.empty(q.shape[0], 2, 8, dtype=torch.float64, device=DEVICE), "dtype"),
+                      (torch.empty(q.shape[0] - 1, 2, 8, device=DEVICE), "shape"),
+                      (torch.empty(q.shape[0], 2, 16, device=DEVICE), "shape"),
+                      ([0.0], "Tensor")):
+        with pytest.raises(TypeError if says == "Tensor" else RuntimeError, match=f"'out'.*{says}"):
+            F.varlen_attn_out(out, q, k, v, cu_q, cu_k, max_q, max_k)
 
 
 _BAD_CUMULATIVE_LENGTHS = {
@@ -1054,6 +1066,28 @@ def test_autocast_casts_like_torch():
         expected = torch_F.scaled_dot_product_attention(q, k, v, mask)
     assert out.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_autocast_leaves_float64_alone():
+    """torch's autocast never casts float64: float64 attention under CPU autocast stays float64
+    (it was cast to bfloat16, losing precision silently; a float64 MultiheadAttention crashed)."""
+    q, k, v = (make_tensor((1, 2, 7, 16), torch.float64) for _ in range(3))
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    mha = bigkern.nn.MultiheadAttention(16, 2, batch_first=True, dtype=torch.float64)
+    reference = torch.nn.MultiheadAttention(16, 2, batch_first=True, dtype=torch.float64)
+    reference.load_state_dict(mha.state_dict())
+    x = make_tensor((2, 7, 16), torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        varlen = F.varlen_attention(*packed, cu, cu, 4, 4)
+        mha_out, _ = mha(x, x, x, need_weights=False)
+        expected_mha, _ = reference(x, x, x, need_weights=False)
+    assert out.dtype == varlen.dtype == mha_out.dtype == torch.float64
+    torch.testing.assert_close(out, torch_F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    expected_first = torch_F.scaled_dot_product_attention(*(t[:3].transpose(0, 1) for t in packed))
+    torch.testing.assert_close(varlen[:3], expected_first.transpose(0, 1))
+    torch.testing.assert_close(mha_out, expected_mha)
 
 
 def test_outputs_in_the_layout_the_fakes_promise():

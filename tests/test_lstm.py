@@ -238,6 +238,27 @@ def test_cpu_autocast_with_projections_like_torch(state):
     assert [t.dtype for t in _flatten(packed)] == [t.dtype for t in _flatten(expected)]
 
 
+@pytest.mark.parametrize("input_dtype,state", [("bfloat16", "none"), ("bfloat16", "float32"),
+                                               ("float32", "bfloat16"), ("float16", "none"), ("float32", "float16")])
+def test_cpu_autocast_lstm_cell_like_torch(input_dtype, state):
+    """torch's CPU LSTMCell is a composition: its gate matmuls autocast (taking, say, an autocast
+    bfloat16 activation to float32 weights) and the cell update promotes, so h_1 and c_1 come out
+    in promote(autocast dtype, c0's dtype) -- c0 being the input's dtype when none is given."""
+    theirs = torch.nn.LSTMCell(3, 5)
+    ours = rnn.LSTMCell(3, 5)
+    ours.load_state_dict(theirs.state_dict())
+    x = make_tensor((4, 3)).to(getattr(torch, input_dtype)).requires_grad_()
+    hx = None if state == "none" else tuple(make_tensor((4, 5)).to(getattr(torch, state)) for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = theirs(x, hx)
+        got = ours(x, hx)
+    assert [t.dtype for t in got] == [t.dtype for t in expected]
+    for want, have in zip(expected, got):
+        torch.testing.assert_close(have.float(), want.float(), rtol=2e-2, atol=2e-2)
+    got[0].float().sum().backward()
+    assert x.grad.dtype == x.dtype and ours.weight_ih.grad.dtype == torch.float32
+
+
 def _flatten(result):
     out, (h, c) = result
     return [out.data if isinstance(out, PackedSequence) else out, h, c]

@@ -502,9 +502,7 @@ def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, e
                              f"but has {attn_mask.dim()}")
         if is_causal:
             raise RuntimeError(f"{_NAME}: explicit 'attn_mask' should not be set when is_causal=True")
-    for flag, name in ((is_causal, "is_causal"), (enable_gqa, "enable_gqa")):
-        if not isinstance(flag, bool):  # torch's argument parser: a bool, not anything truthy
-            raise TypeError(f"{_NAME}: argument '{name}' must be bool, not {type(flag).__name__}")
+    _check_flags(_NAME, is_causal=is_causal, enable_gqa=enable_gqa)
     dropout_p = _real(dropout_p, "dropout_p")
     if scale is not None:
         _real(scale, "scale")
@@ -515,10 +513,16 @@ def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, e
                            f"but got {dropout_p}")
 
 
-def _real(value, name) -> float:
+def _real(value, name, op=_NAME) -> float:
     if as_real(value) is None:
-        raise TypeError(f"{_NAME}: argument '{name}' must be float, not {type(value).__name__}")
+        raise TypeError(f"{op}: argument '{name}' must be float, not {type(value).__name__}")
     return as_real(value)
+
+
+def _check_flags(op, **flags):
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):  # torch's argument parser: a bool, not anything truthy
+            raise TypeError(f"{op}: argument '{name}' must be bool, not {type(flag).__name__}")
 
 
 def _lcm(a, b):
@@ -803,7 +807,12 @@ varlen_forward_op.register_autograd(_varlen_backward, setup_context=_varlen_setu
 _VARLEN = "varlen_attention()"
 
 
-def check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, enable_gqa):
+def check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, enable_gqa,
+                      is_causal=False, scale=None):
+    _check_flags(_VARLEN, is_causal=is_causal, enable_gqa=enable_gqa)
+    dropout_p = _real(dropout_p, "dropout_p", _VARLEN)
+    if scale is not None:
+        _real(scale, "scale", _VARLEN)
     for position, (t, name) in enumerate(((query, "query"), (key, "key"), (value, "value"),
                                           (cu_seq_q, "cu_seq_q"), (cu_seq_k, "cu_seq_k")), 1):
         check_tensor(t, name, _VARLEN, position=position)
@@ -841,7 +850,7 @@ def check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropo
 
 def prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, dropout_p=0.0, is_causal=False,
                    scale=None, enable_gqa=False, seed=None):
-    check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, enable_gqa)
+    check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, enable_gqa, is_causal, scale)
     E = query.shape[2]
     scale = float(scale) if scale is not None else (1.0 / math.sqrt(E) if E else 1.0)
     dropout_p = float(dropout_p)
@@ -939,6 +948,8 @@ def _varlen_attn(torch_fn, out, query, key, value, cu_seq_q, cu_seq_k, max_q, ma
         args = (query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
         return torch_fn(*(args if out is None else (out, *args)), return_aux=return_aux, scale=scale,
                         window_size=window_size, **extra)
+    if out is not None:
+        _check_varlen_out(out, query, value)
     result, lse = varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
                                    is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa,
                                    return_lse=True)
@@ -949,6 +960,17 @@ def _varlen_attn(torch_fn, out, query, key, value, cu_seq_q, cu_seq_k, max_q, ma
     if return_aux is not None and return_aux.lse:
         return result, lse
     return result
+
+
+def _check_varlen_out(out, query, value):
+    """varlen_attn_out's `out` as torch's flash kernel takes it: query's dtype and device, (Tq, Hq, Dv)."""
+    name = "varlen_attn_out()"
+    check_tensor(out, "out", name, position=1)
+    check_like(out, "out", query, "query", name)
+    expected = (query.shape[0], query.shape[1], value.shape[-1]) if value.dim() == 3 else None
+    if expected is not None and tuple(out.shape) != expected:
+        raise RuntimeError(f"{name}: argument 'out' must have shape {expected} (tokens, heads, value head dim), "
+                           f"but got {tuple(out.shape)}")
 
 
 def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Optional[Tensor], max_q: int,

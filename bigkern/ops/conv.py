@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bigkern import dispatch, memory
+from bigkern import amp, dispatch, memory
 from bigkern.ops.checks import as_int, check_same_device, check_tensor
 from bigkern.ops import epilogue
 from bigkern.ops.epilogue import activation_code, torch_activation
@@ -656,9 +656,7 @@ def _autocast_dtype(input):
 
 
 def _autocast(t, dtype):
-    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
-        return t.to(dtype)
-    return t
+    return t.to(dtype) if amp.is_castable(t) else t
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from bigkern import dispatch, memory
-from bigkern.ops.checks import check_like, check_tensor
+from bigkern.ops.checks import as_int, as_real, check_same_device, check_tensor
 
 # name -> code shared with kernels/epilogue.py and csrc/common/activation.cuh
 ACTIVATIONS = {
@@ -275,31 +275,44 @@ bias_act_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # The Python entry point: validates like torch, then calls the registered op.
 
-def check_bias_act_args(x, bias, dim):
-    """Raise what torch raises for bad input, naming the argument; returns dim made non-negative."""
+def check_bias_act_args(x, bias, dim, negative_slope=0.01):
+    """Raise what torch raises for bad input, naming the argument; returns (dim made non-negative,
+    negative_slope as a float, the dtype torch's `x + bias` gives)."""
     check_tensor(x, "input", "bias_act()")
     if not x.is_floating_point():
         raise RuntimeError(f"bias_act(): argument 'input' must be a floating-point tensor, not {x.dtype}")
+    index = as_int(dim)
+    if index is None:
+        raise TypeError(f"bias_act(): argument 'dim' must be int, not {type(dim).__name__}")
+    slope = as_real(negative_slope)
+    if slope is None or isinstance(negative_slope, bool):
+        raise TypeError(f"bias_act(): argument 'negative_slope' must be Number, not {type(negative_slope).__name__}")
     ndim = max(x.dim(), 1)
-    if not -ndim <= dim < ndim:
+    if not -ndim <= index < ndim:
         raise IndexError(f"bias_act(): argument 'dim' is out of range (expected to be in range of "
-                         f"[{-ndim}, {ndim - 1}], but got {dim})")
-    dim %= ndim
+                         f"[{-ndim}, {ndim - 1}], but got {index})")
+    index %= ndim
+    dtype = x.dtype
     if bias is not None:
         check_tensor(bias, "bias", "bias_act()")
-        check_like(bias, "bias", x, "input", "bias_act()")
-        expected = x.shape[dim] if x.dim() else 1
+        check_same_device(bias, "bias", x, "input", "bias_act()")
+        if bias.is_complex():
+            raise RuntimeError(f"bias_act(): argument 'bias' must be a real tensor, not {bias.dtype}")
+        expected = x.shape[index] if x.dim() else 1
         if bias.dim() != 1 or bias.numel() != expected:
             raise RuntimeError(f"bias_act(): argument 'bias' must have shape ({expected},) to match "
-                               f"'input' along dim {dim}, but got {tuple(bias.shape)}")
-    return dim
+                               f"'input' along dim {index}, but got {tuple(bias.shape)}")
+        # x + bias promotes as torch does (an fp32 bias on an autocast bf16 activation: fp32 out)
+        dtype = torch.promote_types(x.dtype, bias.dtype)
+    return index, slope, dtype
 
 
 def _prepare(x, bias=None, activation="relu", *, dim=-1, negative_slope=0.01):
-    dim = check_bias_act_args(x, bias, dim)
+    dim, negative_slope, dtype = check_bias_act_args(x, bias, dim, negative_slope)
+    x, bias = x.to(dtype), (None if bias is None else bias.to(dtype))
     if x.dim() == 0:
         x = x.reshape(1)
-    return (x, bias, activation_code(activation), dim, float(negative_slope)), {}
+    return (x, bias, activation_code(activation), dim, negative_slope), {}
 
 
 @dispatch.entry_point(BIAS_ACT, _prepare)
@@ -308,12 +321,13 @@ def bias_act(x: Tensor, bias: Optional[Tensor] = None, activation: Optional[str]
     """act(x + bias) with bias broadcast along `dim`, fused forward and backward.
 
     activation: "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "leaky_relu" (with
-    negative_slope) or None. The result has x's memory layout, as torch's `x + bias` would.
+    negative_slope) or None. The result has x's memory layout and the dtype of torch's `x + bias`
+    (a float32 bias on a bfloat16 x gives float32, as under autocast the composition would).
     """
     args, _ = _prepare(x, bias, activation, dim=dim, negative_slope=negative_slope)
     reason = dispatch.autodiff_transform_reason(x, bias)
     if reason is not None:
-        y = dispatch.served_by_torch("bias_act", reason, reference, args[0], bias, activation, args[3], args[4])
+        y = dispatch.served_by_torch("bias_act", reason, reference, *args[:2], activation, *args[3:])
     else:
         y = bias_act_op(*args)
     return y.view(()) if x.dim() == 0 else y

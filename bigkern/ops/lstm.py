@@ -535,7 +535,7 @@ def _run_layer(x2d, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, 
 
 def _cast_floats(value, dtype):
     if isinstance(value, Tensor):
-        return value.to(dtype) if value.is_floating_point() and value.dtype != torch.float64 else value
+        return value.to(dtype) if amp.is_castable(value) else value
     if isinstance(value, (tuple, list)):
         return type(value)(_cast_floats(v, dtype) for v in value)
     if isinstance(value, dict):
@@ -543,14 +543,17 @@ def _cast_floats(value, dtype):
     return value
 
 
-def _autocast_like_torch(cast_devices):
+def _autocast_like_torch(cast_devices, composite_on_cpu=False):
     """Autocast as torch applies it to LSTMs: on the devices whose autocast lists the op as lower
     precision, every floating argument but float64 is cast to the autocast dtype -- CUDA for
     lstm_cell and whole LSTMs (cuDNN), and also CPU for whole LSTMs (oneDNN's mkldnn_rnn_layer is
     on CPU autocast's list; lstm_cell is not). Elsewhere dtypes are kept. Either way the math inside
     is not autocast piece by piece -- except that on CPU an LSTM with projections is not oneDNN's:
     torch runs it op by op, so its cell state stays in the dtype it came in (c_n float32 for float32
-    or no c0) while the output and h_n come out of the projection's autocast matmul."""
+    or no c0) while the output and h_n come out of the projection's autocast matmul.
+    composite_on_cpu (lstm_cell): torch's CPU cell is a composition whose gate matmuls autocast and
+    whose cell update promotes, so h_1 and c_1 come out in promote(autocast dtype, c0's dtype);
+    computing in that dtype gives those dtypes (and takes a bfloat16 input to float32 weights)."""
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(input, *args, **kwargs):
@@ -558,6 +561,12 @@ def _autocast_like_torch(cast_devices):
                 return fn(input, *args, **kwargs)
             device_type = input.device.type
             with torch.autocast(device_type, enabled=False):
+                if device_type == "cpu" and composite_on_cpu:
+                    dtype = torch.promote_types(torch.get_autocast_dtype("cpu"),
+                                                _cell_state_dtype(input, args, kwargs))
+                    if dtype != torch.float64:
+                        input, args, kwargs = _cast_floats((input, args, kwargs), dtype)
+                    return fn(input, *args, **kwargs)
                 if device_type not in cast_devices:
                     return fn(input, *args, **kwargs)
                 dtype = torch.get_autocast_dtype(device_type)
@@ -644,7 +653,7 @@ def _initial_state(hx, input, h_shape, c_shape, fn, names=("hx[0]", "hx[1]")):
     return h0, c0
 
 
-@_autocast_like_torch(("cuda",))
+@_autocast_like_torch(("cuda",), composite_on_cpu=True)
 def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
               b_hh: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One LSTM step, torch.lstm_cell's signature: input (B, input_size), hx (h (B, H), c (B, H))

@@ -50,7 +50,7 @@ __device__ __forceinline__ float activate(float z, float negative_slope) {
   else if constexpr (ACT == kSilu) return z * sigmoidf(z);
   else if constexpr (ACT == kSigmoid) return sigmoidf(z);
   else if constexpr (ACT == kTanh) return tanhf(z);
-  else if constexpr (ACT == kLeakyRelu) return z < 0.f ? z * negative_slope : z;
+  else if constexpr (ACT == kLeakyRelu) return z > 0.f ? z : z * negative_slope;  // torch's form (sign of -0, 0 * inf slope)
   else return z;
 }
 
