@@ -6,16 +6,21 @@ Patterns (each part after the conv optional, each intermediate used by nothing e
     y = conv(x)                       Conv2d (torch's or bigkern's, any padding mode)
     y = batch_norm(y)                 BatchNorm2d in eval mode with running statistics: folded into
                                       the conv's weight and bias (in training mode it stays separate,
-                                      and ends the chain; so does an eval-mode one whose affine
-                                      parameters still train, in a model in training mode)
+                                      and ends the chain; so does an eval-mode one in a model in
+                                      training mode whose conv or affine parameters still train:
+                                      folded, the optimizer would train another parametrization)
     y = act(y)                        relu, gelu, silu, sigmoid, tanh, leaky_relu: as modules,
         or  y = act(y + identity)     functionals or tensor methods; the residual add as +, +=,
                                       torch.add or Tensor.add (a ResNet block's `out += identity`;
                                       never an in-place add into the identity, which others see)
 
-The model is traced with torch.fx (bigkern's own modules, from bigkern.patch, as leaves like
-torch's); where it cannot be traced (data-dependent control flow), each child module is fused on
-its own. nn.Sequential containers are matched module by module.
+A module with hooks (forward, pre-forward or backward; spectral_norm's pre-hook among them) is
+never fused away: a conv, batch norm or activation with hooks ends the chain, and any other module
+with hooks keeps its identity (its children are fused inside it), so every hook still runs.
+
+The model is traced with torch.fx (bigkern's own modules, from bigkern.patch, and modules with
+hooks as leaves like torch's); where it cannot be traced (data-dependent control flow), each child
+module is fused on its own. nn.Sequential containers are matched module by module.
 Each chain becomes one `bigkern.nn.FusedConv2d` under the conv's own name; folded batch norms
 disappear from the module tree (and the state_dict).
 """
@@ -75,23 +80,38 @@ class _Tracer(fx.Tracer):
     and in-place operators kept in place."""
 
     def is_leaf_module(self, m, module_qualified_name):
-        return type(m).__module__.startswith("bigkern.nn.") or super().is_leaf_module(m, module_qualified_name)
+        return (type(m).__module__.startswith("bigkern.nn.") or _has_hooks(m)
+                or super().is_leaf_module(m, module_qualified_name))
 
     def proxy(self, node):
         return _Proxy(node, self)
 
 
+def _has_hooks(module) -> bool:
+    """Whether hooks run around this module's forward or backward (a fused module would drop them)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def _fuse(model, model_training):
     if isinstance(model, _CONVS) or not any(True for _ in model.children()):
         return model
-    if type(model) is nn.Sequential:  # a chain: module patterns find everything, and keep it a Sequential
+    if type(model) is nn.Sequential or _has_hooks(model):
+        # a chain: module patterns find everything, and keep it a Sequential; a module with hooks
+        # stays itself (a traced copy would not carry them), fused inside
         return _fuse_children(model, model_training)
     try:
         traced = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception:  # fx cannot trace it: fuse inside each child instead
         return _fuse_children(model, model_training)
-    if not _fuse_graph(traced, model_training):
-        return model  # the trace saw every module: nothing to fuse anywhere
+    changed = _fuse_graph(traced, model_training)
+    for node in traced.graph.nodes:  # leaves kept for their hooks: fused inside
+        if node.op == "call_module":
+            leaf = traced.get_submodule(node.target)
+            if _has_hooks(leaf) and not isinstance(leaf, _CONVS):
+                _fuse_children(leaf, model_training)
+    if not changed:
+        return model  # the trace saw every module: nothing to fuse at this level
     traced.training = model.training
     return traced
 
@@ -119,7 +139,7 @@ def _activation(node, modules, source):
     if node is None or not node.args or node.args[0] is not source:
         return None
     if node.op == "call_module":
-        return _activation_module(modules[node.target])
+        return _activation_module(modules[node.target])  # (None for one with hooks)
     if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
         name = _ACTIVATION_FUNCTIONS[node.target]
         if name == "gelu":
@@ -155,12 +175,14 @@ def _residual(node, source):
     return other
 
 
-def _foldable_batch_norm(module, model_training):
-    """An eval-mode BatchNorm2d with running statistics -- unless the model trains and the batch
-    norm's affine parameters train with it (a frozen-statistics batch norm in fine-tuning)."""
-    trains_affine = model_training and any(p.requires_grad for p in module.parameters())
+def _foldable_batch_norm(module, conv, model_training):
+    """An eval-mode BatchNorm2d with running statistics and no hooks -- unless the model trains and
+    the conv's or the batch norm's parameters train with it (a frozen-statistics batch norm in
+    fine-tuning): folded, the optimizer would step W * gamma / sigma where it stepped W, and
+    weight decay would act on that too, so training would take another course."""
+    trains = model_training and any(p.requires_grad for p in (*module.parameters(), *conv.parameters()))
     return (type(module) is nn.BatchNorm2d and not module.training and module.track_running_stats
-            and module.running_mean is not None and not trains_affine)
+            and module.running_mean is not None and not trains and not _has_hooks(module))
 
 
 def _fuse_graph(gm: fx.GraphModule, model_training: bool) -> bool:
@@ -174,13 +196,15 @@ def _fuse_graph(gm: fx.GraphModule, model_training: bool) -> bool:
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or type(modules.get(node.target)) not in _CONVS or calls[node.target] != 1:
             continue
+        if _has_hooks(modules[node.target]):
+            continue
         if len(node.args) != 1 or node.kwargs:
             continue
         chain, tail = [node], node
         batch_norm = None
         user = _only_user(tail)
         if (user is not None and user.op == "call_module"
-                and _foldable_batch_norm(modules[user.target], model_training)
+                and _foldable_batch_norm(modules[user.target], modules[node.target], model_training)
                 and user.args == (tail,) and not user.kwargs):
             batch_norm, tail = modules[user.target], user
             chain.append(tail)
@@ -224,6 +248,8 @@ def _set_submodule(root, target, module):
 # Module patterns, where fx cannot trace: Conv2d (-> BatchNorm2d) (-> activation) in a Sequential.
 
 def _activation_module(module):
+    if _has_hooks(module):
+        return None
     kind = type(module)
     if kind in _ACTIVATION_MODULES:
         return _ACTIVATION_MODULES[kind], 0.01
@@ -239,12 +265,12 @@ def _fuse_sequential(sequential: nn.Sequential, model_training: bool):
     children = list(sequential)
     i = 0
     while i < len(children):
-        if type(children[i]) not in _CONVS:
+        if type(children[i]) not in _CONVS or _has_hooks(children[i]):
             i += 1
             continue
         j = i + 1
         batch_norm = None
-        if j < len(children) and _foldable_batch_norm(children[j], model_training):
+        if j < len(children) and _foldable_batch_norm(children[j], children[i], model_training):
             batch_norm, j = children[j], j + 1
         activation = _activation_module(children[j]) if j < len(children) else None
         if activation is not None:

@@ -19,11 +19,23 @@ from bigkern.nn import DROP_INS
 _ORIGINAL_CLASS = "_bigkern_original_class"
 
 
-def _selected(name: str, module: torch.nn.Module, patterns) -> bool:
+def _matches(name: str, module: torch.nn.Module, patterns) -> bool:
     for pattern in patterns:
         if isinstance(pattern, type) and isinstance(module, pattern):
             return True
         if isinstance(pattern, str) and (fnmatch.fnmatchcase(name, pattern) or type(module).__name__ == pattern):
+            return True
+    return False
+
+
+def _selected(name: str, modules: dict, patterns) -> bool:
+    """Whether the module called `name`, or one it sits in, matches a pattern: a pattern names a
+    subtree, so including a Transformer layer includes its attention, and excluding it (or a
+    container) leaves everything inside it torch's."""
+    parts = name.split(".") if name else []
+    for depth in range(len(parts) + 1):
+        ancestor = ".".join(parts[:depth])
+        if ancestor in modules and _matches(ancestor, modules[ancestor], patterns):
             return True
     return False
 
@@ -38,19 +50,23 @@ def patch(model: torch.nn.Module, include: Optional[Iterable] = None, exclude: O
     MultiheadAttention, Transformer{Encoder,Decoder}Layer) for bigkern's, in place; returns model.
 
     include / exclude: torch module classes, class names, or fnmatch patterns of qualified module
-    names (as in `model.named_modules()`, "" for the root), e.g. exclude=["encoder.layers.0.*"].
+    names (as in `model.named_modules()`, "" for the root), e.g. exclude=["encoder.layers.0"]. A
+    pattern covers the module it matches and everything inside it: include=[nn.TransformerEncoderLayer]
+    swaps the layers and their attention, exclude=["*.self_attn"] leaves the attention torch's (it
+    then runs as torch's module, hooks and all, inside a swapped layer).
     Hugging Face models that transformers runs on SDPA are also switched to bigkern's attention
     (attn_implementation="bigkern"); others keep theirs.
     """
     include = _patterns(include) if include is not None else None
     exclude = _patterns(exclude or [])
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         drop_in = DROP_INS.get(_module_class(module))
         if drop_in is None:
             continue
-        if include is not None and not _selected(name, module, include):
+        if include is not None and not _selected(name, modules, include):
             continue
-        if _selected(name, module, exclude):
+        if _selected(name, modules, exclude):
             continue
         setattr(module, _ORIGINAL_CLASS, _module_class(module))
         _swap_class(module, drop_in)

@@ -19,8 +19,8 @@ def run_against_torch(torch_module, bigkern_class, inputs, kwargs, check_params=
     bigkern_class at fp32: compare outputs, input gradients and parameter gradients."""
     reference = copy.deepcopy(torch_module).double()
     same_dtype = copy.deepcopy(torch_module).float()
-    mine = copy.deepcopy(torch_module).float()
-    mine.__class__ = bigkern_class  # the class-swap protocol: same parameters and state
+    mine = bigkern.patch(copy.deepcopy(torch_module).float())  # class swaps, attention children too
+    assert type(mine) is bigkern_class
     mine.load_state_dict(same_dtype.state_dict())
     xs = [make_tensor(shape, torch.float32, DEVICE, requires_grad=True) for shape in inputs]
     xs64 = [testing.fp64_copy(x) for x in xs]
@@ -32,7 +32,9 @@ def run_against_torch(torch_module, bigkern_class, inputs, kwargs, check_params=
 
     for module in (reference, same_dtype, mine):
         module.to(DEVICE if module is not reference else "cpu")
-    out = call(mine, xs)
+    with bigkern.record() as calls:
+        out = call(mine, xs)
+    assert any(op.startswith("sdpa") for op, _ in calls), f"bigkern's attention did not run: {calls}"
     out64 = call(reference, xs64)
     out_t = call(same_dtype, xst)
     results = [testing.compare(out, out64, out_t)]
@@ -160,19 +162,67 @@ def test_transformer_decoder_layer_matches_torch(backend, norm_first):
     run_against_torch(layer, bigkern.nn.TransformerDecoderLayer, [(2, 6, 16), (2, 9, 16)], kwargs)
 
 
-def test_swapped_layer_runs_torch_children_through_bigkern():
-    """A torch layer whose class alone is swapped (its attention child still torch's class)."""
-    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0).eval()
-    expected = layer(make_tensor((5, 2, 16)) * 0 + 1)
-    layer.__class__ = bigkern.nn.TransformerEncoderLayer
-    assert type(layer.self_attn) is torch.nn.MultiheadAttention
-    calls = []
-    real = nn_attention.ops.scaled_dot_product_attention
-    with mock.patch.object(nn_attention.ops, "scaled_dot_product_attention",
-                           side_effect=lambda *a, **k: calls.append(1) or real(*a, **k)):
-        out = layer(make_tensor((5, 2, 16)) * 0 + 1)
-    assert calls, "the attention did not go through bigkern"
+def test_an_attention_child_left_torchs_runs_as_torchs():
+    """patch(..., exclude=["*.self_attn"]): the layer is bigkern's, its attention child stays torch's
+    and runs as torch's module -- its hooks fire, bigkern's attention does not run (it used to run
+    the child through bigkern's forward, skipping the hooks)."""
+    encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0), 2,
+                                          enable_nested_tensor=False).eval()
+    x = make_tensor((5, 2, 16))
+    expected = encoder(x)
+    fired = []
+    encoder.layers[0].self_attn.register_forward_hook(lambda m, i, o: fired.append(type(m)))
+    for exclude in (["*.self_attn"], [torch.nn.MultiheadAttention], ["layers.0"]):
+        bigkern.patch(encoder, exclude=exclude)
+        layer_class = torch.nn.TransformerEncoderLayer if exclude == ["layers.0"] else nn_attention.TransformerEncoderLayer
+        assert type(encoder.layers[0]) is layer_class and type(encoder.layers[0].self_attn) is torch.nn.MultiheadAttention
+        fired.clear()
+        with bigkern.record() as calls:
+            out = encoder(x)
+        assert fired == [torch.nn.MultiheadAttention]
+        assert calls[("sdpa_forward", "torch")] + calls[("sdpa_forward", "triton")] == (0 if exclude[0] != "layers.0" else 1)
+        torch.testing.assert_close(out, expected)
+        bigkern.unpatch(encoder)
+    bigkern.patch(encoder, include=[torch.nn.TransformerEncoderLayer])  # a layer includes its attention
+    assert all(type(layer.self_attn) is nn_attention.MultiheadAttention for layer in encoder.layers)
+
+
+@pytest.mark.parametrize("batch,length", [(0, 5), (2, 0)])
+def test_empty_batch_or_sequence(batch, length):
+    """An empty batch or sequence gives torch's empty output (a view with -1 failed on 0 elements)."""
+    mha = torch.nn.MultiheadAttention(8, 2)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    x = make_tensor((length, batch, 8))
+    expected_mha, _ = mha(x, x, x, need_weights=False)
+    with torch.no_grad():
+        expected_layer = layer(x.transpose(0, 1))
+    bigkern.patch(mha), bigkern.patch(layer)
+    out, _ = mha(x, x, x, need_weights=False)
+    assert out.shape == expected_mha.shape and layer(x.transpose(0, 1)).shape == expected_layer.shape
+
+
+def test_patched_models_trace_with_torch_fx():
+    """torch.fx keeps torch's attention modules whole; bigkern's are recorded as one call each, so a
+    patched model traces (symbolic_trace, torchvision's feature extraction) and runs bigkern's."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.encoder = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.decoder = torch.nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+        def forward(self, x, memory):
+            x = x + self.attention(x, x, x, need_weights=False)[0]
+            return self.decoder(self.encoder(x), memory)
+
+    model = bigkern.patch(Model().eval())
+    x, memory = make_tensor((2, 5, 16)), make_tensor((2, 7, 16))
+    expected = model(x, memory)
+    traced = torch.fx.symbolic_trace(model)
+    with bigkern.record() as calls:
+        out = traced(x, memory)
     torch.testing.assert_close(out, expected)
+    assert sum(n for (op, _), n in calls.items() if op == "sdpa_forward") == 4
 
 
 def test_training_with_dropout_is_reproducible():

@@ -265,9 +265,10 @@ def test_fusing_keeps_the_convs_own_parameters():
     assert all(not torch.equal(p, before[name]) for name, p in fused.named_parameters())
 
 
-def test_frozen_batch_norm_folds_only_without_trainable_affine():
-    """Fine-tuning with frozen statistics (a batch norm in eval mode inside a training model): its
-    scale and shift still train, so it stays; with them frozen too, it folds."""
+def test_frozen_batch_norm_folds_only_when_nothing_in_the_chain_trains():
+    """Fine-tuning with frozen statistics (a batch norm in eval mode inside a training model): while
+    its scale and shift, or the conv's weights, train, it stays -- folded, the optimizer would step
+    W * gamma / sigma instead of W and training would take another course; with all frozen, it folds."""
     model = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).double()
     model.train()
     model[1].eval()
@@ -275,9 +276,74 @@ def test_frozen_batch_norm_folds_only_without_trainable_affine():
     fused = fused_equals_original(model, x, expect=0)
     assert "1.weight" in dict(fused.named_parameters())
     model[1].requires_grad_(False)
+    fused = fused_equals_original(model, x, expect=0)
+    assert "1.running_mean" in fused.state_dict()
+    # the same SGD steps on fused and original give the same model
+    original = copy.deepcopy(model)
+    steps = [torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=0.01) for m in (fused, original)]
+    for _ in range(3):
+        for m, optimizer in zip((fused, original), steps):
+            optimizer.zero_grad()
+            m(x).square().mean().backward()
+            optimizer.step()
+    torch.testing.assert_close(fused(x), original(x))
+    model[0].requires_grad_(False)
     fused = fused_equals_original(model, x, expect=1)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
-    fused(x)  # in training mode, still right: the batch norm it folded stays frozen
+    fused(x)  # in training mode, still right: nothing it folded trains
+
+
+class _Tap(nn.Module):
+    """A module other than the fusable ones, holding a conv chain in a child."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        return self.body(x) + 1
+
+
+@pytest.mark.parametrize("hooked", ["conv", "bn", "act", "conv pre", "container", "sequential conv"])
+def test_modules_with_hooks_are_not_fused_away(hooked):
+    """A hook on a module fuse would replace or erase must still run (it may change the output);
+    a module with hooks elsewhere keeps its identity, its insides fused."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), _Tap(),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()))).double().eval()
+    calls = []
+
+    def halve(module, inputs, output):
+        calls.append(type(module).__name__)
+        return output * 0.5
+
+    target = {"conv": model[0], "bn": model[1], "act": model[2], "conv pre": model[0], "container": model[3],
+              "sequential conv": model[4][0]}[hooked]
+    if hooked == "conv pre":
+        target.register_forward_pre_hook(lambda module, inputs: (calls.append("pre"), (inputs[0] * 2,))[1])
+    else:
+        target.register_forward_hook(halve)
+    x = make_tensor((2, 3, 7, 7), torch.float64, DEVICE)
+    expected = model(x)
+    fused = bigkern.fuse(model)
+    calls.clear()
+    torch.testing.assert_close(fused(x), expected)
+    assert len(calls) == 1, calls
+    if hooked == "container":  # the hooked module itself is kept, its children fused
+        kept = [m for m in fused.modules() if isinstance(m, _Tap)]
+        assert len(kept) == 1 and isinstance(kept[0].body[0], FusedConv2d)
+
+
+def test_spectral_norm_conv_is_not_fused():
+    """spectral_norm computes the conv's weight in a pre-forward hook: fusing it would freeze one
+    weight (it crashed: the computed weight is no Parameter)."""
+    model = nn.Sequential(torch.nn.utils.spectral_norm(nn.Conv2d(4, 4, 3)), nn.ReLU()).double().eval()
+    x = make_tensor((1, 4, 8, 8), torch.float64, DEVICE)
+    expected = model(x)
+    fused = bigkern.fuse(model, inplace=True)
+    assert not any(isinstance(m, FusedConv2d) for m in fused.modules())
+    torch.testing.assert_close(fused(x), expected)
 
 
 def test_a_model_fused_in_eval_mode_refuses_training_mode():

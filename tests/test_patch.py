@@ -65,6 +65,13 @@ def test_include_and_exclude(linear_drop_in):
     assert type(m[0]) is torch.nn.Linear and type(m[2][0]) is DropInLinear
     m = bigkern.patch(model(), exclude=[torch.nn.Linear])
     assert type(m[0]) is torch.nn.Linear
+    # a pattern covers everything inside what it matches
+    m = bigkern.patch(model(), exclude=["2"])
+    assert type(m[0]) is DropInLinear and type(m[2][0]) is torch.nn.Linear
+    m = bigkern.patch(model(), include=["2"])
+    assert type(m[0]) is torch.nn.Linear and type(m[2][0]) is DropInLinear
+    m = bigkern.patch(model(), include=[torch.nn.Sequential], exclude=["2.0"])
+    assert type(m[0]) is DropInLinear and type(m[2][0]) is torch.nn.Linear
 
 
 def test_state_dict_round_trips_between_patched_and_unpatched(linear_drop_in, tmp_path):

@@ -10,8 +10,9 @@ need_weights=True asks for the (L, S) attention matrix, which a fused kernel nev
 raises UnsupportedError. So do NestedTensor inputs, which only torch's fast path takes.
 
 The class-swap protocol (DEVELOPING.md): these classes keep no state of their own, so a torch
-instance whose __class__ is swapped works at once; a swapped layer whose attention child is still
-torch's class runs that child through bigkern's forward too.
+instance whose __class__ is swapped works at once. A layer calls its attention child as a module,
+whatever its class: a child left torch's (bigkern.patch(..., exclude=["*.self_attn"])) runs as
+torch's, its hooks with it.
 """
 
 import torch
@@ -131,7 +132,7 @@ def _sdpa_arguments(module, query, key, value, key_padding_mask, attn_mask, is_c
         if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(0)
         else:
-            attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)
+            attn_mask = attn_mask.view(bsz, num_heads, attn_mask.shape[-2], src_len)
     q = q.view(bsz, num_heads, tgt_len, head_dim)
     k = k.view(bsz, num_heads, src_len, head_dim)
     v = v.view(bsz, num_heads, src_len, head_dim)
@@ -154,12 +155,19 @@ def multi_head_attention_forward(module, query, key, value, key_padding_mask=Non
     out = ops.scaled_dot_product_attention(*sdpa_args)
     # (N, H, L, hd) laid out like q, i.e. (L, N, H, hd) in memory: this reshape is a view
     out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
-    out = torch_F.linear(out, module.out_proj.weight, module.out_proj.bias).view(tgt_len, bsz, -1)
+    out = torch_F.linear(out, module.out_proj.weight, module.out_proj.bias)
+    out = out.view(tgt_len, bsz, out.shape[-1])  # (not -1: a batch of 0 leaves it undetermined)
     if not is_batched:
         return out.squeeze(1), None
     if module.batch_first:
         out = out.transpose(1, 0)
     return out, None
+
+
+# torch.fx keeps torch.nn's MultiheadAttention and Transformer layers whole (they are leaves of its
+# default tracer); bigkern's are traced into, and their shape checks branch on what a tracer cannot
+# know. Recorded as one node each (the module an argument), a patched model traces as torch's does.
+torch.fx.wrap("multi_head_attention_forward")
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -182,19 +190,33 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return dispatch.explain(ops.scaled_dot_product_attention, *sdpa_args)
 
 
-def _attend(attention_module, *args, **kwargs):
-    """Run an attention child through bigkern: directly if it is a bigkern MultiheadAttention, through
-    bigkern's forward if it is still torch's class (a parent swapped alone), else as it is."""
-    if type(attention_module) is torch.nn.MultiheadAttention:
-        return multi_head_attention_forward(attention_module, *args, **kwargs)
-    return attention_module(*args, **kwargs)
-
-
 def _swap_attention_children(layer, *names):
     for name in names:
         child = getattr(layer, name)
         if type(child) is torch.nn.MultiheadAttention:
             child.__class__ = MultiheadAttention
+
+
+def encoder_layer_forward(layer, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+    """TransformerEncoderLayer.forward of `layer` without torch's inference fast path."""
+    if src.is_nested:
+        return torch.nn.TransformerEncoderLayer.forward(layer, src, src_mask, src_key_padding_mask, is_causal)
+    src_key_padding_mask = torch_F._canonical_mask(
+        mask=src_key_padding_mask, mask_name="src_key_padding_mask", other_type=torch_F._none_or_dtype(src_mask),
+        other_name="src_mask", target_type=src.dtype)
+    src_mask = torch_F._canonical_mask(mask=src_mask, mask_name="src_mask", other_type=None, other_name="",
+                                       target_type=src.dtype, check_other=False)
+    x = src
+    if layer.norm_first:
+        x = x + layer._sa_block(layer.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        x = x + layer._ff_block(layer.norm2(x))
+    else:
+        x = layer.norm1(x + layer._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+        x = layer.norm2(x + layer._ff_block(x))
+    return x
+
+
+torch.fx.wrap("encoder_layer_forward")
 
 
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
@@ -207,57 +229,16 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         _swap_attention_children(self, "self_attn")
 
     def forward(self, src: Tensor, src_mask=None, src_key_padding_mask=None, is_causal: bool = False) -> Tensor:
-        if src.is_nested:
-            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
-        src_key_padding_mask = torch_F._canonical_mask(
-            mask=src_key_padding_mask, mask_name="src_key_padding_mask", other_type=torch_F._none_or_dtype(src_mask),
-            other_name="src_mask", target_type=src.dtype)
-        src_mask = torch_F._canonical_mask(mask=src_mask, mask_name="src_mask", other_type=None, other_name="",
-                                           target_type=src.dtype, check_other=False)
-        x = src
-        if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
-            x = x + self._ff_block(self.norm2(x))
-        else:
-            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
-            x = self.norm2(x + self._ff_block(x))
-        return x
-
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
-        x = _attend(self.self_attn, x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                    need_weights=False, is_causal=is_causal)[0]
-        return self.dropout1(x)
+        return encoder_layer_forward(self, src, src_mask, src_key_padding_mask, is_causal)
 
 
 class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
-    """torch.nn.TransformerDecoderLayer with bigkern's attention (same constructor and state)."""
+    """torch.nn.TransformerDecoderLayer with bigkern's attention (same constructor and state): torch's
+    forward, whose attention children are bigkern's."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _swap_attention_children(self, "self_attn", "multihead_attn")
-
-    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, tgt_is_causal: bool = False, memory_is_causal: bool = False) -> Tensor:
-        x = tgt
-        if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
-            x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
-            x = x + self._ff_block(self.norm3(x))
-        else:
-            x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
-            x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
-            x = self.norm3(x + self._ff_block(x))
-        return x
-
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
-        x = _attend(self.self_attn, x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                    is_causal=is_causal, need_weights=False)[0]
-        return self.dropout1(x)
-
-    def _mha_block(self, x, mem, attn_mask, key_padding_mask, is_causal=False):
-        x = _attend(self.multihead_attn, x, mem, mem, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                    is_causal=is_causal, need_weights=False)[0]
-        return self.dropout2(x)
 
 
 register_drop_in(torch.nn.MultiheadAttention, MultiheadAttention)
