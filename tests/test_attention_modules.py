@@ -248,3 +248,16 @@ def test_torch_compile_fullgraph_encoder():
     model.train()
     compiled(x).sum().backward()
     assert model[0].weight.grad is not None
+
+
+def test_batch_first_self_attention_projects_once():
+    """batch_first self-attention keeps query is key is value through the transpose, as torch does,
+    so the input projection is one packed matmul (it was three)."""
+    module = bigkern.nn.MultiheadAttention(16, 2, batch_first=True)
+    x = make_tensor((2, 5, 16))
+    with mock.patch("torch.nn.functional.linear", wraps=torch.nn.functional.linear) as linear:
+        out, _ = module(x, x, x, need_weights=False)
+    assert linear.call_count == 2  # the packed input projection and out_proj
+    reference = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    reference.load_state_dict(module.state_dict())
+    torch.testing.assert_close(out, reference(x, x, x, need_weights=False)[0])
