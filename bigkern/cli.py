@@ -151,10 +151,11 @@ def cmd_verify(args):
     from bigkern import dispatch, ops
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    families = {name: module for name, module in ops.FAMILIES.items() if args.op in (None, name)}
-    if not families:
-        print(f"no op family named {args.op!r}; families: {', '.join(ops.FAMILIES)}", file=sys.stderr)
+    unknown = [name for name in args.op or () if name not in ops.FAMILIES]
+    if unknown:
+        print(f"no op family named {', '.join(unknown)}; families: {', '.join(ops.FAMILIES)}", file=sys.stderr)
         return 2
+    families = {name: module for name, module in ops.FAMILIES.items() if not args.op or name in args.op}
     backends = [b for b in dispatch.BACKENDS if args.backend in ("all", b)]
     rows, failures = verify_rows(families, backends, [getattr(torch, d) for d in args.dtype], device)
 
@@ -175,9 +176,29 @@ def cmd_verify(args):
         directory = args.save / "verification"
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{harness.device_slug(env['device'])}.json"
-        path.write_text(json.dumps(dict(environment=env, rows=rows), indent=1) + "\n")
-        print(f"wrote {path}")
+        rows = [row | dict(timestamp=env["timestamp"], git=env["git"]) for row in rows]
+        kept = _rows_not_rerun(path, families, backends, args.dtype)
+        harness.write_atomically(path, json.dumps(dict(environment=env, rows=kept + rows), indent=1) + "\n")
+        print(f"wrote {path}" + (f" (kept {len(kept)} rows of earlier runs this one did not repeat)" if kept else ""))
     return 1 if failures else 0
+
+
+def _rows_not_rerun(path, families, backends, dtypes):
+    """The stored rows of `path` that a run of these families x backends x dtypes did not repeat
+    (a run of one op must not erase the others' verification); each keeps its own timestamp."""
+    if not path.exists():
+        return []
+    try:
+        stored = json.loads(path.read_text())
+        rows = stored["rows"]
+    except (ValueError, KeyError, TypeError):
+        return []  # not a verification file: this run's rows replace it
+    when = stored.get("environment", {})
+
+    def rerun(row):
+        return (row.get("op") in families and row.get("backend") in backends
+                and (row.get("dtype") in dtypes or row.get("dtype") == "-"))
+    return [{"timestamp": when.get("timestamp"), "git": when.get("git")} | row for row in rows if not rerun(row)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +209,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, GPU, usable backends").set_defaults(func=cmd_info)
     verify = sub.add_parser("verify", help="every op against its float64 reference")
-    verify.add_argument("--op", help="one op family (default: all)")
+    verify.add_argument("--op", nargs="+", help="op families (default: all)")
     verify.add_argument("--backend", default="all", choices=("all",) + ("triton", "cuda", "torch"))
     verify.add_argument("--dtype", nargs="+", default=["float32", "float16", "bfloat16"],
                         choices=["float32", "float16", "bfloat16"])

@@ -88,7 +88,8 @@ def main():
         results.append(step("build", [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."],
                             300, env))
     results.append(step("info", [python, "-m", "bigkern", "info"], 60))
-    results.append(step("tests", [python, "-m", "pytest", "-q", "-x", "--durations=15", *shlex.split(args.tests)],
+    results.append(step("tests", [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--durations=15",
+                                  *shlex.split(args.tests)],
                         args.test_limit))
     results.append(step("verify", [python, "-m", "bigkern", "verify", "--save", str(args.results)], 120))
     bench = [python, "-m", "bigkern", "bench", "--results", str(args.results)] + \

@@ -101,12 +101,96 @@ def test_results_report_plot_and_readme(tmp_path):
 
 def test_bench_without_gpu_verifies_instead(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    from bigkern import cli
+    from bigkern import cli, ops
 
-    monkeypatch.setattr(cli, "main", lambda argv: 0 if argv == ["verify"] else 1)
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
     assert benchmark.main([]) == 0
     out = capsys.readouterr().out
-    assert "no GPU here, so no timings" in out and "Verifying every kernel" in out
+    assert "no GPU here, so no timings" in out and "Verifying the kernels" in out
+    assert calls == [["verify", "--op", *ops.FAMILIES]]
+    # the families and dtypes asked for are the ones verified; timing options are said to be unused
+    assert benchmark.main(["--family", "lstm", "models", "--dtype", "float16", "--quick"]) == 0
+    assert calls[-1] == ["verify", "--op", "lstm", "--dtype", "float16"]
+    assert "not used here: --quick" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("median", [0.0, float("nan"), float("inf")])
+def test_a_timing_that_is_not_one_is_an_error_never_the_best(median):
+    """A timer that returns 0 (it divided by zero), NaN or inf measured nothing: an error row, and
+    never bigkern's best or a speedup."""
+    rows = harness.run_case(make_case(), FakeTimer({"triton": median, "eager": 5.0, "compile": 3.0}), CEILINGS)
+    by = {r["provider"]: r for r in rows}
+    assert by["bigkern-triton"]["status"] == "error" and "median" in by["bigkern-triton"]["reason"]
+    assert report.best_bigkern(by) == (None, None)
+
+
+def test_results_are_standard_json_and_csv(tmp_path):
+    """Multi-line reasons stay one CSV field; no NaN in the JSON; the files are replaced whole."""
+    import csv
+
+    rows = harness.run_case(make_case(), FakeTimer({"triton": 2.0, "eager": 5.0, "compile": 3.0}), CEILINGS)
+    failed = next(i for i, row in enumerate(rows) if row["status"] == "error")
+    rows[failed]["reason"] = 'RuntimeError: first line\nsecond, "quoted" line'
+    rows[1]["gbps"] = float("nan")
+    env = dict(timestamp="2026-11-23T12:00:00+00:00", device="GPU", git="abc")
+    path = harness.write_results(tmp_path, env, CEILINGS, rows, "fake", quick=True)
+    document = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert document["rows"][1]["gbps"] is None
+    table = list(csv.DictReader(path.with_suffix(".csv").open()))
+    assert len(table) == len(rows) and table[failed]["reason"] == rows[failed]["reason"]
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.with_suffix(".csv").name])
+    assert "first line second" in report.markdown(document)  # one line in the README too
+
+
+def test_report_says_which_file_or_path_is_wrong(tmp_path, capsys):
+    """A truncated or foreign file, a missing directory or README: an error naming it (exit 2),
+    never a traceback or a README whose tables quietly went blank."""
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\nkept\n<!-- results:end -->\n")
+    device = tmp_path / "results" / "gpu"
+    device.mkdir(parents=True)
+    cases = {"truncated.json": '{"environment": {"device": "GPU"}, "rows": [',
+             "list.json": "[]",
+             "no-ceilings.json": json.dumps(dict(environment=dict(device="GPU"), rows=[])),
+             "no-median.json": json.dumps(dict(environment=dict(device="GPU"), ceilings=dict(matmul_tflops=1, copy_gbps=1),
+                                               rows=[dict(family="f", case="c", dtype="d", mode="m", provider="p",
+                                                          status="ok")]))}
+    for name, text in cases.items():
+        for old in device.iterdir():
+            old.unlink()
+        (device / name).write_text(text)
+        assert benchmark.main(["report", "--results", str(tmp_path / "results"), "--readme", str(readme)]) == 2
+        assert name in capsys.readouterr().err
+    assert "kept" in readme.read_text()
+    assert benchmark.main(["report", "--results", str(tmp_path / "nowhere"), "--readme", str(readme)]) == 2
+    assert "nowhere: no such results directory" in capsys.readouterr().err
+    assert benchmark.main(["report", "--results", str(tmp_path / "results"), "--readme", str(tmp_path / "R.md")]) == 2
+    assert "R.md: no such README" in capsys.readouterr().err
+
+
+def test_verify_save_keeps_what_this_run_did_not_repeat(tmp_path, monkeypatch, capsys):
+    """`bigkern verify --op lstm --save DIR` replaces lstm's rows and keeps every other op's (it
+    overwrote the device's whole file), each row with its own date."""
+    from bigkern import cli
+
+    def fake_rows(families, backends, dtypes, device):
+        return [dict(op=op, backend=b, dtype=str(d).removeprefix("torch."), passed="1/1", status="ok", detail="")
+                for op in families for b in backends for d in dtypes], []
+
+    monkeypatch.setattr(cli, "verify_rows", fake_rows)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["verify", "--backend", "torch", "--dtype", "float32", "--save", str(tmp_path)]) == 0
+    first = json.loads(next((tmp_path / "verification").glob("*.json")).read_text())
+    assert {r["op"] for r in first["rows"]} == {"epilogue", "attention", "lstm", "conv"}
+    assert cli.main(["verify", "--op", "lstm", "--backend", "torch", "--dtype", "float32", "float16",
+                     "--save", str(tmp_path)]) == 0
+    second = json.loads(next((tmp_path / "verification").glob("*.json")).read_text())
+    ops_dtypes = sorted((r["op"], r["dtype"]) for r in second["rows"])
+    assert ops_dtypes == sorted([("epilogue", "float32"), ("attention", "float32"), ("conv", "float32"),
+                                 ("lstm", "float32"), ("lstm", "float16")])
+    assert all("timestamp" in r for r in second["rows"])
+    assert "kept 3 rows" in capsys.readouterr().out
 
 
 def test_epilogue_suite_runs_end_to_end_on_cpu(tmp_path):

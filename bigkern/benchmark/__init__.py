@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 SUITES = {"epilogue": "bigkern.benchmark.epilogue", "attention": "bigkern.benchmark.attention",
@@ -64,11 +65,19 @@ def run(args) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.cpu:
-        print("bigkern bench: no GPU here, so no timings (they need a GPU: run `make gpu-check` on one).\n"
-              "Verifying every kernel on the CPU instead (Triton in the interpreter):\n", flush=True)
-        from bigkern import cli
+        from bigkern import cli, ops
 
-        return cli.main(["verify"])
+        families = [f for f in (args.family or ops.FAMILIES) if f in ops.FAMILIES]  # ("models" has no kernels)
+        timing_only = [f"--{name}" for name in ("quick", "provider", "results", "limit") if getattr(args, name)]
+        print("bigkern bench: no GPU here, so no timings (they need a GPU: run `make gpu-check` on one).\n"
+              + (f"Options for timing, not used here: {' '.join(timing_only)}.\n" if timing_only else "")
+              + "Verifying the kernels on the CPU instead (Triton in the interpreter):\n", flush=True)
+        if not families:
+            print("bigkern bench: no op family among " + ", ".join(args.family), flush=True)
+            return 1
+        return cli.main(["verify", "--op", *families] + (["--dtype", *args.dtype] if args.dtype else []))
+    if args.results is None:  # CPU timings (--cpu) are never figures to keep
+        args.results = Path(tempfile.gettempdir()) / "bigkern-bench-cpu" if args.cpu else default_results_dir()
     dtypes = [getattr(torch, d) for d in (args.dtype or (["bfloat16"] if device == "cuda" else ["float32"]))]
     shapes = load_shapes(args.shapes)
     timer = harness.default_timer(args.quick) if device == "cuda" else harness.CpuTimer(1, 3 if args.quick else 5)
@@ -111,7 +120,11 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv[1:])
         from bigkern.benchmark import report
 
-        return report.main(args.results, args.readme)
+        try:
+            return report.main(args.results, args.readme)
+        except report.ResultsError as error:
+            print(f"bigkern bench report: error: {error}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="bigkern bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", nargs="+", choices=list(SUITES))
@@ -124,8 +137,4 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N cases")
     parser.add_argument("--cpu", action="store_true", help="time on the CPU (tests the harness; no real figures)")
     args = parser.parse_args(argv)
-    if args.results is None:
-        import tempfile
-
-        args.results = Path(tempfile.gettempdir()) / "bigkern-bench-cpu" if args.cpu else default_results_dir()
     return run(args)

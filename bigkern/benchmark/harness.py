@@ -11,9 +11,12 @@ Rules it enforces (see bench/NOTES.md for the numbers it produced):
 A CPU timer stands in where there is no GPU, so the harness itself is tested on CPU.
 """
 
+import csv
 import dataclasses
 import datetime
+import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -177,6 +180,11 @@ def run_case(case: Case, timer, ceilings: Ceilings, only: Optional[set] = None):
             row.update(status="error", reason=f"{type(error).__name__}: {error}"[:500])
             rows.append(row)
             continue
+        if not (math.isfinite(stats.median_ms) and stats.median_ms > 0):
+            # a timer that saw nothing (or broke) measured nothing: never a result, never the "best"
+            row.update(status="error", reason=f"the timer returned a median of {stats.median_ms} ms")
+            rows.append(row)
+            continue
         seconds = stats.median_ms * 1e-3
         row.update(status="ok", median_ms=stats.median_ms, p20_ms=stats.p20_ms, p80_ms=stats.p80_ms,
                    repeats=stats.repeats, tflops=case.flops / seconds / 1e12 if case.flops else None,
@@ -255,19 +263,43 @@ def write_results(results_dir: Path, env: dict, ceilings: Ceilings, rows: list, 
     document = dict(environment=env, timer=timer_name, quick=quick, ceilings=dataclasses.asdict(ceilings), rows=rows)
     if progress is not None and progress[0] < progress[1]:
         document["partial"] = dict(cases_done=progress[0], cases=progress[1])
-    stem.with_suffix(".json").write_text(json.dumps(document, indent=1, default=str) + "\n")
+    # standard JSON (a stray NaN or inf becomes null), replaced whole: a run killed mid-write (the
+    # time limit on a lent GPU) leaves the previous complete file, never a truncated one
+    write_atomically(stem.with_suffix(".json"), json.dumps(_finite(document), indent=1, default=str,
+                                                           allow_nan=False) + "\n")
     columns = ["family", "case", "dtype", "mode", "provider", "status", "median_ms", "p20_ms", "p80_ms", "tflops",
                "gbps", "fraction_of_ceiling", "speedup", "reason"]
-    with open(stem.with_suffix(".csv"), "w") as f:
-        f.write(",".join(columns) + "\n")
-        for row in rows:
-            cells = []
-            for c in columns:
-                value = row.get(c, "")
-                if isinstance(value, dict):
-                    value = ";".join(f"{k}={v:.3f}" for k, v in value.items())
-                elif isinstance(value, float):
-                    value = f"{value:.6g}"
-                cells.append('"' + str(value).replace('"', "'") + '"' if "," in str(value) else str(value))
-            f.write(",".join(cells) + "\n")
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")  # quotes what needs it: commas, quotes, newlines
+    writer.writerow(columns)
+    for row in rows:
+        cells = []
+        for c in columns:
+            value = row.get(c, "")
+            if isinstance(value, dict):
+                value = ";".join(f"{k}={v:.3f}" for k, v in value.items())
+            elif isinstance(value, float):
+                value = f"{value:.6g}"
+            cells.append(value)
+        writer.writerow(cells)
+    write_atomically(stem.with_suffix(".csv"), table.getvalue())
     return stem.with_suffix(".json")
+
+
+def write_atomically(path: Path, text: str):
+    """path's new content, all or nothing (a temporary file beside it, then renamed over it)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _finite(value):
+    """value with float NaN/inf (not JSON) as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

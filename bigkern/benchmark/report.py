@@ -10,15 +10,59 @@ from collections import defaultdict
 from pathlib import Path
 
 
+class ResultsError(ValueError):
+    """A results directory or file the report cannot use (the message names it)."""
+
+
+# what each kind of stored document must hold for the report to read it
+_BENCHMARK_FIELDS = {"environment": ("device",), "ceilings": ("matmul_tflops", "copy_gbps"),
+                     "rows": ("family", "case", "dtype", "mode", "provider", "status")}
+_VERIFICATION_FIELDS = {"environment": ("device", "timestamp"), "rows": ("op", "backend", "dtype", "status")}
+
+
+def load_document(path: Path, fields: dict) -> dict:
+    """A stored JSON document, checked for the fields the report reads; ResultsError naming the
+    file and what is wrong otherwise."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultsError(f"{path}: not a readable results file ({error})") from None
+    if not isinstance(document, dict):
+        raise ResultsError(f"{path}: not a results file (a JSON {type(document).__name__}, not an object)")
+    for key, needed in fields.items():
+        value = document.get(key)
+        items = value if isinstance(value, list) else [value]
+        if value is None or not all(isinstance(item, dict) for item in items):
+            raise ResultsError(f"{path}: not a results file (no '{key}' {'list' if key == 'rows' else 'object'})")
+        for i, item in enumerate(items):
+            missing = [name for name in needed if name not in item]
+            if missing:
+                where = f"rows[{i}]" if key == "rows" else key
+                raise ResultsError(f"{path}: {where} lacks {', '.join(missing)}")
+    if "ceilings" in fields:  # a benchmark: every timing it calls ok is one
+        for i, row in enumerate(document["rows"]):
+            median = row.get("median_ms")
+            if row["status"] == "ok" and not (isinstance(median, (int, float)) and median > 0):
+                raise ResultsError(f"{path}: rows[{i}] is 'ok' without a positive median_ms ({median!r})")
+    return document
+
+
+def _directory(results_dir: Path) -> Path:
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise ResultsError(f"{results_dir}: no such results directory")
+    return results_dir
+
+
 def newest_results(results_dir: Path):
     """{device directory name: newest benchmark document in it}."""
     found = {}
-    for directory in sorted(Path(results_dir).iterdir()) if Path(results_dir).exists() else []:
+    for directory in sorted(_directory(results_dir).iterdir()):
         if not directory.is_dir() or directory.name == "verification":
             continue
         files = sorted(directory.glob("*.json"))
         if files:
-            found[directory.name] = json.loads(files[-1].read_text()) | {"_path": str(files[-1])}
+            found[directory.name] = load_document(files[-1], _BENCHMARK_FIELDS) | {"_path": str(files[-1])}
     return found
 
 
@@ -101,7 +145,8 @@ def markdown(document) -> str:
         failed = [(case, p, r.get("reason", "")) for (_, case, _, _), ps in entries for p, r in ps.items()
                   if r["status"] == "error"]
         if failed:
-            lines += ["", "Providers that failed: " + "; ".join(f"{p} on {c}: {r[:120]}" for c, p, r in failed)]
+            lines += ["", "Providers that failed: " + "; ".join(f"{p} on {c}: {' '.join(r.split())[:120]}"
+                                                              for c, p, r in failed)]
         lines.append("")
     return "\n".join(lines)
 
@@ -144,8 +189,8 @@ def plot(document, directory: Path):
 # Verification status: which op x backend x dtype is verified where.
 
 def verification_documents(results_dir: Path):
-    directory = Path(results_dir) / "verification"
-    return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))] if directory.exists() else []
+    directory = _directory(results_dir) / "verification"
+    return [load_document(p, _VERIFICATION_FIELDS) for p in sorted(directory.glob("*.json"))]
 
 
 def verification_markdown(documents, benchmarked) -> str:
@@ -156,8 +201,8 @@ def verification_markdown(documents, benchmarked) -> str:
     skipped = defaultdict(list)  # (op, backend) -> why each machine could not run it
     for document in documents:
         where = document["environment"]["device"]
-        when = document["environment"]["timestamp"][:10]
         for row in document["rows"]:
+            when = row.get("timestamp", document["environment"]["timestamp"])[:10]  # rows merged from runs
             if row["status"] == "skipped":
                 skipped[(row["op"], row["backend"])].append(f"not yet: skipped on {where} ({row['detail']})")
                 continue
@@ -201,13 +246,18 @@ def update_readme(readme: Path, results_dir: Path):
 
 
 def main(results_dir: Path, readme: Path = None):
+    """Write each device's REPORT.md and plots, and regenerate the README's sections; a missing
+    directory or README, or a file that is not a results file, is an error that names it (rather
+    than a README whose tables quietly went blank)."""
+    if readme is not None and not Path(readme).is_file():
+        raise ResultsError(f"{readme}: no such README to update")
     for device, document in newest_results(results_dir).items():
         directory = Path(document["_path"]).parent
         (directory / "REPORT.md").write_text(markdown(document) + "\n")
         for path in plot(document, directory):
             print(f"wrote {path}")
         print(f"wrote {directory / 'REPORT.md'}")
-    if readme is not None and Path(readme).exists():
+    if readme is not None:
         update_readme(Path(readme), results_dir)
         print(f"updated {readme}")
     return 0
