@@ -510,3 +510,42 @@ def test_autocast_casts_like_torch(dtype):
         torch.testing.assert_close(y, expected, rtol=1e-2, atol=2e-2)
         y.sum().backward()
     assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+def test_unbatched_input_with_a_batched_residual_is_refused(backend):
+    """An unbatched call's output is (K, P, Q): a 4-d residual would broadcast it up, which conv2d's
+    fused residual refuses (as for batched input) -- it returned a 3-d result, dropping the dim."""
+    x, w = make_tensor((3, 6, 6), device=DEVICE), make_tensor((4, 3, 3, 3), device=DEVICE)
+    with pytest.raises(RuntimeError, match="'residual'.*unbatched"):
+        F.conv2d(x, w, padding=1, residual=make_tensor((1, 4, 6, 6), device=DEVICE))
+    y = F.conv2d(x, w, padding=1, residual=make_tensor((4, 6, 6), device=DEVICE))
+    assert y.shape == (4, 6, 6)
+
+
+def test_no_input_channels_with_bias_is_torchs_result(backend):
+    x, w, b = torch.randn(2, 0, 5, 5, device=DEVICE), torch.randn(4, 0, 3, 3, device=DEVICE), torch.randn(4, device=DEVICE)
+    expected = torch.nn.functional.conv2d(x, w, b)
+    y = F.conv2d(x, w, b)
+    assert y.shape == expected.shape and y.dtype == expected.dtype
+
+
+def test_negative_slope_is_a_number_as_torch_takes_it():
+    x, w = make_tensor((1, 3, 5, 5)), make_tensor((4, 3, 3, 3))
+    for slope in ("0.1", "nan", torch.tensor([0.1]), True):
+        with pytest.raises(TypeError, match="'negative_slope'"):
+            F.conv2d(x, w, activation="leaky_relu", negative_slope=slope)
+        with pytest.raises(TypeError, match="'negative_slope'"):
+            bigkern.nn.FusedConv2d(3, 4, 3, activation="leaky_relu", negative_slope=slope)
+    expected = torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(x, w), 0.2)
+    torch.testing.assert_close(F.conv2d(x, w, activation="leaky_relu", negative_slope=np.float32(0.2)), expected)
+
+
+def test_weight_gradient_laid_out_as_torchs(backend):
+    """torch lays grad_weight out channels_last when the input is (as its output): autograd.grad
+    and non-leaf weights see that layout."""
+    x = make_tensor((2, 3, 7, 5), device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    w = make_tensor((4, 3, 3, 3), device=DEVICE, requires_grad=True)
+    grad_w = torch.autograd.grad(F.conv2d(x, w, padding=1).sum(), w)[0]
+    expected = torch.autograd.grad(torch.nn.functional.conv2d(x, w, padding=1).sum(), w)[0]
+    assert grad_w.stride() == expected.stride()
+    torch.testing.assert_close(grad_w, expected)

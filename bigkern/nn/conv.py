@@ -17,6 +17,7 @@ from torch import Tensor
 
 from bigkern.nn import functional, register_drop_in
 from bigkern.ops import conv as conv_ops
+from bigkern.ops.checks import check_negative_slope
 from bigkern.ops.epilogue import activation_code, torch_activation
 
 
@@ -76,7 +77,7 @@ class FusedConv2d(Conv2d):
         super().__init__(*args, **kwargs)
         activation_code(activation)  # validate
         self.activation = activation
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = check_negative_slope(negative_slope, "FusedConv2d()")
 
     @classmethod
     def from_conv(cls, conv: torch.nn.Conv2d, batch_norm: Optional[torch.nn.BatchNorm2d] = None,

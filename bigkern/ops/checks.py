@@ -57,3 +57,11 @@ def as_real(value) -> Optional[float]:
     if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex():
         return float(value)
     return None
+
+
+def check_negative_slope(negative_slope, op: str) -> float:
+    """A leaky_relu slope as torch takes it -- a Number, not a string or a bool -- as a float."""
+    slope = as_real(negative_slope)
+    if slope is None or isinstance(negative_slope, bool):
+        raise TypeError(f"{op}: argument 'negative_slope' must be Number, not {type(negative_slope).__name__}")
+    return slope

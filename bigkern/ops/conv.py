@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from bigkern import amp, dispatch, memory
-from bigkern.ops.checks import as_int, check_same_device, check_tensor
+from bigkern.ops.checks import as_int, check_negative_slope, check_same_device, check_tensor
 from bigkern.ops import epilogue
 from bigkern.ops.epilogue import activation_code, torch_activation
 
@@ -280,7 +280,7 @@ def wgrad_splits(n_pixels, tiles, device):
 
 def _weight_grad_outputs(grad, input, weight, bias_grad):
     """(grad_w, grad_b, pixels reduced over); with nothing to reduce over, both gradients are zero."""
-    grad_w = memory.empty_strided(tuple(weight.shape), dense_strides(weight.shape, suggests_channels_last(weight)),
+    grad_w = memory.empty_strided(tuple(weight.shape), dense_strides(weight.shape, output_channels_last(input, weight)),
                                   dtype=weight.dtype, device=weight.device)
     grad_b = memory.empty((weight.shape[0] if bias_grad else 0,), dtype=weight.dtype, device=weight.device)
     n_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
@@ -388,7 +388,7 @@ def conv2d_weight_grad_op(grad: Tensor, input: Tensor, weight: Tensor, stride: l
 
 @conv2d_weight_grad_op.register_fake
 def _(grad, input, weight, stride, padding, dilation, groups, bias_grad):
-    grad_w = weight.new_empty_strided(weight.shape, dense_strides(weight.shape, suggests_channels_last(weight)))
+    grad_w = weight.new_empty_strided(weight.shape, dense_strides(weight.shape, output_channels_last(input, weight)))
     return grad_w, weight.new_empty((weight.shape[0] if bias_grad else 0,))
 
 
@@ -576,6 +576,7 @@ def _prepare(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
              residual=None, negative_slope=0.01):
     """(op args, {}) for a batched call; unbatched input must be unsqueezed by the caller."""
     code = activation_code(activation)
+    negative_slope = check_negative_slope(negative_slope, "conv2d()")
     stride, padding, dilation, groups = check_conv2d_args(input, weight, bias, stride, padding, dilation, groups,
                                                           residual)
     if residual is not None:
@@ -589,7 +590,7 @@ def _prepare(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
         t is not None and t.requires_grad for t in (input, weight, bias, residual))
     save_z = needs_grad and code != 0
     return (input, weight, bias, residual, list(stride), list(padding), list(dilation), groups, code,
-            float(negative_slope), save_z), {}
+            negative_slope, save_z), {}
 
 
 def _explain_prepare(input, weight, *args, **kwargs):
@@ -629,6 +630,10 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
+        if isinstance(residual, Tensor) and residual.dim() > 3:
+            # it would broadcast the 3-d output up (a batched call refuses that too): never drop its dim
+            raise RuntimeError(f"conv2d(): argument 'residual' of size {list(residual.shape)} must broadcast to the "
+                               f"output of an unbatched input, which is 3-d (C, H, W)")
         if isinstance(residual, Tensor) and residual.dim() == 3:
             residual = residual.unsqueeze(0)
     args, _ = _prepare(input, weight, bias, stride, padding, dilation, groups, activation=activation,
@@ -638,8 +643,9 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
         y = dispatch.served_by_torch("conv2d", reason, reference, input, weight, bias, *args[4:8], activation, residual,
                                      negative_slope)
     elif input.shape[1] == 0:
-        # no input channels: torch returns (N, 0, P, Q); nothing to compute
-        y = reference(input, weight, bias, *args[4:8], activation, residual, negative_slope)
+        # no input channels: nothing to compute; whatever torch's conv2d returns (with a bias too)
+        y = torch.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        y = torch_activation(y if residual is None else y + residual, activation_code(activation), args[9])
     else:
         y = conv2d_op(*args)[0]
     return y.squeeze(0) if unbatched else y

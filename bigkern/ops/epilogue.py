@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from bigkern import dispatch, memory
-from bigkern.ops.checks import as_int, as_real, check_same_device, check_tensor
+from bigkern.ops.checks import as_int, check_negative_slope, check_same_device, check_tensor
 
 # name -> code shared with kernels/epilogue.py and csrc/common/activation.cuh
 ACTIVATIONS = {
@@ -284,9 +284,7 @@ def check_bias_act_args(x, bias, dim, negative_slope=0.01):
     index = as_int(dim)
     if index is None:
         raise TypeError(f"bias_act(): argument 'dim' must be int, not {type(dim).__name__}")
-    slope = as_real(negative_slope)
-    if slope is None or isinstance(negative_slope, bool):
-        raise TypeError(f"bias_act(): argument 'negative_slope' must be Number, not {type(negative_slope).__name__}")
+    slope = check_negative_slope(negative_slope, "bias_act()")
     ndim = max(x.dim(), 1)
     if not -ndim <= index < ndim:
         raise IndexError(f"bias_act(): argument 'dim' is out of range (expected to be in range of "
