@@ -186,14 +186,15 @@ def cmd_verify(args):
 def _rows_not_rerun(path, families, backends, dtypes):
     """The stored rows of `path` that a run of these families x backends x dtypes did not repeat
     (a run of one op must not erase the others' verification); each keeps its own timestamp."""
+    from bigkern.benchmark import report
+
     if not path.exists():
         return []
     try:
-        stored = json.loads(path.read_text())
-        rows = stored["rows"]
-    except (ValueError, KeyError, TypeError):
+        stored = report.load_document(path, report.VERIFICATION_FIELDS)
+    except report.ResultsError:
         return []  # not a verification file: this run's rows replace it
-    when = stored.get("environment", {})
+    rows, when = stored["rows"], stored["environment"]
 
     def rerun(row):
         return (row.get("op") in families and row.get("backend") in backends

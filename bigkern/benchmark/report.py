@@ -17,7 +17,7 @@ class ResultsError(ValueError):
 # what each kind of stored document must hold for the report to read it
 _BENCHMARK_FIELDS = {"environment": ("device",), "ceilings": ("matmul_tflops", "copy_gbps"),
                      "rows": ("family", "case", "dtype", "mode", "provider", "status")}
-_VERIFICATION_FIELDS = {"environment": ("device", "timestamp"), "rows": ("op", "backend", "dtype", "status")}
+VERIFICATION_FIELDS = {"environment": ("device", "timestamp"), "rows": ("op", "backend", "dtype", "status")}
 
 
 def load_document(path: Path, fields: dict) -> dict:
@@ -190,7 +190,7 @@ def plot(document, directory: Path):
 
 def verification_documents(results_dir: Path):
     directory = _directory(results_dir) / "verification"
-    return [load_document(p, _VERIFICATION_FIELDS) for p in sorted(directory.glob("*.json"))]
+    return [load_document(p, VERIFICATION_FIELDS) for p in sorted(directory.glob("*.json"))]
 
 
 def verification_markdown(documents, benchmarked) -> str:
