@@ -483,7 +483,8 @@ def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, l
                          IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                          TMA: tl.constexpr, DIAGONAL: tl.constexpr):
     """dK, dV contributions of one query block, in transposed tiles (keys along rows). Query rows
-    past seq_q read lse = +inf, so their p is 0 without a mask; DIAGONAL blocks apply causality."""
+    past seq_q read lse = +inf, so their p is 0 for finite keys; DIAGONAL blocks apply causality.
+    (Elsewhere a non-finite key is seen by a real row too, and its gradient is NaN, as torch's.)"""
     rows = m0 + offs_m
     row_ok = rows < seq_q
     if TMA:  # rows past L and columns past D arrive as zeros
@@ -504,8 +505,8 @@ def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, l
                            rows2, cols2, seq_q, seq_k, MASK_KIND)
     p_t = _recomputed_probabilities(s_t, center[None, :], offset[None, :], MASK_KIND)
     if DIAGONAL:
-        if IS_CAUSAL:
-            p_t = tl.where(cols2 <= rows2, p_t, 0.0)
+        if IS_CAUSAL:  # rows past L too: a key beyond every real row sees 0 * k there (NaN if k is)
+            p_t = tl.where((cols2 <= rows2) & (rows2 < seq_q), p_t, 0.0)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
     if DROPOUT:
         keep = dropout_keep(rows2, cols2, stream, seed_lo, seed_hi, dropout_threshold)

@@ -287,6 +287,29 @@ def test_nan_and_inf_propagate_as_in_torch(backend, where, S):
     check(attention.compare_with_reference(q, k, v, mask))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("L", [9, 30])
+def test_causal_key_no_query_sees_gets_zero_gradients(backend, value, L):
+    """With is_causal and S > L, keys past the last query row are seen by no row: their gradients are
+    0 whatever they hold, as torch's. (The dK/dV kernel's query tile past L must not count.)"""
+    S = L + 3
+    q = make_tensor((1, 2, L, 8), torch.float32, DEVICE, requires_grad=True)
+    k = make_tensor((1, 2, S, 8), torch.float32, DEVICE)
+    v = make_tensor((1, 2, S, 8), torch.float32, DEVICE)
+    with torch.no_grad():
+        k[0, 0, S - 1, 0] = value
+        k[0, 1, S - 2, 5] = value
+    k.requires_grad_()
+    v.requires_grad_()
+    skip_unless_served(q, k, v, is_causal=True)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out.backward(torch.randn_like(out))
+    assert out.isfinite().all()  # (q.grad is not: 0 * k = NaN, in torch's too)
+    assert torch.equal(k.grad[:, :, L:], torch.zeros_like(k.grad[:, :, L:]))
+    assert torch.equal(v.grad[:, :, L:], torch.zeros_like(v.grad[:, :, L:]))
+    assert k.grad.isfinite().all() and v.grad.isfinite().all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Flash-decoding: few query rows, many keys. The Triton forward splits the key walk over several
 # programs and merges their partial outputs by their logsumexp; backward is unchanged (it reads
