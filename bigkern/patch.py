@@ -54,8 +54,11 @@ def patch(model: torch.nn.Module, include: Optional[Iterable] = None, exclude: O
     pattern covers the module it matches and everything inside it: include=[nn.TransformerEncoderLayer]
     swaps the layers and their attention, exclude=["*.self_attn"] leaves the attention torch's (it
     then runs as torch's module, hooks and all, inside a swapped layer).
-    Hugging Face models that transformers runs on SDPA are also switched to bigkern's attention
-    (attn_implementation="bigkern"); others keep theirs.
+    Hugging Face models (at any depth) that transformers runs on SDPA are also switched to bigkern's
+    attention (attn_implementation="bigkern"); others keep theirs. transformers' switch is per model,
+    not per layer: a model switches when include/exclude select every attention module in it
+    (exclude=["*.self_attn"] or ["model.layers.0"] keeps it on SDPA); a composite whose parts run
+    different attentions switches its SDPA parts only.
     """
     include = _patterns(include) if include is not None else None
     exclude = _patterns(exclude or [])
@@ -72,7 +75,7 @@ def patch(model: torch.nn.Module, include: Optional[Iterable] = None, exclude: O
         _swap_class(module, drop_in)
         if isinstance(module, torch.nn.RNNBase):
             _let_dynamo_trace_rnn_modules()
-    _patch_huggingface(model)
+    _patch_huggingface(modules, include, exclude)
     return model
 
 
@@ -182,23 +185,61 @@ def _install_bigkern_functions():
 # ---------------------------------------------------------------------------------------------
 # Hugging Face transformers
 
-def _patch_huggingface(model):
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "_attn_implementation"):
+def _is_huggingface_model(module) -> bool:
+    """A transformers PreTrainedModel (its layers often hold the config too, but are not models)."""
+    return (any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__)
+            and hasattr(getattr(module, "config", None), "_attn_implementation"))
+
+
+def _inside(name: str, container: str) -> bool:
+    """Whether the module called `name` sits strictly inside the one called `container`."""
+    return name != container and (container == "" or name.startswith(container + "."))
+
+
+def _runs_on_sdpa(module) -> bool:
+    return module.config._attn_implementation == "sdpa" and getattr(module, "_supports_sdpa", True)
+
+
+def _attention_selected(name, modules, include, exclude) -> bool:
+    """Whether include/exclude select every attention module of the model called `name` (its
+    modules whose class names say Attention; the model itself when none do)."""
+    attention = [n for n, m in modules.items()
+                 if (n == name or _inside(n, name)) and "Attention" in type(m).__name__]
+    return all((include is None or _selected(n, modules, include)) and not _selected(n, modules, exclude)
+               for n in attention or [name])
+
+
+def _patch_huggingface(modules, include, exclude):
+    """Switch each transformers model in the tree that runs on SDPA to bigkern's attention, outermost
+    first: a model whose inner models all run on SDPA switches as a whole (transformers passes the
+    choice down); a composite with an inner model on another attention (eager, for the weights, say)
+    is left as it is and its SDPA parts switch on their own."""
+    models = [(name, m) for name, m in modules.items() if _is_huggingface_model(m)]
+    if not models:
         return
     from bigkern.integrations import huggingface
 
     # bigkern's attention is an SDPA drop-in: a model transformers does not run on SDPA (built with
     # eager attention, which returns the weights; flash; one whose attention SDPA cannot take; or
     # already bigkern's, by an earlier patch) keeps its own attention
-    if config._attn_implementation == "sdpa" and getattr(model, "_supports_sdpa", True) and huggingface.register():
-        setattr(model, "_bigkern_original_attn_implementation", config._attn_implementation)
+    switched = []
+    for name, model in models:
+        if any(_inside(name, outer) for outer in switched):
+            continue
+        inner = [m for n, m in models if _inside(n, name)]
+        if not all(_runs_on_sdpa(m) for m in [model] + inner):
+            continue
+        if not _attention_selected(name, modules, include, exclude) or not huggingface.register():
+            continue
+        setattr(model, "_bigkern_original_attn_implementation", model.config._attn_implementation)
         huggingface.set_attention(model, "bigkern")
+        switched.append(name)
 
 
 def _unpatch_huggingface(model):
-    original = model.__dict__.pop("_bigkern_original_attn_implementation", None)
-    if original is not None:
-        from bigkern.integrations import huggingface
+    from bigkern.integrations import huggingface
 
-        huggingface.set_attention(model, original)
+    for _, module in model.named_modules():
+        original = module.__dict__.pop("_bigkern_original_attn_implementation", None)
+        if original is not None:
+            huggingface.set_attention(module, original)

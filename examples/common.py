@@ -11,12 +11,19 @@ import bigkern
 from bigkern.patch import patched_modules
 
 
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def parse_args(description):
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=_positive, default=300)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    parser.add_argument("--print-every", type=int, default=25)
+    parser.add_argument("--print-every", type=_positive, default=25)
     parser.add_argument("--tiny", action="store_true", help="a tiny model (for a quick check on the CPU)")
     return parser.parse_args()
 

@@ -26,6 +26,13 @@ def test_example_trains_with_matching_losses(script):
     assert "throughput" in result.stdout
 
 
+@pytest.mark.parametrize("flag", ["--steps", "--print-every"])
+def test_example_refuses_no_steps(flag):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "cnn.py"), "--tiny", flag, "0"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and f"argument {flag}: must be at least 1" in result.stderr, result.stderr[-2000:]
+
+
 def test_workloads_run_forward_and_backward():
     for workload in models.workloads("tiny"):
         inputs, targets = workload.make_batch("cpu", torch.float32)

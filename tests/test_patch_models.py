@@ -162,6 +162,66 @@ def test_huggingface_eager_model_keeps_its_attention():
         assert len(patched(tokens, output_attentions=True).attentions) == 2
 
 
+@pytest.mark.parametrize("selection", [dict(exclude=["*.attn"]), dict(exclude=["transformer.h.0"]),
+                                       dict(include=[torch.nn.Conv2d]), dict(include=["lm_head"]),
+                                       dict(include=[]), dict(exclude=[""])])
+def test_huggingface_attention_switch_follows_include_and_exclude(selection):
+    """transformers switches attention per model, not per layer: a model whose attention modules
+    include/exclude leave (any of them) stays on SDPA."""
+    model = bigkern.patch(gpt2_model(), **selection)
+    assert model.config._attn_implementation == "sdpa"
+    with bigkern.record() as calls, torch.no_grad():
+        model(torch.randint(0, 97, (1, 5)))
+    assert not any(op.startswith("sdpa") for op, _ in calls)
+
+
+def test_huggingface_attention_switch_when_include_covers_it():
+    model = bigkern.patch(gpt2_model(), include=["transformer"], exclude=["*.mlp"])
+    assert model.config._attn_implementation == "bigkern"
+
+
+def test_huggingface_model_inside_a_users_module_is_switched():
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = gpt2_model()
+            self.head = torch.nn.Linear(97, 3)
+
+        def forward(self, tokens):
+            return self.head(self.backbone(tokens).logits)
+
+    model = bigkern.patch(Classifier().eval())
+    assert model.backbone.config._attn_implementation == "bigkern"
+    with bigkern.use_backend("triton"), bigkern.record() as calls, torch.no_grad():
+        model(torch.randint(0, 97, (2, 5)))
+    assert calls[("sdpa_forward", "triton")] == 2
+    bigkern.unpatch(model)
+    assert model.backbone.config._attn_implementation == "sdpa"
+
+
+def test_huggingface_composite_switches_only_its_sdpa_parts():
+    """An encoder-decoder whose encoder runs eager attention (for its weights): the encoder keeps it,
+    the SDPA decoder switches, and unpatch gives each back its own."""
+    transformers = pytest.importorskip("transformers")
+    encoder = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64)
+    decoder = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, add_cross_attention=True,
+                                      is_decoder=True)
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    model = transformers.EncoderDecoderModel(config=config).eval()
+    model.encoder.set_attn_implementation("eager")
+    source, target = torch.randint(2, 97, (2, 7)), torch.randint(2, 97, (2, 5))
+    bigkern.patch(model)
+    assert model.encoder.config._attn_implementation == "eager"
+    assert model.decoder.config._attn_implementation == "bigkern"
+    with bigkern.use_backend("triton"), bigkern.record() as calls, torch.no_grad():
+        out = model(input_ids=source, decoder_input_ids=target, output_attentions=True)
+    assert len(out.encoder_attentions) == 2 and calls[("sdpa_forward", "triton")] == 4  # self + cross, 2 layers
+    bigkern.unpatch(model)
+    assert model.encoder.config._attn_implementation == "eager"
+    assert model.decoder.config._attn_implementation == "sdpa"
+
+
 def test_huggingface_bert_with_padding_patched():
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
