@@ -250,6 +250,24 @@ def test_torch_compile_fullgraph_encoder():
     assert model[0].weight.grad is not None
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_compile_once_for_new_inputs_of_one_shape(batch_first):
+    """A compiled layer fed a new tensor each step (a training loop) compiles once, as torch's."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    layer = bigkern.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first).eval()
+    attention = bigkern.nn.MultiheadAttention(16, 2, batch_first=batch_first)
+    counter = CompileCounter()
+    layer_compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    attention_compiled = torch.compile(lambda x, y: attention(x, x, x, need_weights=False)[0] + attention(x, y, y)[0],
+                                       backend=counter, fullgraph=True)
+    for _ in range(3):
+        layer_compiled(make_tensor((2, 5, 16)))
+        attention_compiled(make_tensor((2, 5, 16)), make_tensor((2, 5, 16)))
+    assert counter.frame_count == 2
+
+
 def test_batch_first_self_attention_projects_once():
     """batch_first self-attention keeps query is key is value through the transpose, as torch does,
     so the input projection is one packed matmul (it was three)."""

@@ -46,9 +46,16 @@ def _sdpa_arguments(module, query, key, value, key_padding_mask, attn_mask, is_c
     attn_mask = torch_F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
                                         target_type=query.dtype, check_other=False)
     if module.batch_first and is_batched:
-        # keep self-attention's identities (torch does): the packed projection is then one matmul
-        transposed = {}
-        query, key, value = (transposed.setdefault(id(x), x.transpose(1, 0)) for x in (query, key, value))
+        # keep self-attention's identities (torch does): the packed projection is then one matmul.
+        # `is`, never id(): dynamo guards an id() on the very tensor object, recompiling each call
+        if key is value:
+            if query is key:
+                query = key = value = query.transpose(1, 0)
+            else:
+                query, key = (x.transpose(1, 0) for x in (query, key))
+                value = key
+        else:
+            query, key, value = (x.transpose(1, 0) for x in (query, key, value))
 
     num_heads = module.num_heads
     is_batched = torch_F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
