@@ -826,6 +826,33 @@ def test_torch_compile_fullgraph_and_export():
     torch.testing.assert_close(exported.module()(x), expected)
 
 
+def test_head_dim_can_be_dynamic():
+    """The default scale 1/sqrt(E) is taken inside the op, so E stays symbolic: one graph for several
+    head dims, and export with a dynamic E (torch's does both)."""
+    from torch._dynamo.testing import CompileCounter
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(attend, backend=counter, fullgraph=True, dynamic=True)
+    for E in (4, 8, 16):
+        q, k, v = (make_tensor((1, 2, 5, E)) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), torch_F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert counter.frame_count == 1
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return attend(q, k, v)
+
+    E = torch.export.Dim("E", min=2, max=256)
+    q, k, v = (make_tensor((1, 2, 5, 8)) for _ in range(3))
+    exported = torch.export.export(Attend(), (q, k, v), dynamic_shapes=({3: E}, {3: E}, {3: E}))
+    q, k, v = (make_tensor((1, 2, 5, 16)) for _ in range(3))
+    torch.testing.assert_close(exported.module()(q, k, v), torch_F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
 def test_dispatch_and_explain():
     q, k, v = (make_tensor((1, 2, 5, 16)) for _ in range(3))
     explanation = bigkern.explain(F.scaled_dot_product_attention, q, k, v)

@@ -124,11 +124,19 @@ def _masked_scores(q, k, attn_mask, is_causal, scale):
     return s
 
 
+def default_scale(scale: Optional[float], q: Tensor) -> float:
+    """The softmax scale: `scale`, or torch's default 1/sqrt(E) (1 for E = 0, where every score is 0)."""
+    if scale is not None:
+        return scale
+    E = q.shape[-1]
+    return 1.0 / math.sqrt(E) if E else 1.0
+
+
 def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, keep=None, dropout_p=0.0):
     """(out, lse) of attention on normalized 4-D tensors, in their own dtype, differentiable.
     keep: the dropout keep pattern (B, Hq, L, S) or None. Rows with every key masked give 0 and
     lse +inf, exactly like the kernels (torch gives the same 0)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = default_scale(scale, q)
     p, lse = _probabilities(_masked_scores(q, k, attn_mask, is_causal, scale))
     if keep is not None:
         p = p * dropout_multiplier(keep, dropout_p, p.dtype)
@@ -388,8 +396,8 @@ def _backward_torch(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p,
 
 @torch.library.custom_op("bigkern::sdpa_forward", mutates_args=())
 def sdpa_forward_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-                    is_causal: bool, scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return SDPA_FORWARD(q, k, v, attn_mask, dropout_p, is_causal, scale, seed)
+                    is_causal: bool, scale: Optional[float], seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return SDPA_FORWARD(q, k, v, attn_mask, dropout_p, is_causal, default_scale(scale, q), seed)
 
 
 @sdpa_forward_op.register_fake
@@ -402,9 +410,10 @@ def _(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
 @torch.library.custom_op("bigkern::sdpa_backward", mutates_args=())
 def sdpa_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                      attn_mask: Optional[Tensor], out: Tensor, lse: Tensor, dropout_p: float, is_causal: bool,
-                     scale: float, seed: Optional[Tensor], mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return SDPA_BACKWARD(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal, scale, seed,
-                         mask_grad)
+                     scale: Optional[float], seed: Optional[Tensor],
+                     mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return SDPA_BACKWARD(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal,
+                         default_scale(scale, q), seed, mask_grad)
 
 
 @sdpa_backward_op.register_fake
@@ -425,7 +434,7 @@ def _sdpa_backward(ctx, grad_out, grad_lse):
     dropout_p, is_causal, scale = ctx.args
     if dispatch.backward_is_differentiated():
         def forward(q, k, v, attn_mask):  # the same math (and dropout pattern) in torch's ops
-            return torch_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed)
+            return torch_forward(q, k, v, attn_mask, dropout_p, is_causal, default_scale(scale, q), seed)
 
         grads = dispatch.gradients_by_torch("sdpa", forward, (q, k, v, attn_mask), (grad_out, grad_lse),
                                             ctx.needs_input_grad[:4])
@@ -567,7 +576,7 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
             raise RuntimeError(f"{_NAME}: argument 'attn_mask' of shape {tuple(attn_mask.shape)} does not broadcast "
                                f"to the attention weights' shape {batch_shape + (L, S)}") from None
         mask = mask.reshape(batch, heads, L, S)
-    scale = float(scale) if scale is not None else (1.0 / math.sqrt(E) if E else 1.0)
+    scale = float(scale) if scale is not None else None  # None: the op takes 1/sqrt(E) (E may be symbolic)
     dropout_p = float(dropout_p)
     if dropout_p > 0 and seed is None:
         seed = draw_dropout_seed()
@@ -751,10 +760,11 @@ def _check_varlen_lengths(q, k, cu_seq_q, cu_seq_k, max_q, max_k):
 
 @torch.library.custom_op("bigkern::varlen_attention_forward", mutates_args=())
 def varlen_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int,
-                      dropout_p: float, is_causal: bool, scale: float,
+                      dropout_p: float, is_causal: bool, scale: Optional[float],
                       seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     _check_varlen_lengths(q, k, cu_seq_q, cu_seq_k, max_q, max_k)
-    return VARLEN_FORWARD(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, seed)
+    return VARLEN_FORWARD(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, default_scale(scale, q),
+                          seed)
 
 
 @varlen_forward_op.register_fake
@@ -766,10 +776,11 @@ def _(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, se
 @torch.library.custom_op("bigkern::varlen_attention_backward", mutates_args=())
 def varlen_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        lse: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int, dropout_p: float,
-                       is_causal: bool, scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                       is_causal: bool, scale: Optional[float],
+                       seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     _check_varlen_lengths(q, k, cu_seq_q, cu_seq_k, max_q, max_k)
     return VARLEN_BACKWARD(grad_out, grad_lse, q, k, v, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p,
-                           is_causal, scale, seed)
+                           is_causal, default_scale(scale, q), seed)
 
 
 @varlen_backward_op.register_fake
@@ -790,7 +801,8 @@ def _varlen_backward(ctx, grad_out, grad_lse):
     max_q, max_k, dropout_p, is_causal, scale = ctx.args
     if dispatch.backward_is_differentiated():
         def forward(q, k, v):
-            return _varlen_forward_torch(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, seed)
+            return _varlen_forward_torch(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal,
+                                         default_scale(scale, q), seed)
 
         grads = dispatch.gradients_by_torch("varlen_attention", forward, (q, k, v), (grad_out, grad_lse),
                                             ctx.needs_input_grad[:3])
@@ -851,8 +863,7 @@ def check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropo
 def prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, dropout_p=0.0, is_causal=False,
                    scale=None, enable_gqa=False, seed=None):
     check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, enable_gqa, is_causal, scale)
-    E = query.shape[2]
-    scale = float(scale) if scale is not None else (1.0 / math.sqrt(E) if E else 1.0)
+    scale = float(scale) if scale is not None else None  # None: the op takes 1/sqrt(E)
     dropout_p = float(dropout_p)
     if dropout_p > 0 and seed is None:
         seed = draw_dropout_seed()
@@ -1041,6 +1052,7 @@ def _gradient_term_scales(args64, out64, grad_out64, users):
     gradients are sums whose terms cancel). `users` maps input name -> user tensor (for the
     broadcast multiplicity: a broadcast input's gradient sums over the copies too)."""
     q, k, v, mask, dropout_p, is_causal, scale, seed = args64
+    scale = default_scale(scale, q)
     with torch.no_grad():
         heads = q.shape[1]
         ke, ve = _expand_kv_heads(k, heads), _expand_kv_heads(v, heads)
