@@ -10,6 +10,7 @@ a registered torch class are swapped: a user's subclass with its own forward is 
 import contextlib
 import fnmatch
 import threading
+import weakref
 from typing import Iterable, Optional
 
 import torch
@@ -74,7 +75,7 @@ def patch(model: torch.nn.Module, include: Optional[Iterable] = None, exclude: O
         setattr(module, _ORIGINAL_CLASS, _module_class(module))
         _swap_class(module, drop_in)
         if isinstance(module, torch.nn.RNNBase):
-            _let_dynamo_trace_rnn_modules()
+            _let_dynamo_trace_rnn_modules(module)
     _patch_huggingface(modules, include, exclude)
     return model
 
@@ -99,19 +100,37 @@ def _swap_class(module, new_class):
     module.__class__ = type(layer.__name__, (new_class,), namespace)
 
 
-def _let_dynamo_trace_rnn_modules():
+# the patched LSTMs alive, and whether patch turned allow_rnn on (so unpatch turns it back off)
+_PATCHED_RNNS = weakref.WeakSet()
+_RNN_FLAG_SET_BY_PATCH = [False]
+
+
+def _let_dynamo_trace_rnn_modules(module):
     """Dynamo refuses every torch.nn.LSTM instance (subclasses too) unless allow_rnn is set; bigkern's
     LSTM is one opaque op per layer, so with the flag a patched model compiles without graph breaks.
-    The flag is process-wide: say so once."""
+    The flag is process-wide and also lets dynamo trace into torch's own LSTMs (experimental in
+    torch: on CPU it fails): say so once, and turn it back off when the last patched LSTM is unpatched."""
     import logging
 
     import torch._dynamo
 
+    _PATCHED_RNNS.add(module)
     if not torch._dynamo.config.allow_rnn:
         torch._dynamo.config.allow_rnn = True
+        _RNN_FLAG_SET_BY_PATCH[0] = True
         logging.getLogger("bigkern").info(
             "bigkern.patch set torch._dynamo.config.allow_rnn = True so patched LSTMs compile without graph "
-            "breaks (unpatched torch RNNs compiled in this process now use dynamo's experimental RNN tracing)")
+            "breaks (unpatched torch RNNs compiled in this process now use dynamo's experimental RNN tracing) "
+            "until they are unpatched")
+
+
+def _unpatched_rnn(module):
+    import torch._dynamo
+
+    _PATCHED_RNNS.discard(module)
+    if _RNN_FLAG_SET_BY_PATCH[0] and not len(_PATCHED_RNNS):
+        torch._dynamo.config.allow_rnn = False
+        _RNN_FLAG_SET_BY_PATCH[0] = False
 
 
 def unpatch(model: torch.nn.Module):
@@ -120,6 +139,8 @@ def unpatch(model: torch.nn.Module):
         original = module.__dict__.pop(_ORIGINAL_CLASS, None)
         if original is not None:
             _swap_class(module, original)
+            if isinstance(module, torch.nn.RNNBase):
+                _unpatched_rnn(module)
     _unpatch_huggingface(model)
     return model
 

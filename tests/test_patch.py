@@ -191,3 +191,24 @@ def test_parametrized_modules_patch_and_unpatch(linear_drop_in):
         torch.testing.assert_close(m(x), expected)
         torch.nn.utils.parametrize.remove_parametrizations(m[0], "weight")
         assert type(m[0]) is torch.nn.Linear
+
+
+def test_dynamo_rnn_flag_is_on_while_patched_lstms_live():
+    """patch turns on torch._dynamo.config.allow_rnn (patched LSTMs then compile without graph breaks);
+    it also sends torch's own LSTMs into dynamo's experimental tracing, so unpatching the last patched
+    LSTM turns it back off -- unless it was on before."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(allow_rnn=False):
+        first = bigkern.patch(torch.nn.Sequential(torch.nn.LSTM(2, 3)))
+        second = bigkern.patch(torch.nn.LSTMCell(2, 3))  # a cell: no flag needed, none counted
+        third = bigkern.patch(torch.nn.LSTM(2, 3))
+        assert torch._dynamo.config.allow_rnn
+        bigkern.unpatch(first)
+        assert torch._dynamo.config.allow_rnn  # `third` still needs it
+        bigkern.unpatch(second)
+        bigkern.unpatch(third)
+        assert not torch._dynamo.config.allow_rnn
+    with torch._dynamo.config.patch(allow_rnn=True):
+        bigkern.unpatch(bigkern.patch(torch.nn.LSTM(2, 3)))
+        assert torch._dynamo.config.allow_rnn
