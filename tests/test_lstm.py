@@ -515,6 +515,25 @@ def test_functional_compiles_without_configuration_and_exports():
     torch.testing.assert_close(exported.module()(x), expected)
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "LSTMCell"])
+def test_exported_without_grad_still_differentiates(backend, cls):
+    """Exported under no_grad, then run with grad, torch's LSTM differentiates; so must bigkern's (the
+    op was traced with nothing kept for backward: it recomputes the forward)."""
+    torch_module = getattr(torch.nn, cls)(5, 7, **({"num_layers": 2} if cls == "LSTM" else {}))
+    module = bigkern.patch(copy.deepcopy(torch_module))
+    x = make_tensor((4, 3, 5) if cls == "LSTM" else (3, 5))
+
+    def first(outputs):
+        return outputs[0]
+
+    with torch.no_grad():
+        exported = torch.export.export(module, (x,))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    first(exported.module()(x1)).sum().backward()
+    first(torch_module(x2)).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: torch's exception type, naming the argument.
 

@@ -398,8 +398,10 @@ def _setup_context(ctx, inputs, output):
     out, _, _, gates, cells = output
     # one step (an LSTMCell): its input projection is no bigger than the gates, so it is kept for a
     # backward with create_graph=True, which recomputes the step in torch's ops
+    # Called with save=False yet differentiated: a graph traced without grad (torch.export under
+    # no_grad) run with grad later. Its input projection is kept to recompute the forward with save.
     ctx.one_step = not batch_sizes and gates_x.shape[0] == h0.shape[0]
-    kept = (gates_x, b_ih, b_hh) if ctx.one_step else (None, None, None)
+    kept = (gates_x, b_ih, b_hh) if ctx.one_step or not save else (None, None, None)
     ctx.save_for_backward(out, gates, cells, w_hh, w_hr, h0, c0, *kept)
     ctx.args = (batch_sizes, reverse, save)
     ctx.bias_dtypes = (None if b_ih is None else b_ih.dtype, None if b_hh is None else b_hh.dtype)
@@ -416,7 +418,7 @@ def _backward(ctx, grad_out, grad_hn, grad_cn, _grad_gates, _grad_cells):
                                             (grad_out, grad_hn, grad_cn), ctx.needs_input_grad[:7])
         return (*grads, None, None, None)
     if not save:
-        raise RuntimeError("bigkern::lstm_layer was called with save=False, so it kept nothing for backward")
+        out, _, _, gates, cells = lstm_layer_op(gates_x, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, True)
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn
     grad_cn = torch.zeros_like(c0) if grad_cn is None else grad_cn
