@@ -44,7 +44,9 @@ def empty_strided(shape, stride, *, dtype, device):
     span = 1 + sum((size - 1) * st for size, st in zip(shape, stride)) if all(shape) else 0
     buffer = torch.empty(span + 2 * GUARD_ELEMENTS, dtype=dtype, device=device)
     buffer.fill_(_sentinel(dtype))
-    out = buffer.as_strided(shape, stride, GUARD_ELEMENTS)
+    # the buffer's storage, but not a view of it (as_strided would be one): autograd must see a fresh
+    # tensor, which callers may modify in place as they may torch's outputs
+    out = torch.empty(0, dtype=dtype, device=device).set_(buffer.untyped_storage(), GUARD_ELEMENTS, shape, stride)
     out.fill_(_poison_value(dtype))
     if len(_guarded) >= _MAX_HELD:
         check_guards()

@@ -81,6 +81,22 @@ def test_guard_bands_catch_out_of_bounds_writes():
             memory.check_guards()
 
 
+def test_poisoned_outputs_are_not_views():
+    """Ops' outputs may be modified in place (a ReLU(inplace=True) after a conv) as torch's may; an
+    output that were a view of its guarded buffer would make autograd refuse that under test only."""
+    import bigkern
+    from bigkern.nn import functional as F
+
+    with memory.poisoned_outputs(True):
+        assert memory.empty((3, 4), dtype=torch.float32, device="cpu")._base is None
+        x = torch.randn(3, 4, requires_grad=True)
+        with bigkern.use_backend("torch"):
+            y = F.bias_act(x, torch.randn(4), "gelu")
+        y.mul_(2)
+        y.sum().backward()
+        assert x.grad.isfinite().all()
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "strided"])
 def test_make_tensor_layouts_are_random_and_as_asked(layout):
     t = testing.make_tensor((2, 3, 5, 7), layout=layout)
