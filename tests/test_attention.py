@@ -127,6 +127,26 @@ def test_head_dims(backend, E, Ev):
     check(attention.compare_with_reference(q, k, v, is_causal=True))
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_three_d_inputs_take_a_mask_with_a_leading_one(backend, mask_kind):
+    """torch takes 3-d inputs (N, L, E) as (1, N, L, E): a (1, N, L, S) mask is theirs, (2, N, L, S) not."""
+    q, k, v = (make_tensor(shape, torch.float32, DEVICE) for shape in ((3, 7, 16), (3, 9, 16), (3, 9, 8)))
+    if mask_kind == "bool":
+        mask = torch.rand(1, 3, 7, 9, device=DEVICE) > 0.3
+    else:
+        mask = make_tensor((1, 3, 7, 9), torch.float32, DEVICE, requires_grad=True)
+    skip_unless_served(q, k, v, mask[0])
+    out = F.scaled_dot_product_attention(q, k, v, mask)
+    expected = torch_F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                    mask if mask_kind == "bool" else mask.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    if mask_kind == "float":
+        out.sum().backward()
+        assert mask.grad.shape == mask.shape and mask.grad.isfinite().all()
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        F.scaled_dot_product_attention(q, k, v, mask.expand(2, 3, 7, 9))
+
+
 @pytest.mark.parametrize("shapes", [
     ((7, 16), (9, 16), (9, 8)),  # 2-D: no batch
     ((3, 7, 16), (3, 9, 16), (3, 9, 16)),  # 3-D
@@ -702,6 +722,8 @@ def test_varlen_attn_bad_input_as_torch():
         F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa=True)
+    with pytest.raises(ZeroDivisionError, match="'key'"):  # torch's check divides by the kv heads
+        F.varlen_attn(q, k[:, :0], v[:, :0], cu_q, cu_k, max_q, max_k, enable_gqa=True)
     q, k, v, cu_q, cu_k, max_q, max_k = _packed([5, 3], [5, 3])
     with pytest.raises(ValueError, match="window_size must have length 2"):
         F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0, 0))
@@ -900,6 +922,8 @@ def _bad_calls():
         (RuntimeError, "'key'", lambda: F.scaled_dot_product_attention(t(2, 4, 3, 4), t(2, 3, 5, 4), t(2, 3, 5, 6),
                                                                       enable_gqa=True)),
         (IndexError, "'query'", lambda: F.scaled_dot_product_attention(t(3, 4), t(5, 4), t(5, 6), enable_gqa=True)),
+        (IndexError, "'key'", lambda: F.scaled_dot_product_attention(t(2, 3, 4), t(5, 4), t(5, 6), enable_gqa=True)),
+        (TypeError, "not numpy.bool", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=np.bool_(True))),
         (RuntimeError, "'attn_mask'", lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=torch.ones(3, 4, dtype=torch.bool))),
         (RuntimeError, "'attn_mask'", lambda: F.scaled_dot_product_attention(
@@ -958,6 +982,7 @@ def test_torch_raises_the_same_types():
                                                                     is_causal=True)),
         (RuntimeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, dropout_p=1.5)),
         (IndexError, lambda: torch_F.scaled_dot_product_attention(t(3, 4), t(5, 4), t(5, 6), enable_gqa=True)),
+        (IndexError, lambda: torch_F.scaled_dot_product_attention(t(2, 3, 4), t(5, 4), t(5, 6), enable_gqa=True)),
         (TypeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, dropout_p=None)),
         (TypeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, is_causal="no")),
         (TypeError, lambda: torch_F.scaled_dot_product_attention(q, k, v, enable_gqa=1)),

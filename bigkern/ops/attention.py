@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from bigkern import amp, dispatch, memory
-from bigkern.ops.checks import as_int, as_real, check_like, check_tensor
+from bigkern.ops.checks import as_int, as_real, check_like, check_tensor, type_name
 
 # ---------------------------------------------------------------------------------------------
 # Dropout: counter-based random numbers, identical in every implementation.
@@ -494,8 +494,11 @@ def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, e
             raise IndexError(f"{_NAME}: enable_gqa=True needs a heads dimension (-3) in 'query', "
                              f"which is {query.dim()}-dimensional")
         for t, name in ((key, "key"), (value, "value")):
-            if t.dim() < 3 or t.shape[-3] == 0 or query.shape[-3] % t.shape[-3]:
-                heads = t.shape[-3] if t.dim() >= 3 else "no"
+            if t.dim() < 3:
+                raise IndexError(f"{_NAME}: enable_gqa=True needs a heads dimension (-3) in '{name}', "
+                                 f"which is {t.dim()}-dimensional")
+            if t.shape[-3] == 0 or query.shape[-3] % t.shape[-3]:
+                heads = t.shape[-3]
                 raise RuntimeError(f"{_NAME}: the number of heads in '{name}' ({heads}) must divide the number of "
                                    f"heads in 'query' ({query.shape[-3]}) with enable_gqa=True")
     if attn_mask is not None:
@@ -524,14 +527,14 @@ def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, e
 
 def _real(value, name, op=_NAME) -> float:
     if as_real(value) is None:
-        raise TypeError(f"{op}: argument '{name}' must be float, not {type(value).__name__}")
+        raise TypeError(f"{op}: argument '{name}' must be float, not {type_name(value)}")
     return as_real(value)
 
 
 def _check_flags(op, **flags):
     for name, flag in flags.items():
         if not isinstance(flag, bool):  # torch's argument parser: a bool, not anything truthy
-            raise TypeError(f"{op}: argument '{name}' must be bool, not {type(flag).__name__}")
+            raise TypeError(f"{op}: argument '{name}' must be bool, not {type_name(flag)}")
 
 
 def _lcm(a, b):
@@ -568,6 +571,8 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     v = value.expand(kv_batch + (S, Ev)).reshape(batch, kv_heads, S, Ev)
     mask = None
     if attn_mask is not None:
+        if len(batch_shape) == 1 and attn_mask.dim() == 4 and attn_mask.shape[0] == 1:
+            attn_mask = attn_mask[0]  # torch takes 3-d inputs as (1, N, L, E): a mask may say so
         try:
             if attn_mask.dim() > len(batch_shape) + 2:
                 raise RuntimeError
@@ -941,7 +946,9 @@ def _varlen_attn(torch_fn, out, query, key, value, cu_seq_q, cu_seq_k, max_q, ma
     if not enable_gqa and num_heads_q != num_heads_k:
         raise ValueError(f"Expect query and key/value to have the same number of heads but got Hq={num_heads_q} "
                          f"and Hkv={num_heads_k}. Try setting enable_gqa=True for GQA.")
-    if enable_gqa and (num_heads_k == 0 or num_heads_q % num_heads_k != 0):
+    if enable_gqa and num_heads_k == 0:  # torch's own check divides by it
+        raise ZeroDivisionError(f"varlen_attn: enable_gqa=True with 0 heads in argument 'key' (Hq={num_heads_q})")
+    if enable_gqa and num_heads_q % num_heads_k != 0:
         raise ValueError(f"Expect number of query heads to be a multiple of kv heads for GQA but got "
                          f"Hq={num_heads_q} and Hkv={num_heads_k}.")
     if len(window_size) != 2:

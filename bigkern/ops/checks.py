@@ -9,13 +9,22 @@ import torch
 from torch import Tensor
 
 
+def type_name(value) -> str:
+    """The type of `value` as torch's argument parser names it (C's tp_name): 'int', 'numpy.bool',
+    'MyClass' (a class written in Python)."""
+    t = type(value)
+    if t.__module__ == "builtins" or t.__flags__ & (1 << 9):  # Py_TPFLAGS_HEAPTYPE: defined in Python
+        return t.__name__
+    return f"{t.__module__}.{t.__name__}"
+
+
 def check_tensor(t, name: str, op: str, *, optional: bool = False, position=None):
     """torch's TypeError for an argument that is not a Tensor (None passes when optional)."""
     if t is None and optional:
         return
     if not isinstance(t, Tensor):
         where = f" (position {position})" if position else ""
-        raise TypeError(f"{op}: argument '{name}'{where} must be Tensor, not {type(t).__name__}")
+        raise TypeError(f"{op}: argument '{name}'{where} must be Tensor, not {type_name(t)}")
 
 
 def check_same_device(t, name: str, ref: Tensor, ref_name: str, op: str):
@@ -63,5 +72,5 @@ def check_negative_slope(negative_slope, op: str) -> float:
     """A leaky_relu slope as torch takes it -- a Number, not a string or a bool -- as a float."""
     slope = as_real(negative_slope)
     if slope is None or isinstance(negative_slope, bool):
-        raise TypeError(f"{op}: argument 'negative_slope' must be Number, not {type(negative_slope).__name__}")
+        raise TypeError(f"{op}: argument 'negative_slope' must be Number, not {type_name(negative_slope)}")
     return slope

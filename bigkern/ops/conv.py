@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from bigkern import amp, dispatch, memory
-from bigkern.ops.checks import as_int, check_negative_slope, check_same_device, check_tensor
+from bigkern.ops.checks import as_int, check_negative_slope, check_same_device, check_tensor, type_name
 from bigkern.ops import epilogue
 from bigkern.ops.epilogue import activation_code, torch_activation
 
@@ -468,7 +468,7 @@ def _int_tuple(value, name, allow_string=False):
         for v, integer in zip(value, ints):
             if integer is None:
                 raise TypeError(f"conv2d(): argument '{name}' must be tuple of ints, but found element of type "
-                                f"{type(v).__name__}")
+                                f"{type_name(v)}")
         if len(ints) == 1:
             return (ints[0], ints[0])
         if len(ints) != 2:
@@ -476,7 +476,7 @@ def _int_tuple(value, name, allow_string=False):
                                f"of 2 values to match the convolution dimensions, but got {name}={ints}")
         return tuple(ints)
     expected = "tuple of ints or str" if allow_string else "tuple of ints"
-    raise TypeError(f"conv2d(): argument '{name}' must be {expected}, not {type(value).__name__}")
+    raise TypeError(f"conv2d(): argument '{name}' must be {expected}, not {type_name(value)}")
 
 
 def _resolve_padding(padding, kernel_hw, stride, dilation):
@@ -518,7 +518,7 @@ def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, re
     check_tensor(bias, "bias", "conv2d()", optional=True)
     check_tensor(residual, "residual", "conv2d()", optional=True)
     if as_int(groups) is None:
-        raise TypeError(f"conv2d(): argument 'groups' must be int, not {type(groups).__name__}")
+        raise TypeError(f"conv2d(): argument 'groups' must be int, not {type_name(groups)}")
     groups = as_int(groups)
     stride = _int_tuple(stride, "stride")
     dilation = _int_tuple(dilation, "dilation")

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from bigkern import dispatch, memory
-from bigkern.ops.checks import as_int, check_negative_slope, check_same_device, check_tensor
+from bigkern.ops.checks import as_int, check_negative_slope, check_same_device, check_tensor, type_name
 
 # name -> code shared with kernels/epilogue.py and csrc/common/activation.cuh
 ACTIVATIONS = {
@@ -283,7 +283,7 @@ def check_bias_act_args(x, bias, dim, negative_slope=0.01):
         raise RuntimeError(f"bias_act(): argument 'input' must be a floating-point tensor, not {x.dtype}")
     index = as_int(dim)
     if index is None:
-        raise TypeError(f"bias_act(): argument 'dim' must be int, not {type(dim).__name__}")
+        raise TypeError(f"bias_act(): argument 'dim' must be int, not {type_name(dim)}")
     slope = check_negative_slope(negative_slope, "bias_act()")
     ndim = max(x.dim(), 1)
     if not -ndim <= index < ndim:

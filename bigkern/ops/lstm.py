@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from bigkern import amp, dispatch, memory
-from bigkern.ops.checks import check_like, check_tensor
+from bigkern.ops.checks import check_like, check_tensor, type_name
 
 # ---------------------------------------------------------------------------------------------
 # The schedule: which rows each processing step owns and where its recurrent state comes from.
@@ -644,7 +644,7 @@ def _initial_state(hx, input, h_shape, c_shape, fn, names=("hx[0]", "hx[1]")):
         zeros = dict(dtype=input.dtype, device=input.device)
         return torch.zeros(h_shape, **zeros), torch.zeros(c_shape, **zeros)
     if not isinstance(hx, (tuple, list)):
-        raise TypeError(f"{fn}(): argument 'hx' must be tuple of Tensors, not {type(hx).__name__}")
+        raise TypeError(f"{fn}(): argument 'hx' must be tuple of Tensors, not {type_name(hx)}")
     if len(hx) != 2:  # torch's wording and type, then the argument's name
         raise RuntimeError(f"{fn} expects two hidden states (argument 'hx' has {len(hx)})")
     h0, c0 = hx
