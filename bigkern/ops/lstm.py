@@ -135,7 +135,7 @@ def _state_rows(seq, h_init, prev_row, n_prev, n_rows, dtype):
 
 def _lstm_layer_torch(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, save):
     out, hn, cn, gates, cells = _allocate_forward(gx, w_hh, h0, c0, save)
-    B, H, N = h0.shape[0], c0.shape[1], gx.shape[0]
+    B, N = h0.shape[0], gx.shape[0]
     steps, _ = schedule(_batch_sizes(batch_sizes, N, B), reverse)
     acc = state_dtype(gx.dtype)
     w = w_hh.to(acc).t()
