@@ -140,6 +140,15 @@ def triton_unsupported(*tensors) -> Optional[str]:
     return triton_mode_mismatch() or _capability_reason(tensors, "Triton")
 
 
+def triton_dot_unsupported(*tensors) -> Optional[str]:
+    """For kernels built on tl.dot: Triton's interpreter (3.6 and 3.8) multiplies bfloat16 operands
+    wrongly, so bf16 runs on a GPU only. Why, or None."""
+    if triton_interpreter_enabled() and any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16
+                                            for t in tensors):
+        return "Triton's interpreter computes tl.dot on bfloat16 operands wrongly: bf16 runs on a GPU"
+    return None
+
+
 def cuda_unsupported(*tensors) -> Optional[str]:
     """Why bigkern._C's kernels cannot take these tensors, or None."""
     reason = _ext.unavailable_reason()

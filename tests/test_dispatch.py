@@ -116,3 +116,22 @@ except bigkern.UnsupportedError as error:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1:] in (["ok"], ["skip: a GPU"]), \
         result.stdout[-2000:] + result.stderr[-2000:]
+
+
+@pytest.mark.skipif(not dispatch.triton_interpreter_enabled(), reason="only Triton's interpreter has the flaw")
+def test_forced_triton_refuses_bfloat16_dots_in_the_interpreter():
+    """Triton's interpreter multiplies bf16 tl.dot operands wrongly: the families built on tl.dot say
+    so instead of answering garbage; bias_act (no dot) still serves bf16."""
+    bf16 = dict(dtype=torch.bfloat16)
+    q = make_tensor((1, 2, 8, 16), **bf16)
+    x, w = make_tensor((1, 3, 6, 6), **bf16), make_tensor((4, 3, 3, 3), **bf16)
+    lstm = bigkern.nn.LSTM(4, 5, dtype=torch.bfloat16)
+    calls = [lambda: F.scaled_dot_product_attention(q, q, q), lambda: F.conv2d(x, w),
+             lambda: lstm(make_tensor((3, 2, 4), **bf16))]
+    with bigkern.use_backend("triton"):
+        for call in calls:
+            with pytest.raises(bigkern.UnsupportedError, match="bfloat16"):
+                call()
+        F.bias_act(make_tensor((3, 8), **bf16), make_tensor((8,), **bf16), "gelu")
+    for call in calls:  # auto: torch serves CPU tensors
+        call()

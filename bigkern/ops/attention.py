@@ -259,11 +259,13 @@ def _kernel_reason(q, k, v, attn_mask):
 
 
 def _triton_forward_unsupported(q, k, v, attn_mask, *rest):
-    return dispatch.triton_unsupported(q, k, v, attn_mask) or _kernel_reason(q, k, v, attn_mask)
+    return (dispatch.triton_unsupported(q, k, v, attn_mask) or dispatch.triton_dot_unsupported(q)
+            or _kernel_reason(q, k, v, attn_mask))
 
 
 def _triton_backward_unsupported(grad_out, grad_lse, q, k, v, attn_mask, *rest):
-    return dispatch.triton_unsupported(grad_out, q, k, v, attn_mask) or _kernel_reason(q, k, v, attn_mask)
+    return (dispatch.triton_unsupported(grad_out, q, k, v, attn_mask) or dispatch.triton_dot_unsupported(q)
+            or _kernel_reason(q, k, v, attn_mask))
 
 
 def _always(*args):
@@ -648,11 +650,12 @@ def _as_4d(t: Tensor) -> Tensor:
 
 
 def _varlen_triton_unsupported(q, k, v, *rest):
-    return dispatch.triton_unsupported(q, k, v) or _kernel_reason(q, k, v, None)
+    return dispatch.triton_unsupported(q, k, v) or dispatch.triton_dot_unsupported(q) or _kernel_reason(q, k, v, None)
 
 
 def _varlen_backward_triton_unsupported(grad_out, grad_lse, q, k, v, *rest):
-    return dispatch.triton_unsupported(grad_out, q, k, v) or _kernel_reason(q, k, v, None)
+    return (dispatch.triton_unsupported(grad_out, q, k, v) or dispatch.triton_dot_unsupported(q)
+            or _kernel_reason(q, k, v, None))
 
 
 def _cu32(cu, device):

@@ -142,7 +142,8 @@ def _kernel_dtype_reason(*tensors):
 
 def _triton_unsupported(*args):
     tensors = [a for a in args if isinstance(a, Tensor)]
-    return dispatch.triton_unsupported(*tensors) or _kernel_dtype_reason(*tensors)
+    return (dispatch.triton_unsupported(*tensors) or dispatch.triton_dot_unsupported(*tensors)
+            or _kernel_dtype_reason(*tensors))
 
 
 CUDA_KERNELS = dispatch.CompiledKernels()  # conv2d_forward, conv2d_input_grad, conv2d_weight_grad

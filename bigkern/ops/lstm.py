@@ -221,11 +221,13 @@ def _dtype_reason(gx):
 
 
 def _triton_unsupported(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, *rest):
-    return dispatch.triton_unsupported(gx, w_hh, h0, c0) or _dtype_reason(gx)
+    return (dispatch.triton_unsupported(gx, w_hh, h0, c0) or dispatch.triton_dot_unsupported(gx, w_hh)
+            or _dtype_reason(gx))
 
 
 def _backward_triton_unsupported(grad_out, grad_hn, grad_cn, out, gates, *rest):
-    return dispatch.triton_unsupported(grad_out, out, gates) or _dtype_reason(out)
+    return (dispatch.triton_unsupported(grad_out, out, gates) or dispatch.triton_dot_unsupported(grad_out, out)
+            or _dtype_reason(out))
 
 
 def _always(*args):
