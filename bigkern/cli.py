@@ -77,7 +77,11 @@ def info_lines():
         "cuda": dispatch.cuda_unsupported(probe),
         "torch": None,
     }
-    lines.append(f"backends on {device} tensors (requested: {dispatch.requested_backend()}, "
+    try:
+        requested = dispatch.requested_backend()
+    except ValueError as error:  # a bad BIGKERN_BACKEND: info is where to find that out
+        requested = f"invalid: {error}"
+    lines.append(f"backends on {device} tensors (requested: {requested}, "
                  f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}):")
     for backend, reason in reasons.items():
         lines.append(f"  {backend:<7}{'usable' if reason is None else 'unusable: ' + reason}")

@@ -48,19 +48,22 @@ def _check_request(name, source):
 def requested_backend() -> str:
     """The backend requested for calls made now: the innermost use_backend, else BIGKERN_BACKEND."""
     if _requests:
-        return _requests[-1]
+        return _requests[-1][0]
     return _check_request(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force (or with "auto", un-force) the backend for calls made inside the block."""
+    """Force (or with "auto", un-force) the backend for calls made inside the block. Process-wide,
+    like torch's sdpa_kernel: other threads see it while the block is open; blocks may end in any
+    order (the latest one still open wins)."""
     name = _check_request(name, "use_backend(name)")
-    _requests.append(name)
+    entry = [name]  # this block's own entry: leaving removes it, not whichever is last
+    _requests.append(entry)
     try:
         yield
     finally:
-        _requests.pop()
+        _remove_by_identity(_requests, entry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +352,7 @@ def record():
         >>> with bigkern.record() as calls: model(x).sum().backward()
         >>> calls   # Counter({('conv2d', 'triton'): 20, ('conv2d_input_grad', 'triton'): 19, ...})
     Eager calls only: inside a compiled graph the op runs when the graph runs, and is counted then.
+    Process-wide (calls other threads make meanwhile count too); blocks nest, each counting its own.
     """
     import collections
 
@@ -357,7 +361,12 @@ def record():
     try:
         yield calls
     finally:
-        _RECORDERS.remove(calls)
+        _remove_by_identity(_RECORDERS, calls)
+
+
+def _remove_by_identity(entries: list, entry):
+    """list.remove compares with ==: two equal Counters (or two equal names) are not one block's."""
+    del entries[next(i for i in range(len(entries) - 1, -1, -1) if entries[i] is entry)]
 
 
 def entry_point(op: Op, prepare: Callable):

@@ -135,3 +135,33 @@ def test_forced_triton_refuses_bfloat16_dots_in_the_interpreter():
         F.bias_act(make_tensor((3, 8), **bf16), make_tensor((8,), **bf16), "gelu")
     for call in calls:  # auto: torch serves CPU tensors
         call()
+
+
+def test_record_blocks_nest():
+    x = make_tensor((3, 4))
+    with bigkern.record() as outer:
+        with bigkern.record() as inner:
+            F.bias_act(x)
+        F.bias_act(x)  # equal Counters until here: leaving `inner` must not remove `outer`
+    F.bias_act(x)
+    assert sum(inner.values()) == 1 and sum(outer.values()) == 2
+    assert not dispatch._RECORDERS
+
+
+def test_use_backend_blocks_may_end_in_any_order():
+    """Two threads' blocks end out of order: each removes its own request, not the latest one."""
+    first, second = bigkern.use_backend("cuda"), bigkern.use_backend("torch")
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert dispatch.requested_backend() == "torch"
+    second.__exit__(None, None, None)
+    assert not dispatch._requests
+
+
+def test_info_reports_a_bad_backend_variable(monkeypatch):
+    from bigkern import cli
+
+    monkeypatch.setenv(dispatch.ENV_VAR, "bogus")
+    lines = cli.info_lines()
+    assert any("requested: invalid" in line and "bogus" in line for line in lines)
