@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -192,6 +193,8 @@ def served_by_torch(name: str, reason: str, torch_fn: Callable, *args, **kwargs)
     """Leave a call to `torch_fn` (torch's own function, or bigkern's composition of torch's ops)
     for `reason`: counted by record() as the torch backend; UnsupportedError when triton or cuda
     is forced."""
+    if _explaining():
+        raise _Explained(torch_path_explanation(name, reason))
     if requested_backend() in ("triton", "cuda"):
         raise UnsupportedError(f"{name}: {reason}")
     for calls in _RECORDERS:
@@ -328,6 +331,8 @@ class Op:
         raise UnsupportedError(f"{self.name}: the requested backend cannot serve this call ({detail})")
 
     def __call__(self, *args, **kwargs):
+        if _explaining():
+            raise _Explained(self.explain(*args, **kwargs))
         implementation = self.select(*args, **kwargs)
         for calls in _RECORDERS:
             calls[(self.name, implementation.backend)] += 1
@@ -369,14 +374,10 @@ def _remove_by_identity(entries: list, entry):
     del entries[next(i for i in range(len(entries) - 1, -1, -1) if entries[i] is entry)]
 
 
-def entry_point(op: Op, prepare: Callable):
-    """Mark a public function as served by `op`; `prepare(*args, **kwargs)` turns the function's
-    arguments into the op's (args, kwargs), so explain() can ask the op about a user's call."""
-    def decorate(fn):
-        fn.bigkern_op = op
-        fn.bigkern_prepare = prepare
-        return fn
-    return decorate
+def entry_point(fn):
+    """Mark a public function as bigkern's (explain() takes it)."""
+    fn.bigkern_entry_point = True
+    return fn
 
 
 def torch_path_explanation(name: str, reason: str) -> Explanation:
@@ -387,22 +388,57 @@ def torch_path_explanation(name: str, reason: str) -> Explanation:
     return Explanation(name, requested, served, {b: (None if b == served else reason) for b in BACKENDS})
 
 
+# explain() runs the call itself up to its first decision -- the first op it reaches, or a call
+# left to torch -- and stops there: the same validation, the same paths, nothing computed by a
+# kernel. Per thread: other threads' calls run as usual meanwhile.
+_DRY_RUN = threading.local()
+
+
+class _Explained(BaseException):
+    """Carries explain()'s answer out of the call (a BaseException: no `except Exception` in
+    between may swallow it)."""
+
+    def __init__(self, explanation: Explanation):
+        super().__init__(explanation.op)
+        self.explanation = explanation
+
+
+def _explaining() -> bool:
+    return getattr(_DRY_RUN, "active", False)
+
+
+def _is_bigkern(fn) -> bool:
+    if isinstance(fn, torch.nn.Module):
+        return type(fn).__module__.startswith("bigkern.")
+    return getattr(fn, "bigkern_entry_point", False)
+
+
 def explain(fn, *args, **kwargs) -> Explanation:
     """Which implementation a call takes, and why each other one does not.
 
         >>> print(bigkern.explain(bigkern.nn.functional.bias_act, x, b, "gelu"))
-    `fn` is a bigkern function or module, an Op, or an op's name.
+    `fn` is a bigkern function or module (the call runs up to its first bigkern op, which answers
+    instead of running; bad arguments raise as the call would; the random generators are left as
+    they were), an Op, or an op's name. For a module, the first op its forward reaches: the first
+    layer of an LSTM, the self-attention of a Transformer layer.
     """
     if isinstance(fn, str):
+        if fn not in REGISTRY:
+            raise KeyError(f"explain(): no bigkern op named {fn!r} (ops: {', '.join(sorted(REGISTRY))})")
         fn = REGISTRY[fn]
     if isinstance(fn, Op):
         return fn.explain(*args, **kwargs)
-    reason = autodiff_transform_reason(*args, *kwargs.values())
-    if reason is not None:
-        return torch_path_explanation(getattr(fn, "__name__", type(fn).__name__), reason)
-    if hasattr(fn, "bigkern_explain"):  # a module, or a function that may leave a call to torch itself
-        return fn.bigkern_explain(*args, **kwargs)
-    if hasattr(fn, "bigkern_op"):
-        op_args, op_kwargs = fn.bigkern_prepare(*args, **kwargs)
-        return fn.bigkern_op.explain(*op_args, **op_kwargs)
-    raise TypeError(f"explain() takes a bigkern function, module or op, not {type(fn).__name__}")
+    if not _is_bigkern(fn):
+        raise TypeError(f"explain() takes a bigkern function, module or op, not {type(fn).__name__}")
+    call = fn.forward if isinstance(fn, torch.nn.Module) else fn  # (no hooks: they are the user's)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        _DRY_RUN.active = True
+        try:
+            call(*args, **kwargs)
+        except _Explained as explained:
+            return explained.explanation
+        finally:
+            _DRY_RUN.active = False
+    name = getattr(fn, "__name__", type(fn).__name__)
+    return Explanation(name, requested_backend(), None, {b: "the call reached no bigkern op" for b in BACKENDS})

@@ -697,8 +697,9 @@ def test_varlen_attn_beyond_the_kernels(case):
     assert explanation.backend == "torch" and "not implemented" in explanation.reasons["triton"]
     sentinel = object()
     with mock.patch.object(attention, "_TORCH_VARLEN_ATTN", mock.Mock(return_value=sentinel)) as found:
-        with bigkern.use_backend("auto"):
+        with bigkern.use_backend("auto"), bigkern.record() as calls:
             assert F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=0.5, **kwargs) is sentinel
+    assert calls == {("varlen_attn", "torch"): 1}
     call = found.call_args
     assert call.args[:7] == (q, k, v, cu_q, cu_k, max_q, max_k)
     assert call.kwargs["scale"] == 0.5 and all(call.kwargs[name] is value for name, value in kwargs.items()

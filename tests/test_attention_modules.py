@@ -104,7 +104,9 @@ def test_need_weights_takes_torch_path_under_auto_and_raises_when_forced():
     reference = torch.nn.MultiheadAttention(16, 2)
     reference.load_state_dict(module.state_dict())
     x = make_tensor((5, 2, 16))
-    out, weights = module(x, x, x)  # need_weights=True is torch's default
+    with bigkern.record() as calls:
+        out, weights = module(x, x, x)  # need_weights=True is torch's default
+    assert calls == {("MultiheadAttention", "torch"): 1}
     expected, expected_weights = reference(x, x, x)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(weights, expected_weights)
@@ -113,6 +115,22 @@ def test_need_weights_takes_torch_path_under_auto_and_raises_when_forced():
             module(x, x, x)
     assert bigkern.explain(module, x, x, x).backend == "torch"
     assert bigkern.explain(module, x, x, x, need_weights=False).backend == "torch"  # CPU tensors under auto
+
+
+def test_nested_input_takes_torchs_fast_path_under_auto_and_raises_when_forced():
+    layer = bigkern.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+    reference = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+    reference.load_state_dict(layer.state_dict())
+    nested = torch.nested.nested_tensor([make_tensor((3, 8)), make_tensor((5, 8))])
+    with torch.no_grad():
+        with bigkern.record() as calls:
+            out = layer(nested)
+        assert calls == {("TransformerEncoderLayer", "torch"): 1}
+        for got, expected in zip(out.unbind(), reference(nested).unbind()):
+            torch.testing.assert_close(got, expected)
+        for backend in ("triton", "cuda"):
+            with bigkern.use_backend(backend), pytest.raises(bigkern.UnsupportedError, match="NestedTensor"):
+                layer(nested)
 
 
 def test_same_constructor_parameters_and_state_dict():

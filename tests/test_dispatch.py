@@ -165,3 +165,32 @@ def test_info_reports_a_bad_backend_variable(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "bogus")
     lines = cli.info_lines()
     assert any("requested: invalid" in line and "bogus" in line for line in lines)
+
+
+def test_explain_runs_the_call_up_to_its_first_decision():
+    """explain answers for every public function and drop-in module with what the call itself does:
+    its validation (bad arguments raise as the call would), its torch paths, its first op; the
+    random generators are left as they were."""
+    x = make_tensor((5, 2, 4))
+    lstm, cell = bigkern.nn.LSTM(4, 6, num_layers=2, dropout=0.5), bigkern.nn.LSTMCell(4, 6)
+    layer = bigkern.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5)
+    assert bigkern.explain(lstm, x).op == "lstm_layer"
+    assert bigkern.explain(cell, x[0]).op == "lstm_layer"
+    assert bigkern.explain(F.lstm_cell, x[0], None, cell.weight_ih, cell.weight_hh).op == "lstm_layer"
+    assert bigkern.explain(layer, make_tensor((3, 2, 8))).op == "sdpa_forward"
+    q = make_tensor((1, 2, 5, 8))
+    state = torch.get_rng_state()
+    assert bigkern.explain(F.scaled_dot_product_attention, q, q, q, dropout_p=0.5).op == "sdpa_forward"
+    assert torch.equal(torch.get_rng_state(), state)
+    for bad in (make_tensor((5, 2, 3)), make_tensor((5, 2, 4)).long()):
+        with pytest.raises(Exception) as from_call:
+            lstm(bad)
+        with pytest.raises(type(from_call.value)):
+            bigkern.explain(lstm, bad)
+    nested = torch.nested.nested_tensor([make_tensor((2, 3, 8)), make_tensor((2, 5, 8))], layout=torch.jagged)
+    assert bigkern.explain(F.scaled_dot_product_attention, nested, nested, nested).backend == "torch"
+    with bigkern.use_backend("triton"):
+        explanation = bigkern.explain(F.scaled_dot_product_attention, nested, nested, nested)
+    assert explanation.backend is None and "NestedTensor" in explanation.reasons["triton"]
+    with pytest.raises(KeyError, match="no bigkern op named 'nope'"):
+        bigkern.explain("nope")

@@ -26,6 +26,8 @@ from bigkern.ops import attention as ops
 _NEED_WEIGHTS = ("MultiheadAttention with need_weights=True returns the (L, S) attention weights, which the fused "
                  "kernels never form: pass need_weights=False, or use the auto or torch backend")
 _NESTED = "MultiheadAttention takes NestedTensor inputs only on torch's fast path: use the auto or torch backend"
+_NESTED_LAYER = ("TransformerEncoderLayer takes NestedTensor inputs only on torch's fast path: use the auto or torch "
+                 "backend")
 
 
 def _torch_path_reason(query, key, value, need_weights):
@@ -154,11 +156,10 @@ def multi_head_attention_forward(module, query, key, value, key_padding_mask=Non
     bigkern's attention: (attn_output, None), or torch's path for need_weights / NestedTensor."""
     reason = _torch_path_reason(query, key, value, need_weights)
     if reason is not None:
-        if dispatch.requested_backend() in ("triton", "cuda"):
-            raise dispatch.UnsupportedError(reason)
-        return torch.nn.MultiheadAttention.forward(module, query, key, value, key_padding_mask=key_padding_mask,
-                                                   need_weights=need_weights, attn_mask=attn_mask,
-                                                   average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return dispatch.served_by_torch("MultiheadAttention", reason, torch.nn.MultiheadAttention.forward, module,
+                                        query, key, value, key_padding_mask=key_padding_mask,
+                                        need_weights=need_weights, attn_mask=attn_mask,
+                                        average_attn_weights=average_attn_weights, is_causal=is_causal)
     sdpa_args, (tgt_len, bsz, embed_dim, is_batched) = _sdpa_arguments(module, query, key, value, key_padding_mask,
                                                                        attn_mask, is_causal)
     out = ops.scaled_dot_product_attention(*sdpa_args)
@@ -187,17 +188,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return multi_head_attention_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                                             average_attn_weights, is_causal)
 
-    def bigkern_explain(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                        average_attn_weights=True, is_causal=False):
-        """Which implementation this call's attention takes, and why (bigkern.explain(module, ...))."""
-        reason = _torch_path_reason(query, key, value, need_weights)
-        if reason is not None:
-            return dispatch.torch_path_explanation("MultiheadAttention (need_weights / nested: torch's own path)",
-                                                   reason)
-        with torch.no_grad():
-            sdpa_args, _ = _sdpa_arguments(self, query, key, value, key_padding_mask, attn_mask, is_causal)
-        return dispatch.explain(ops.scaled_dot_product_attention, *sdpa_args)
-
 
 def _swap_attention_children(layer, *names):
     for name in names:
@@ -209,7 +199,9 @@ def _swap_attention_children(layer, *names):
 def encoder_layer_forward(layer, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
     """TransformerEncoderLayer.forward of `layer` without torch's inference fast path."""
     if src.is_nested:
-        return torch.nn.TransformerEncoderLayer.forward(layer, src, src_mask, src_key_padding_mask, is_causal)
+        return dispatch.served_by_torch("TransformerEncoderLayer", _NESTED_LAYER,
+                                        torch.nn.TransformerEncoderLayer.forward, layer, src, src_mask,
+                                        src_key_padding_mask, is_causal)
     src_key_padding_mask = torch_F._canonical_mask(
         mask=src_key_padding_mask, mask_name="src_key_padding_mask", other_type=torch_F._none_or_dtype(src_mask),
         other_name="src_mask", target_type=src.dtype)

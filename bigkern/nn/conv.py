@@ -46,19 +46,6 @@ class Conv2d(torch.nn.Conv2d):
         return _conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups, activation, residual,
                        negative_slope)
 
-    def bigkern_explain(self, input: Tensor, *args, **kwargs):
-        """Which implementation this module's forward takes for `input`, and why."""
-        from bigkern import dispatch
-
-        if self.padding_mode != "zeros":
-            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-        padding = 0 if self.padding_mode != "zeros" else self.padding
-        return dispatch.explain(functional.conv2d, input, self.weight, self.bias, self.stride, padding,
-                                self.dilation, self.groups, **self._epilogue_kwargs(*args, **kwargs))
-
-    def _epilogue_kwargs(self, residual=None):
-        return {}
-
 
 register_drop_in(torch.nn.Conv2d, Conv2d)
 
@@ -142,10 +129,6 @@ class FusedConv2d(Conv2d):
             padding = tuple(self.padding) * 2
         pq = conv_ops.output_size(hw, self.kernel_size, self.stride, padding, self.dilation)
         return tuple(input.shape[:-3]) + (self.out_channels,) + pq
-
-    def _epilogue_kwargs(self, residual=None):
-        return dict(activation=getattr(self, "activation", None), residual=residual,
-                    negative_slope=getattr(self, "negative_slope", 0.01))
 
     def extra_repr(self):
         text = super().extra_repr()

@@ -81,26 +81,6 @@ class LSTM(torch.nn.LSTM):
             return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
         return output, (h_n, c_n)
 
-    def bigkern_explain(self, input, hx=None):
-        """Which implementation the first layer's recurrence takes, and why (bigkern.explain(module, x))."""
-        data = input.data if isinstance(input, PackedSequence) else input
-        sizes = [int(b) for b in input.batch_sizes] if isinstance(input, PackedSequence) else []
-        if not sizes and data.dim() == 3:
-            B = data.shape[0] if self.batch_first else data.shape[1]
-        else:
-            B = sizes[0] if sizes else 1
-        H = self.hidden_size
-        P = self.proj_size or H
-        weights = self._weights()
-        per = len(weights) // (self.num_layers * (2 if self.bidirectional else 1))
-        N = sum(sizes) if sizes else data.numel() // data.shape[-1]
-        gates_x = data.new_empty((N, 4 * H))
-        h0, c0 = data.new_empty((B, P)), data.new_empty((B, H))
-        b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
-        w_hr = weights[per - 1] if self.proj_size else None
-        save = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
-        return ops.LSTM_LAYER.explain(gates_x, weights[1], b_ih, b_hh, w_hr, h0, c0, sizes, False, save)
-
 
 class LSTMCell(torch.nn.LSTMCell):
     __doc__ = "bigkern's drop-in for torch.nn.LSTMCell (one fused step).\n\n" + (torch.nn.LSTMCell.__doc__ or "")
@@ -121,14 +101,6 @@ class LSTMCell(torch.nn.LSTMCell):
         if not batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
-
-    def bigkern_explain(self, input, hx=None):
-        """Which implementation the step takes, and why (bigkern.explain(cell, x))."""
-        B, H = (input.shape[0] if input.dim() == 2 else 1), self.hidden_size
-        state = input.new_empty((B, H))
-        save = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        return ops.LSTM_LAYER.explain(input.new_empty((B, 4 * H)), self.weight_hh, self.bias_ih, self.bias_hh, None,
-                                      state, state, [], False, save)
 
 
 register_drop_in(torch.nn.LSTM, LSTM)

@@ -592,14 +592,6 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     return (q, k, v, mask, dropout_p, bool(is_causal), scale, seed), (batch_shape, L, Ev)
 
 
-def _prepare(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    # for explain(): never draws a seed, so asking does not move torch's generator
-    query, key, value, attn_mask = amp.cast_inputs(query, key, value, attn_mask)
-    args, _ = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                           seed=torch.zeros(2, dtype=torch.int64))
-    return args, {}
-
-
 # torch's own function (F.scaled_dot_product_attention is this binding), which bigkern.enable()
 # leaves in place: F.scaled_dot_product_attention is bigkern's inside its block
 _TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
@@ -611,7 +603,7 @@ def _nested_reason(*tensors):
     return None
 
 
-@dispatch.entry_point(SDPA_FORWARD, _prepare)
+@dispatch.entry_point
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, *, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
@@ -880,12 +872,7 @@ def prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, dropo
     return (query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k), dropout_p, bool(is_causal), scale, seed)
 
 
-def _prepare_varlen(query, key, value, *args, return_lse=False, **kwargs):
-    query, key, value = amp.cast_inputs(query, key, value)
-    return prepare_varlen(query, key, value, *args, **kwargs, seed=torch.zeros(2, dtype=torch.int64)), {}
-
-
-@dispatch.entry_point(VARLEN_FORWARD, _prepare_varlen)
+@dispatch.entry_point
 def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int,
                      max_k: int, *, dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                      enable_gqa: bool = False, return_lse: bool = False):
@@ -959,16 +946,16 @@ def _varlen_attn(torch_fn, out, query, key, value, cu_seq_q, cu_seq_k, max_q, ma
     window_size = tuple(int(w) for w in window_size)
     reason = _varlen_attn_unsupported(cu_seq_q, cu_seq_k, window_size, seqused_k, block_table)
     if reason is not None:
-        if dispatch.requested_backend() in ("triton", "cuda"):
-            raise dispatch.UnsupportedError(f"{reason} is not implemented in bigkern's kernels")
-        if torch_fn is None:
-            raise dispatch.UnsupportedError(f"{reason} is not implemented in bigkern's kernels, and this torch "
-                                            f"({torch.__version__}) has no function to leave it to")
+        reason = f"{reason} is not implemented in bigkern's kernels"
+        if torch_fn is None and dispatch.requested_backend() not in ("triton", "cuda"):
+            raise dispatch.UnsupportedError(f"{reason}, and this torch ({torch.__version__}) has no function to "
+                                            f"leave it to")
         extra = dict(enable_gqa=enable_gqa, seqused_k=seqused_k, block_table=block_table, num_splits=num_splits)
         extra = {name: value_ for name, value_ in extra.items() if value_ is not None and value_ is not False}
         args = (query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
-        return torch_fn(*(args if out is None else (out, *args)), return_aux=return_aux, scale=scale,
-                        window_size=window_size, **extra)
+        return dispatch.served_by_torch("varlen_attn" if out is None else "varlen_attn_out", reason, torch_fn,
+                                        *(args if out is None else (out, *args)), return_aux=return_aux,
+                                        scale=scale, window_size=window_size, **extra)
     if out is not None:
         _check_varlen_out(out, query, value)
     result, lse = varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
@@ -994,6 +981,7 @@ def _check_varlen_out(out, query, value):
                            f"but got {tuple(out.shape)}")
 
 
+@dispatch.entry_point
 def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Optional[Tensor], max_q: int,
                 max_k: int, *, return_aux=None, scale: Optional[float] = None, window_size=(-1, -1),
                 enable_gqa: bool = False, seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
@@ -1013,6 +1001,7 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
                         scale, window_size, enable_gqa, seqused_k, block_table, num_splits)
 
 
+@dispatch.entry_point
 def varlen_attn_out(out: Tensor, query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor,
                     cu_seq_k: Optional[Tensor], max_q: int, max_k: int, *, return_aux=None,
                     scale: Optional[float] = None, window_size=(-1, -1), enable_gqa: bool = False,
@@ -1023,24 +1012,6 @@ def varlen_attn_out(out: Tensor, query: Tensor, key: Tensor, value: Tensor, cu_s
     return _varlen_attn(_TORCH_VARLEN_ATTN_OUT, out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
                         return_aux, scale, window_size, enable_gqa, seqused_k, block_table, num_splits)
 
-
-def _explain_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                         window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
-    window_size = tuple(int(w) for w in window_size)
-    reason = _varlen_attn_unsupported(cu_seq_q, cu_seq_k, window_size, seqused_k, block_table)
-    if reason is not None:
-        return dispatch.torch_path_explanation("varlen_attn (torch's own)",
-                                               f"{reason} is not implemented in bigkern's kernels")
-    return dispatch.explain(varlen_attention, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-                            is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa)
-
-
-def _explain_varlen_attn_out(out, *args, **kwargs):
-    return _explain_varlen_attn(*args, **kwargs)
-
-
-varlen_attn.bigkern_explain = _explain_varlen_attn
-varlen_attn_out.bigkern_explain = _explain_varlen_attn_out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -594,18 +594,7 @@ def _prepare(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
             negative_slope, save_z), {}
 
 
-def _explain_prepare(input, weight, *args, **kwargs):
-    check_tensor(input, "input", "conv2d()")
-    check_tensor(weight, "weight", "conv2d()")
-    _check_weight_dims(input, weight)
-    if input.dim() == 3:
-        input = input.unsqueeze(0)
-        if isinstance(kwargs.get("residual"), Tensor) and kwargs["residual"].dim() == 3:
-            kwargs["residual"] = kwargs["residual"].unsqueeze(0)
-    return _prepare(input, weight, *args, **kwargs)
-
-
-@dispatch.entry_point(CONV2D, _explain_prepare)
+@dispatch.entry_point
 def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
            groups: int = 1, *, activation: Optional[str] = None, residual: Optional[Tensor] = None,
            negative_slope: float = 0.01) -> Tensor:
@@ -644,9 +633,10 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
         y = dispatch.served_by_torch("conv2d", reason, reference, input, weight, bias, *args[4:8], activation, residual,
                                      negative_slope)
     elif input.shape[1] == 0:
-        # no input channels: nothing to compute; whatever torch's conv2d returns (with a bias too)
-        y = torch.conv2d(input, weight, bias, stride, padding, dilation, groups)
-        y = torch_activation(y if residual is None else y + residual, activation_code(activation), args[9])
+        # no input channels: nothing for a kernel to compute; whatever torch's conv2d returns (a bias too)
+        y = dispatch.served_by_torch("conv2d", "no input channels: nothing for bigkern's kernels to compute",
+                                     reference, input, weight, bias, stride, padding, dilation, groups, activation,
+                                     residual, args[9])
     else:
         y = conv2d_op(*args)[0]
     return y.squeeze(0) if unbatched else y

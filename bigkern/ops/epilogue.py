@@ -313,7 +313,7 @@ def _prepare(x, bias=None, activation="relu", *, dim=-1, negative_slope=0.01):
     return (x, bias, activation_code(activation), dim, negative_slope), {}
 
 
-@dispatch.entry_point(BIAS_ACT, _prepare)
+@dispatch.entry_point
 def bias_act(x: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "relu", *,
              dim: int = -1, negative_slope: float = 0.01) -> Tensor:
     """act(x + bias) with bias broadcast along `dim`, fused forward and backward.

@@ -606,6 +606,7 @@ def _keep_cell_state_dtype_with_projection(result, dtype):
 
 
 @_autocast_like_torch(("cuda", "cpu"))
+@dispatch.entry_point
 def lstm_layer(input: Tensor, hx: Optional[tuple] = None, weight_ih: Tensor = None, weight_hh: Tensor = None,
                bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
                weight_hr: Optional[Tensor] = None, *, reverse: bool = False,
@@ -658,6 +659,7 @@ def _initial_state(hx, input, h_shape, c_shape, fn, names=("hx[0]", "hx[1]")):
 
 
 @_autocast_like_torch(("cuda",), composite_on_cpu=True)
+@dispatch.entry_point
 def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
               b_hh: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One LSTM step, torch.lstm_cell's signature: input (B, input_size), hx (h (B, H), c (B, H))
@@ -701,6 +703,7 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
 
 
 @_autocast_like_torch(("cuda", "cpu"))
+@dispatch.entry_point
 def lstm(input: Tensor, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
          bidirectional: bool, batch_first=False):
     """torch.lstm (what torch.nn.LSTM calls), both overloads:
