@@ -238,6 +238,30 @@ def test_cpu_autocast_with_projections_like_torch(state):
     assert [t.dtype for t in _flatten(packed)] == [t.dtype for t in _flatten(expected)]
 
 
+@pytest.mark.parametrize("input_dtype,state", [("float32", "none"), ("float32", "float32"), ("bfloat16", "none"),
+                                               ("bfloat16", "float32"), ("float16", "none"), ("float32", "bfloat16")])
+@pytest.mark.parametrize("packed", [True, False])
+def test_cpu_autocast_without_onednn_like_torch(input_dtype, state, packed):
+    """Where oneDNN does not take a CPU LSTM (packed input; float16 input) torch runs it step by step
+    in its ops, which autocast and promote as the cell's do: outputs in promote(autocast dtype, c0's
+    dtype). Packed data of another dtype than the weights is autocast's to cast, not an error."""
+    if not packed and input_dtype != "float16":
+        input_dtype = "float16"  # dense float32/bfloat16 input: oneDNN's (test_autocast_like_torch)
+    theirs = torch.nn.LSTM(3, 5, num_layers=2)
+    ours = rnn.LSTM(3, 5, num_layers=2)
+    ours.load_state_dict(theirs.state_dict())
+    x = make_tensor((4, 2, 3)).to(getattr(torch, input_dtype))
+    if packed:
+        x = pack_sequence([x[:, 0], x[:3, 1]])
+    hx = None if state == "none" else tuple(make_tensor((2, 2, 5)).to(getattr(torch, state)) for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = theirs(x, hx)
+        got = ours(x, hx)
+    assert [t.dtype for t in _flatten(got)] == [t.dtype for t in _flatten(expected)]
+    for want, have in zip(_flatten(expected), _flatten(got)):
+        torch.testing.assert_close(have.float(), want.float(), rtol=3e-2, atol=3e-2)
+
+
 @pytest.mark.parametrize("input_dtype,state", [("bfloat16", "none"), ("bfloat16", "float32"),
                                                ("float32", "bfloat16"), ("float16", "none"), ("float32", "float16")])
 def test_cpu_autocast_lstm_cell_like_torch(input_dtype, state):

@@ -28,8 +28,9 @@ class LSTM(torch.nn.LSTM):
         return self._flat_weights
 
     def _check_packed(self, data, batch_sizes, hx, weights):
-        # torch checks packed input in C++ (RuntimeError for every mismatch), after permuting hx
-        if data.dtype != weights[0].dtype:
+        # torch checks packed input in C++ (RuntimeError for every mismatch), after permuting hx; under
+        # autocast, as in its check_input, dtypes may differ (the op casts them)
+        if data.dtype != weights[0].dtype and not torch._C._is_any_autocast_enabled():
             raise RuntimeError(f"LSTM: input dtype ({data.dtype}) does not match weight dtype ({weights[0].dtype})")
         self.check_input(data, batch_sizes)
         if hx is not None:

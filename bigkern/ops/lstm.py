@@ -547,7 +547,7 @@ def _cast_floats(value, dtype):
     return value
 
 
-def _autocast_like_torch(cast_devices, composite_on_cpu=False):
+def _autocast_like_torch(cast_devices, composite_on_cpu=False, cpu_paths=False):
     """Autocast as torch applies it to LSTMs: on the devices whose autocast lists the op as lower
     precision, every floating argument but float64 is cast to the autocast dtype -- CUDA for
     lstm_cell and whole LSTMs (cuDNN), and also CPU for whole LSTMs (oneDNN's mkldnn_rnn_layer is
@@ -557,7 +557,10 @@ def _autocast_like_torch(cast_devices, composite_on_cpu=False):
     or no c0) while the output and h_n come out of the projection's autocast matmul.
     composite_on_cpu (lstm_cell): torch's CPU cell is a composition whose gate matmuls autocast and
     whose cell update promotes, so h_1 and c_1 come out in promote(autocast dtype, c0's dtype);
-    computing in that dtype gives those dtypes (and takes a bfloat16 input to float32 weights)."""
+    computing in that dtype gives those dtypes (and takes a bfloat16 input to float32 weights).
+    cpu_paths (torch.lstm): where oneDNN does not take the call (packed input, or an input dtype it
+    refuses), torch's CPU LSTM is that same composition, step by step: without projections its
+    outputs come out in promote(autocast dtype, c0's dtype) too."""
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(input, *args, **kwargs):
@@ -565,7 +568,7 @@ def _autocast_like_torch(cast_devices, composite_on_cpu=False):
                 return fn(input, *args, **kwargs)
             device_type = input.device.type
             with torch.autocast(device_type, enabled=False):
-                if device_type == "cpu" and composite_on_cpu:
+                if device_type == "cpu" and (composite_on_cpu or cpu_paths and _cpu_lstm_is_composite(input, args)):
                     dtype = torch.promote_types(torch.get_autocast_dtype("cpu"),
                                                 _cell_state_dtype(input, args, kwargs))
                     if dtype != torch.float64:
@@ -582,6 +585,24 @@ def _autocast_like_torch(cast_devices, composite_on_cpu=False):
             return result
         return wrapper
     return decorate
+
+
+def _cpu_lstm_is_composite(input, args) -> bool:
+    """Whether torch.lstm on CPU runs step by step in torch's ops (oneDNN refuses packed input, and
+    inputs of a dtype it cannot take here: torch's use_mkldnn) with no projection (with one, the
+    projection's matmul sets h's dtype: the general rule and _keep_cell_state_dtype_with_projection)."""
+    packed = bool(args) and isinstance(args[0], Tensor)  # (data, batch_sizes, hx, params, ...)
+    params = args[2] if packed else (args[1] if len(args) > 1 else None)
+    if not isinstance(params, (tuple, list)) or len(params) < 2 or not isinstance(params[1], Tensor) \
+            or params[1].dim() != 2 or params[1].shape[1] != params[1].shape[0] // 4:
+        return False  # projections (w_hh (4H, P), P != H), or arguments the call itself will refuse
+    if packed:
+        return True
+    mkldnn = torch.backends.mkldnn
+    takes = {torch.float32: True,
+             torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+             torch.float16: not torch.is_grad_enabled() and torch.ops.mkldnn._is_mkldnn_fp16_supported()}
+    return not (mkldnn.is_available() and mkldnn.enabled and takes.get(input.dtype, False) and input.numel() != 0)
 
 
 def _cell_state_dtype(input, args, kwargs):
@@ -702,7 +723,7 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
     return out, cn
 
 
-@_autocast_like_torch(("cuda", "cpu"))
+@_autocast_like_torch(("cuda", "cpu"), cpu_paths=True)
 @dispatch.entry_point
 def lstm(input: Tensor, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
          bidirectional: bool, batch_first=False):
