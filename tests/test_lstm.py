@@ -283,6 +283,25 @@ def test_cpu_autocast_lstm_cell_like_torch(input_dtype, state):
     assert x.grad.dtype == x.dtype and ours.weight_ih.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("state", ["float16", "bfloat16", "float64"])
+def test_cell_state_of_another_dtype_promotes_like_torch(state):
+    """torch's cell update c1 = f c0 + i g promotes: h_1, c_1 in promote(input's dtype, c0's); h0
+    must still be the input's (its matmul with the weights refuses another)."""
+    theirs = torch.nn.LSTMCell(3, 5)
+    ours = rnn.LSTMCell(3, 5)
+    ours.load_state_dict(theirs.state_dict())
+    x, h0 = make_tensor((4, 3), requires_grad=True), make_tensor((4, 5))
+    c0 = make_tensor((4, 5)).to(getattr(torch, state)).requires_grad_()
+    expected, got = theirs(x, (h0, c0)), ours(x, (h0, c0))
+    assert [t.dtype for t in got] == [t.dtype for t in expected]
+    for want, have in zip(expected, got):
+        torch.testing.assert_close(have, want)
+    sum(t.sum() for t in got).backward()
+    assert c0.grad.dtype == c0.dtype and x.grad.dtype == x.dtype
+    with pytest.raises(RuntimeError, match="'hx\\[0\\]'"):
+        ours(x, (h0.to(getattr(torch, state)), c0))
+
+
 def _flatten(result):
     out, (h, c) = result
     return [out.data if isinstance(out, PackedSequence) else out, h, c]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from bigkern import amp, dispatch, memory
-from bigkern.ops.checks import check_like, check_tensor, type_name
+from bigkern.ops.checks import check_like, check_same_device, check_tensor, type_name
 
 # ---------------------------------------------------------------------------------------------
 # The schedule: which rows each processing step owns and where its recurrent state comes from.
@@ -663,7 +663,9 @@ def lstm_layer(input: Tensor, hx: Optional[tuple] = None, weight_ih: Tensor = No
     return out, (hn, cn)
 
 
-def _initial_state(hx, input, h_shape, c_shape, fn, names=("hx[0]", "hx[1]")):
+def _initial_state(hx, input, h_shape, c_shape, fn, names=("hx[0]", "hx[1]"), cell_state_promotes=False):
+    """(h0, c0), zeros when hx is None. cell_state_promotes (torch's cell, a composition): c0 may be
+    of another floating dtype, which the update c1 = f c0 + i g promotes to."""
     if hx is None:
         zeros = dict(dtype=input.dtype, device=input.device)
         return torch.zeros(h_shape, **zeros), torch.zeros(c_shape, **zeros)
@@ -674,7 +676,10 @@ def _initial_state(hx, input, h_shape, c_shape, fn, names=("hx[0]", "hx[1]")):
     h0, c0 = hx
     for t, name, shape in ((h0, names[0], h_shape), (c0, names[1], c_shape)):
         check_tensor(t, name, f"{fn}()")
-        check_like(t, name, input, "input", f"{fn}()")
+        if t is c0 and cell_state_promotes and c0.is_floating_point() and input.is_floating_point():
+            check_same_device(t, name, input, "input", f"{fn}()")
+        else:
+            check_like(t, name, input, "input", f"{fn}()")
         _check_shape(t, name, shape, fn)
     return h0, c0
 
@@ -718,7 +723,11 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
             if isinstance(t, Tensor) and t.dim() >= 2 and t.shape[1] != H:
                 raise RuntimeError(f"{fn}(): hidden{i} has inconsistent hidden_size: got {t.shape[1]}, expected {H} "
                                    f"(argument 'hx[{i}]')")
-    h0, c0 = _initial_state(hx, input, (B, H), (B, H), fn)
+    h0, c0 = _initial_state(hx, input, (B, H), (B, H), fn, cell_state_promotes=True)
+    if c0.dtype != input.dtype:  # as torch's: h_1 and c_1 in promote(input's dtype, c0's)
+        dtype = torch.promote_types(input.dtype, c0.dtype)
+        input, w_ih, w_hh, b_ih, b_hh, h0, c0, gates_bias = _cast_floats(
+            (input, w_ih, w_hh, b_ih, b_hh, h0, c0, gates_bias), dtype)
     out, _, cn = _run_layer(input, w_ih, w_hh, b_ih, b_hh, None, h0, c0, [], False, gates_bias)
     return out, cn
 
