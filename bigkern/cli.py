@@ -87,7 +87,10 @@ def info_lines():
         lines.append(f"  {backend:<7}{'usable' if reason is None else 'unusable: ' + reason}")
     if _ext.extension() is not None and not torch.cuda.is_available():
         lines.append("  (bigkern._C is built and loaded; its kernels need a GPU to run)")
+    from bigkern import ops
+
     lines.append("ops: " + ", ".join(sorted(dispatch.REGISTRY)))
+    lines.append("op families (bigkern verify --op): " + ", ".join(ops.FAMILIES))
     if dispatch.triton_unavailable() is None:
         from bigkern.kernels import autotune
 
@@ -125,10 +128,12 @@ def verify_rows(families, backends, dtypes, device):
                 name = str(dtype).removeprefix("torch.")
                 cases = list(module.verification_cases(device, dtype))
                 if not cases:
+                    why = ("bf16 is verified on a GPU (Triton's interpreter computes bf16 dots wrongly)"
+                           if device == "cpu" and dtype == torch.bfloat16 else f"no cases for this dtype on {device}")
                     rows.append(dict(op=family, backend=backend, dtype=name, passed="-", status="skipped",
-                                     detail="no cases for this dtype here"))
+                                     detail=why))
                     continue
-                passed, worst = 0, 0.0
+                passed, crashed, worst = 0, 0, 0.0
                 for description, run in cases:
                     testing.seed_everything()
                     with dispatch.use_backend(backend), memory.poisoned_outputs(True):
@@ -137,6 +142,7 @@ def verify_rows(families, backends, dtypes, device):
                             memory.check_guards()
                         except Exception as error:  # a crash is a failure to report, not to hide
                             comparisons = [testing.Comparison("run", float("inf"), 0, 0, False, repr(error))]
+                            crashed += 1
                     bad = [c for c in comparisons if not c.ok]
                     worst = max([worst] + [c.error / c.bound for c in comparisons if c.bound > 0])
                     if bad:
@@ -145,7 +151,7 @@ def verify_rows(families, backends, dtypes, device):
                         passed += 1
                 rows.append(dict(op=family, backend=backend, dtype=name, passed=f"{passed}/{len(cases)}",
                                  status="ok" if passed == len(cases) else "fail",
-                                 detail=f"worst error/bound {worst:.2f}"))
+                                 detail=(f"{crashed} crashed; " if crashed else "") + f"worst error/bound {worst:.2f}"))
     return rows, failures
 
 

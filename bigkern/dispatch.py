@@ -40,17 +40,18 @@ _requests: list = []
 
 
 def _check_request(name, source):
-    name = str(name).strip().lower()
-    if name not in REQUESTS:
+    if not isinstance(name, str):
+        raise TypeError(f"{source} must be a str, one of {', '.join(REQUESTS)}, not {type(name).__name__}")
+    if name.strip().lower() not in REQUESTS:
         raise ValueError(f"{source} must be one of {', '.join(REQUESTS)}, not {name!r}")
-    return name
+    return name.strip().lower()
 
 
 def requested_backend() -> str:
     """The backend requested for calls made now: the innermost use_backend, else BIGKERN_BACKEND."""
     if _requests:
         return _requests[-1][0]
-    return _check_request(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
+    return _check_request(os.environ.get(ENV_VAR, "").strip() or "auto", ENV_VAR)
 
 
 @contextlib.contextmanager

@@ -194,3 +194,10 @@ def test_explain_runs_the_call_up_to_its_first_decision():
     assert explanation.backend is None and "NestedTensor" in explanation.reasons["triton"]
     with pytest.raises(KeyError, match="no bigkern op named 'nope'"):
         bigkern.explain("nope")
+
+
+def test_backend_names_are_strings():
+    for bad, error in ((None, TypeError), (1, TypeError), ("tritn", ValueError)):
+        with pytest.raises(error, match="auto, triton, cuda, torch"):
+            with bigkern.use_backend(bad):
+                pass
