@@ -117,7 +117,10 @@ def test_need_weights_takes_torch_path_under_auto_and_raises_when_forced():
     assert bigkern.explain(module, x, x, x, need_weights=False).backend == "torch"  # CPU tensors under auto
 
 
-def test_nested_input_takes_torchs_fast_path_under_auto_and_raises_when_forced():
+def test_nested_input_runs_through_the_padded_batch():
+    """A batch_first layer given a NestedTensor (torch's TransformerEncoder makes one of a padded batch
+    and its padding mask in inference) runs bigkern's attention on the padded batch and mask; what
+    it cannot map so (a src_mask with it, not batch_first) takes torch's path, or raises forced."""
     layer = bigkern.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
     reference = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
     reference.load_state_dict(layer.state_dict())
@@ -125,12 +128,35 @@ def test_nested_input_takes_torchs_fast_path_under_auto_and_raises_when_forced()
     with torch.no_grad():
         with bigkern.record() as calls:
             out = layer(nested)
-        assert calls == {("TransformerEncoderLayer", "torch"): 1}
+        assert calls == {("sdpa_forward", "torch"): 1}
+        assert out.is_nested
         for got, expected in zip(out.unbind(), reference(nested).unbind()):
             torch.testing.assert_close(got, expected)
+        mask = torch.zeros(5, 5)
+        for module in (reference, layer):  # torch's path refuses it too, in its own words
+            with pytest.raises(AssertionError, match="NestedTensor"):
+                module(nested, src_mask=mask)
         for backend in ("triton", "cuda"):
             with bigkern.use_backend(backend), pytest.raises(bigkern.UnsupportedError, match="NestedTensor"):
-                layer(nested)
+                layer(nested, src_mask=mask)
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "triton"])
+def test_encoder_nesting_a_padded_batch_runs_bigkerns_attention(backend_name):
+    """torch.nn.TransformerEncoder (enable_nested_tensor) nests a padded batch in eval + no_grad: the
+    patched layers still run bigkern's attention, and the padded positions come out 0 as torch's."""
+    torch_model = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 12, batch_first=True), 2).eval()
+    model = bigkern.patch(copy.deepcopy(torch_model))
+    x = make_tensor((3, 5, 8))
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] + [True] * 4])
+    with torch.no_grad(), bigkern.use_backend(backend_name), bigkern.record() as calls:
+        out = model(x, src_key_padding_mask=padding)
+    served = "torch" if backend_name == "auto" and DEVICE == "cpu" else backend_name
+    assert calls == {("sdpa_forward", served): 2}
+    with torch.no_grad():
+        expected = torch_model(x, src_key_padding_mask=padding)
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(out[padding], torch.zeros_like(out[padding]))
 
 
 def test_same_constructor_parameters_and_state_dict():

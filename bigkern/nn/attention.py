@@ -7,7 +7,9 @@ attention itself in bigkern's fused scaled_dot_product_attention (O(L + S) memor
 
 need_weights=True asks for the (L, S) attention matrix, which a fused kernel never forms: under
 `auto` (or the torch backend) such a call takes torch's own path; with triton or cuda forced it
-raises UnsupportedError. So do NestedTensor inputs, which only torch's fast path takes.
+raises UnsupportedError. So do NestedTensor inputs to MultiheadAttention, which only torch's fast path
+takes; a batch_first TransformerEncoderLayer runs a NestedTensor (what torch.nn.TransformerEncoder makes
+of a padded batch in inference) as the padded batch and its padding mask, through bigkern's attention.
 
 The class-swap protocol (DEVELOPING.md): these classes keep no state of their own, so a torch
 instance whose __class__ is swapped works at once. A layer calls its attention child as a module,
@@ -26,8 +28,8 @@ from bigkern.ops import attention as ops
 _NEED_WEIGHTS = ("MultiheadAttention with need_weights=True returns the (L, S) attention weights, which the fused "
                  "kernels never form: pass need_weights=False, or use the auto or torch backend")
 _NESTED = "MultiheadAttention takes NestedTensor inputs only on torch's fast path: use the auto or torch backend"
-_NESTED_LAYER = ("TransformerEncoderLayer takes NestedTensor inputs only on torch's fast path: use the auto or torch "
-                 "backend")
+_NESTED_LAYER = ("TransformerEncoderLayer takes NestedTensor inputs with a mask or causal hint, or not batch_first, "
+                 "only on torch's fast path: use the auto or torch backend")
 
 
 def _torch_path_reason(query, key, value, need_weights):
@@ -199,6 +201,9 @@ def _swap_attention_children(layer, *names):
 def encoder_layer_forward(layer, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
     """TransformerEncoderLayer.forward of `layer` without torch's inference fast path."""
     if src.is_nested:
+        if (src.dim() == 3 and layer.self_attn.batch_first and src_mask is None and src_key_padding_mask is None
+                and not is_causal):
+            return _nested_through_padding(layer, src)
         return dispatch.served_by_torch("TransformerEncoderLayer", _NESTED_LAYER,
                                         torch.nn.TransformerEncoderLayer.forward, layer, src, src_mask,
                                         src_key_padding_mask, is_causal)
@@ -217,13 +222,25 @@ def encoder_layer_forward(layer, src, src_mask=None, src_key_padding_mask=None, 
     return x
 
 
+def _nested_through_padding(layer, src):
+    """A batch_first layer on a NestedTensor of sequences (what torch.nn.TransformerEncoder makes of
+    a padded batch and its padding mask in inference): the padded batch and that mask through
+    bigkern's layer, each sequence's rows taken back out (torch's fast path computes the same)."""
+    lengths = [t.shape[0] for t in src.unbind()]
+    padded = src.to_padded_tensor(0.0)
+    positions = torch.arange(padded.shape[1], device=padded.device)
+    padding = positions[None, :] >= torch.tensor(lengths, device=padded.device)[:, None]
+    out = encoder_layer_forward(layer, padded, None, padding, False)
+    return torch.nested.as_nested_tensor([out[i, :n] for i, n in enumerate(lengths)], layout=src.layout)
+
+
 torch.fx.wrap("encoder_layer_forward")
 
 
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     """torch.nn.TransformerEncoderLayer with bigkern's attention (same constructor and state). torch's
-    inference fast path is not taken (bigkern's kernels are the fast path), except for NestedTensor
-    inputs, which only it takes."""
+    inference fast path is not taken (bigkern's kernels are the fast path); NestedTensor inputs run as
+    their padded batch and padding mask (batch_first, no src_mask or causal hint; else torch's path)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
