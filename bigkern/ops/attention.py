@@ -543,6 +543,17 @@ def _lcm(a, b):
     return a * b // math.gcd(a, b)
 
 
+def _torch_lifts_3d_inputs() -> bool:
+    """Whether this torch's scaled_dot_product_attention takes 3-d inputs as (1, N, L, E), so that a
+    (1, N, L, S) mask fits them (2.14 does; 2.11 refuses): asked once, of a tiny CPU call."""
+    t = torch.zeros(1, 1, 1)
+    try:
+        _TORCH_SDPA(t, t, t, attn_mask=torch.zeros(1, 1, 1, 1))
+        return True
+    except RuntimeError:
+        return False
+
+
 def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                  seed=None):
     """Validate and normalize a call: (op arguments, (batch shape, L, Ev)) with the op arguments
@@ -573,7 +584,7 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     v = value.expand(kv_batch + (S, Ev)).reshape(batch, kv_heads, S, Ev)
     mask = None
     if attn_mask is not None:
-        if len(batch_shape) == 1 and attn_mask.dim() == 4 and attn_mask.shape[0] == 1:
+        if len(batch_shape) == 1 and attn_mask.dim() == 4 and attn_mask.shape[0] == 1 and _TORCH_LIFTS_3D_INPUTS:
             attn_mask = attn_mask[0]  # torch takes 3-d inputs as (1, N, L, E): a mask may say so
         try:
             if attn_mask.dim() > len(batch_shape) + 2:
@@ -595,6 +606,7 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
 # torch's own function (F.scaled_dot_product_attention is this binding), which bigkern.enable()
 # leaves in place: F.scaled_dot_product_attention is bigkern's inside its block
 _TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
+_TORCH_LIFTS_3D_INPUTS = _torch_lifts_3d_inputs()
 
 
 def _nested_reason(*tensors):
