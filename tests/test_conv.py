@@ -536,6 +536,25 @@ def test_no_input_channels_is_torchs_result(backend):
         assert calls == {("conv2d", "torch"): 1}
 
 
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_bias_and_residual_may_change_in_place_before_backward(backend, activation):
+    """torch's conv and `+` keep neither the bias nor the residual for backward: changing them in
+    place after the forward is fine there, and gives the same gradients here."""
+    x, w = make_tensor((2, 3, 6, 6), requires_grad=True), make_tensor((4, 3, 3, 3), requires_grad=True)
+    b, r = make_tensor((4,), requires_grad=True), make_tensor((1, 4, 4, 4), requires_grad=True)
+    grads = []
+    for change in (False, True):
+        bias, residual = b * 1, r * 1
+        y = F.conv2d(x, w, bias, activation=activation, residual=residual)
+        if change:
+            with torch.no_grad():
+                bias.add_(1.0)
+                residual.mul_(2.0)
+        grads.append(torch.autograd.grad(y.sum(), (x, w, b, r)))
+    for unchanged, changed in zip(*grads):
+        torch.testing.assert_close(changed, unchanged)
+
+
 def test_negative_slope_is_a_number_as_torch_takes_it():
     x, w = make_tensor((1, 3, 5, 5)), make_tensor((4, 3, 3, 3))
     for slope in ("0.1", "nan", torch.tensor([0.1]), True):

@@ -397,27 +397,52 @@ def _setup_context(ctx, inputs, output):
     input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope, save_z = inputs
     z = output[1]
     saved_z = activation != 0 and z.numel() == output[0].numel()
-    # without a saved z, backward recomputes it, and then needs the residual
-    # (and a residual that requires grad, for a differentiated backward: gradients_by_torch)
-    keep_residual = residual is not None and (residual.requires_grad or (activation != 0 and not saved_z))
-    ctx.save_for_backward(input, weight, bias, z if saved_z else None, residual if keep_residual else None)
+    # torch's conv and `+` keep neither the bias nor the residual, so changing them in place before
+    # backward is fine there: keep them only where backward recomputes z (no z saved: a graph traced
+    # without grad), else just their shapes -- their gradients never depend on their values
+    recompute = activation != 0 and not saved_z
+    ctx.save_for_backward(input, weight, bias if recompute else None, z if saved_z else None,
+                          residual if recompute else None)
+    ctx.like = {name: None if t is None else (t.shape, t.dtype, t.device) for name, t in
+                (("bias", bias), ("residual", residual))}
+    # a backward with create_graph=True needs its graph to reach the bias and residual themselves:
+    # referenced, not saved (no version check -- the values come from the saved z)
+    ctx.graph_leaves = None if recompute else tuple(
+        t if t is not None and t.requires_grad else None for t in (bias, residual))
     ctx.saved_z = saved_z
     ctx.has_residual = residual is not None
     ctx.geometry = (stride, padding, dilation, groups)
     ctx.activation = (activation, negative_slope)
 
 
+def _stand_in(like):
+    """Zeros shaped as a bias or residual that was not kept (None for none): what backward needs of
+    them is their shape, for their gradients do not depend on their values."""
+    if like is None:
+        return None
+    shape, dtype, device = like
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 def _backward(ctx, grad_y, _grad_z_output):
     input, weight, bias, z, residual = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
     activation, negative_slope = ctx.activation
-    if dispatch.backward_is_differentiated():
+    differentiated = dispatch.backward_is_differentiated()
+    if differentiated and ctx.graph_leaves is not None:
+        bias, residual = ctx.graph_leaves
+    if bias is None:
+        bias = _stand_in(ctx.like["bias"])
+    if residual is None:
+        residual = _stand_in(ctx.like["residual"])
+    if differentiated:
         def forward(input, weight, bias, residual):
-            # act(conv + bias + residual) in torch's ops; a residual not kept is the saved z's share
+            # act(conv + bias + residual) in torch's ops; with stand-ins for bias and residual, the
+            # saved z gives the activation its argument's values (the graph runs through the inputs)
             z_graph = reference(input, weight, bias, stride, padding, dilation, groups)
             if residual is not None:
                 z_graph = z_graph + residual
-            elif ctx.has_residual and activation != 0:
+            if ctx.saved_z:
                 z_graph = z_graph + (z - z_graph).detach()
             return torch_activation(z_graph, activation, negative_slope)
 
