@@ -19,10 +19,11 @@ never fused away: a conv, batch norm or activation with hooks ends the chain, an
 with hooks keeps its identity (its children are fused inside it), so every hook still runs.
 
 The model is traced with torch.fx (bigkern's own modules, from bigkern.patch, and modules with
-hooks as leaves like torch's); where it cannot be traced (data-dependent control flow), each child
-module is fused on its own. nn.Sequential containers are matched module by module.
-Each chain becomes one `bigkern.nn.FusedConv2d` under the conv's own name; folded batch norms
-disappear from the module tree (and the state_dict).
+hooks as leaves like torch's); where it cannot be traced (data-dependent control flow), or where
+its traced code reads `self.training` (F.dropout(training=self.training), stochastic depth: a trace
+would fix the mode it was fused in), each child module is fused on its own. nn.Sequential
+containers are matched module by module. Each chain becomes one `bigkern.nn.FusedConv2d` under the
+conv's own name; folded batch norms disappear from the module tree (and the state_dict), nothing else.
 """
 
 import copy
@@ -101,9 +102,15 @@ def _fuse(model, model_training):
         # stays itself (a traced copy would not carry them), fused inside
         return _fuse_children(model, model_training)
     try:
-        traced = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+        graph = _Tracer().trace(model)
     except Exception:  # fx cannot trace it: fuse inside each child instead
         return _fuse_children(model, model_training)
+    if _traced_code_reads_the_mode(model, graph):
+        # a trace bakes `self.training` in (F.dropout(training=self.training), stochastic depth): the
+        # fused model would keep the mode it was fused in through .train()/.eval(); fuse inside instead
+        return _fuse_children(model, model_training)
+    traced = fx.GraphModule(model, graph, type(model).__name__)
+    _adopt_untraced_submodules(traced, model)
     changed = _fuse_graph(traced, model_training)
     for node in traced.graph.nodes:  # leaves kept for their hooks: fused inside
         if node.op == "call_module":
@@ -114,6 +121,41 @@ def _fuse(model, model_training):
         return model  # the trace saw every module: nothing to fuse at this level
     traced.training = model.training
     return traced
+
+
+def _traced_code_reads_the_mode(model, graph) -> bool:
+    """Whether tracing `model` in the other mode (every module's flag flipped) gives another graph, or
+    none: then the traced code reads `training`, which a trace fixes as a constant."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        for module in modes:
+            module.training = not modes[module]
+        other = _Tracer().trace(model)
+    except Exception:
+        return True
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return other.python_code("self").src != graph.python_code("self").src
+
+
+def _adopt_untraced_submodules(traced, model):
+    """A GraphModule keeps only the submodules its graph calls; give it the rest of the model's tree
+    (heads used only in the other mode, say: googlenet's auxiliary classifiers in eval), so that
+    fusing removes nothing but what it folds."""
+    def adopt(target, source):
+        for name, child in source.named_children():
+            if name not in target._modules:
+                target.add_module(name, child)
+            elif target._modules[name] is not child and target._modules[name] is not None:
+                adopt(target._modules[name], child)
+        for name, parameter in source._parameters.items():
+            if name not in target._parameters and not hasattr(target, name):
+                target.register_parameter(name, parameter)
+        for name, buffer in source._buffers.items():
+            if name not in target._buffers and not hasattr(target, name):
+                target.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)
+    adopt(traced, model)
 
 
 def _fuse_children(module, model_training):
@@ -192,7 +234,7 @@ def _fuse_graph(gm: fx.GraphModule, model_training: bool) -> bool:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    changed = False
+    changed, consumed = False, set()
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or type(modules.get(node.target)) not in _CONVS or calls[node.target] != 1:
             continue
@@ -229,13 +271,24 @@ def _fuse_graph(gm: fx.GraphModule, model_training: bool) -> bool:
             replacement = gm.graph.call_module(node.target, args)
         tail.replace_all_uses_with(replacement)
         for dead in reversed(chain):
+            if dead.op == "call_module" and dead is not node:
+                consumed.add(dead.target)
             gm.graph.erase_node(dead)
         changed = True
     if changed:
         gm.graph.lint()
-        gm.delete_all_unused_submodules()
+        # the folded batch norms (and activation modules) leave the tree, unless called elsewhere
+        still_called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        for target in consumed - still_called:
+            _delete_submodule(gm, target)
         gm.recompile()
     return changed
+
+
+def _delete_submodule(root, target):
+    parent_name, _, name = target.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    delattr(parent, name)
 
 
 def _set_submodule(root, target, module):

@@ -354,3 +354,51 @@ def test_a_model_fused_in_eval_mode_refuses_training_mode():
     fused.train()
     with pytest.raises(RuntimeError, match="BatchNorm2d"):
         fused(x)
+
+
+class DropoutBlock(nn.Module):
+    """A forward that reads self.training (as F.dropout, torchvision's stochastic depth, timm's DropPath)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.features(x)
+        return Fn.dropout(torch.relu(self.conv(y)), 0.5, training=self.training) + y
+
+
+@pytest.mark.parametrize("fused_in", ["train", "eval"])
+def test_the_fused_model_follows_train_and_eval_as_the_original(fused_in):
+    """A trace would fix `self.training` as a constant: such a forward is kept, its children fused."""
+    model = DropoutBlock().double()
+    model.train(fused_in == "train")
+    fused = bigkern.fuse(model)
+    assert any(isinstance(m, FusedConv2d) for m in fused.modules())  # the Sequential inside still fuses
+    x = make_tensor((2, 3, 6, 6), torch.float64, DEVICE)
+    model.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), model(x))
+    model.train(), fused.train()
+    torch.manual_seed(0)
+    expected = model(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(fused(x), expected)
+
+
+def test_fusing_keeps_modules_the_trace_did_not_reach():
+    """Only folded batch norms leave the module tree: a head forward does not call (one another
+    method uses, a classifier swapped in later) stays, with its state_dict entries."""
+    class WithSpareHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.heads = nn.ModuleDict(dict(main=nn.Identity(), spare=nn.Linear(4, 2)))
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            return self.heads["main"](torch.relu(self.bn(self.conv(x))))
+
+    model = randomize_batch_norms(WithSpareHead()).double().eval()
+    fused = fused_equals_original(model, make_tensor((2, 3, 6, 6), torch.float64, DEVICE), expect=1)
+    assert set(fused.state_dict()) == {k for k in model.state_dict() if not k.startswith("bn.")}
