@@ -97,5 +97,9 @@ def is_dense(t: torch.Tensor) -> bool:
 
 
 def dense(t: torch.Tensor) -> torch.Tensor:
-    """t itself when dense, else a contiguous copy."""
-    return t if is_dense(t) else t.contiguous()
+    """t itself when dense, else a dense copy in t's order of dimensions (torch's elementwise ops lay
+    their outputs out so: a sliced channels_last tensor gives a channels_last one)."""
+    if is_dense(t):
+        return t
+    copy = torch.empty_like(t, memory_format=torch.preserve_format)
+    return copy.copy_(t)

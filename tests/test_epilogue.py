@@ -206,3 +206,16 @@ def triton_ok():
     from bigkern.dispatch import triton_unavailable
 
     return triton_unavailable() is None
+
+
+def test_output_keeps_the_order_of_dimensions_of_a_strided_input(backend):
+    """As torch's elementwise ops: a sliced channels_last x gives a channels_last result, a sliced
+    transpose a transposed one (bias_act computes on a dense copy in x's order)."""
+    b = make_tensor((5,), device=DEVICE)
+    x = make_tensor((2, 5, 3, 8), device=DEVICE).contiguous(memory_format=torch.channels_last)[..., ::2]
+    y = F.bias_act(x, b, "relu", dim=1)
+    expected = torch.relu(x + b.view(1, -1, 1, 1))
+    assert y.stride() == expected.stride()
+    torch.testing.assert_close(y, expected)
+    x2 = make_tensor((4, 6), device=DEVICE).t()[:, ::2]
+    assert F.bias_act(x2, make_tensor((2,), device=DEVICE), "gelu").stride() == torch.nn.functional.gelu(x2).stride()
