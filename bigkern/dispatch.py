@@ -42,9 +42,10 @@ _requests: list = []
 def _check_request(name, source):
     if not isinstance(name, str):
         raise TypeError(f"{source} must be a str, one of {', '.join(REQUESTS)}, not {type(name).__name__}")
-    if name.strip().lower() not in REQUESTS:
+    normalized = name.strip().lower()
+    if normalized not in REQUESTS:
         raise ValueError(f"{source} must be one of {', '.join(REQUESTS)}, not {name!r}")
-    return name.strip().lower()
+    return normalized
 
 
 def requested_backend() -> str:
