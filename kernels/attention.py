@@ -506,7 +506,7 @@ def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, l
     p_t = _recomputed_probabilities(s_t, center[None, :], offset[None, :], MASK_KIND)
     if DIAGONAL:
         if IS_CAUSAL:  # rows past L too: a key beyond every real row sees 0 * k there (NaN if k is)
-            p_t = tl.where((cols2 <= rows2) & (rows2 < seq_q), p_t, 0.0)
+            p_t = tl.where((cols2 <= rows2) & row_ok[None, :], p_t, 0.0)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
     if DROPOUT:
         keep = dropout_keep(rows2, cols2, stream, seed_lo, seed_hi, dropout_threshold)

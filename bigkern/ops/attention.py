@@ -873,14 +873,11 @@ def check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropo
 
 
 def prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, dropout_p=0.0, is_causal=False,
-                   scale=None, enable_gqa=False, seed=None):
+                   scale=None, enable_gqa=False):
     check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, enable_gqa, is_causal, scale)
     scale = float(scale) if scale is not None else None  # None: the op takes 1/sqrt(E)
     dropout_p = float(dropout_p)
-    if dropout_p > 0 and seed is None:
-        seed = draw_dropout_seed()
-    if dropout_p <= 0:
-        seed = None
+    seed = draw_dropout_seed() if dropout_p > 0 else None
     return (query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k), dropout_p, bool(is_causal), scale, seed)
 
 

@@ -591,7 +591,7 @@ def _cpu_lstm_is_composite(input, args) -> bool:
     """Whether torch.lstm on CPU runs step by step in torch's ops (oneDNN refuses packed input, and
     inputs of a dtype it cannot take here: torch's use_mkldnn) with no projection (with one, the
     projection's matmul sets h's dtype: the general rule and _keep_cell_state_dtype_with_projection)."""
-    packed = bool(args) and isinstance(args[0], Tensor)  # (data, batch_sizes, hx, params, ...)
+    packed = _packed_overload(args)
     params = args[2] if packed else (args[1] if len(args) > 1 else None)
     if not isinstance(params, (tuple, list)) or len(params) < 2 or not isinstance(params[1], Tensor) \
             or params[1].dim() != 2 or params[1].shape[1] != params[1].shape[0] // 4:
@@ -605,11 +605,15 @@ def _cpu_lstm_is_composite(input, args) -> bool:
     return not (mkldnn.is_available() and mkldnn.enabled and takes.get(input.dtype, False) and input.numel() != 0)
 
 
+def _packed_overload(args) -> bool:
+    """Whether the arguments after the input are torch.lstm's packed overload's (batch_sizes, hx, params, ...)."""
+    return bool(args) and isinstance(args[0], Tensor)
+
+
 def _cell_state_dtype(input, args, kwargs):
     """The dtype of the c0 an LSTM call passes (input's when it passes none): hx is the first
     argument after the input, or after batch_sizes in torch.lstm's packed overload."""
-    hx = kwargs.get("hx", args[1] if args and isinstance(args[0], Tensor) and len(args) > 1 else
-                    (args[0] if args else None))
+    hx = kwargs.get("hx", args[1] if _packed_overload(args) and len(args) > 1 else (args[0] if args else None))
     if isinstance(hx, (tuple, list)) and len(hx) == 2 and isinstance(hx[1], Tensor):
         return hx[1].dtype
     return input.dtype
