@@ -38,6 +38,10 @@ def check_against_reference(x, bias, activation, dim, negative_slope=0.01):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape,dim,layout", CASES, ids=lambda c: str(c).replace(" ", ""))
 def test_bias_act_matches_fp64(backend, dtype, activation, shape, dim, layout):
+    if backend == "triton" and dtype == torch.bfloat16 and bigkern.dispatch.triton_interpreter_enabled():
+        # the interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest): one ulp more than
+        # FA's bound allows on some draws (seed 2009219113, silu, shape (1,)); bf16 is a GPU check
+        pytest.skip("Triton's interpreter truncates fp32 -> bf16 casts: bf16 is verified on a GPU")
     x = make_tensor(shape, dtype, DEVICE, layout=layout, scale=2.0, requires_grad=True)
     bias = make_tensor((shape[dim],), dtype, DEVICE, requires_grad=True)
     check_against_reference(x, bias, activation, dim)
