@@ -1,4 +1,4 @@
-"""Autocast for bigkern's entry points.
+"""Autocast and TF32: torch's mixed-precision settings, applied by bigkern's entry points.
 
 Custom ops are opaque to autocast, so each entry point applies torch's policy itself before calling
 its op: convolution, LSTM and attention are on autocast's lower-precision list (their floating
@@ -6,6 +6,25 @@ inputs are cast to the autocast dtype); pointwise ops such as bias_act run in th
 """
 
 import torch
+
+_TF32_SETTINGS = {  # kind -> (torch's legacy flag, torch's newer fp32_precision setting)
+    "matmul": (lambda: torch.backends.cuda.matmul.allow_tf32,
+               lambda: getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")),
+    "conv": (lambda: torch.backends.cudnn.allow_tf32,
+             lambda: getattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")),
+}
+
+
+def tf32_allowed(kind: str) -> bool:
+    """Whether torch lets float32 matmuls ("matmul") or convolutions ("conv") use TF32. Read
+    through the legacy flag while that works: once a program set the newer `fp32_precision`
+    setting, torch raises on a read of the legacy flag, and the newer one is authoritative."""
+    legacy, newer = _TF32_SETTINGS[kind]
+    try:
+        return bool(legacy())
+    except RuntimeError:
+        return newer() == "tf32"
+
 
 
 def autocast_enabled(device_type: str) -> bool:

@@ -298,17 +298,18 @@ def _tiles(batch, width, tensor):
     return bb, bh, block_k, warps
 
 
-def _precision(dtype):
+def _precision(dtype, allow_tf32):
     import torch
 
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
 
 
-def forward(gx, w_hh, bias, w_hr, h0, c0, steps, out, cells, gates, r, hn, cn):
-    """Run the recurrence over `steps`; every output is allocated by the caller."""
+def forward(gx, w_hh, bias, w_hr, h0, c0, steps, out, cells, gates, r, hn, cn, *, allow_tf32=False):
+    """Run the recurrence over `steps`; every output is allocated by the caller. allow_tf32: fp32
+    products may round their operands to TF32 (torch's matmul setting, read by the caller)."""
     H, P, B = c0.shape[1], h0.shape[1], h0.shape[0]
     block_b, block_h, block_k, warps = _tiles(B, H, gx)
-    precision = _precision(gx.dtype)
+    precision = _precision(gx.dtype, allow_tf32)
     proj = w_hr is not None
     save = gates.numel() > 0
     grid_h = triton.cdiv(H, block_h)
@@ -328,12 +329,12 @@ def forward(gx, w_hh, bias, w_hr, h0, c0, steps, out, cells, gates, r, hn, cn):
             )
 
 
-def backward(grad_out, grad_hn, grad_cn, w_hh, w_hr, gates, cells, c0, steps, dz, dh, dc):
+def backward(grad_out, grad_hn, grad_cn, w_hh, w_hr, gates, cells, c0, steps, dz, dh, dc, *, allow_tf32=False):
     """The backward sweep over `steps` (given in forward processing order; run in reverse).
     Writes dz (N, 4H), dh (N, P, with proj_size) and leaves grad c0 in dc (B, H) fp32."""
     H, P, B = cells.shape[1], grad_hn.shape[1], grad_hn.shape[0]
     block_b, block_h, block_k, warps = _tiles(B, H, dz)
-    precision = _precision(dz.dtype)
+    precision = _precision(dz.dtype, allow_tf32)
     proj = w_hr is not None
     grid_h = triton.cdiv(H, block_h)
     for row, n_rows, prev_row, n_prev, next_row, n_next in reversed(steps):

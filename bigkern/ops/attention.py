@@ -309,7 +309,7 @@ def _dropout_arg(dropout_p, seed):
 
 
 def _allow_tf32():
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+    return amp.tf32_allowed("matmul")
 
 
 SDPA_FORWARD = dispatch.Op("sdpa_forward")

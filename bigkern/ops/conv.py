@@ -96,7 +96,7 @@ def _conv_output_shape(input, weight, stride, padding, dilation):
 
 def _dot_precision(x: Tensor) -> str:
     """torch's TF32 policy for convolutions: fp32 on a GPU may use TF32 when cuDNN may."""
-    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32:
+    if x.dtype == torch.float32 and x.is_cuda and amp.tf32_allowed("conv"):
         return "tf32"
     return "ieee"
 
