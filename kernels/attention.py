@@ -811,7 +811,9 @@ _forward_prune, _dkdv_prune, _dq_prune = _pruner("forward"), _pruner("dkdv"), _p
 
 
 _TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "DROPOUT", "SPLIT", "TMA", "q_bucket", "k_bucket"]
-_PLACEHOLDER = [_config(64, 64, 4, 2)]  # replaced by the prune functions above
+# Replaced per shape by the prune functions above. Two, because Triton consults a pruner only when
+# it holds more than one config: with one, every launch would run that one.
+_PLACEHOLDER = [_config(64, 64, 4, 2), _config(64, 32, 4, 2)]
 # Unequal tiles on purpose: the tests then see query and key blocks that do not line up.
 _INTERPRETER_TILES = {"forward": {"BLOCK_M": 32, "BLOCK_N": 16}, "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
                       "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32}}
@@ -978,10 +980,13 @@ def _describable(t):
 def tma_descriptors(name, first, second, seq_q, meta, varlen):
     """TensorDescriptors over two (B, H, rows, dim) views for kernel `name`'s TMA path -- forward
     and dQ: K and V; dK/dV: Q and dO -- or None where TMA cannot serve: not enabled, a packed
-    variable-length batch, 32-bit inputs or unaligned strides."""
+    variable-length batch, 32-bit inputs, unaligned strides or an empty tensor (a descriptor's sizes
+    must be positive)."""
     import torch
 
     if varlen or first.dtype not in (torch.float16, torch.bfloat16) or not tma_enabled(first.device):
+        return None
+    if first.numel() == 0 or second.numel() == 0:
         return None
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor

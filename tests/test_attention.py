@@ -488,6 +488,27 @@ def test_tma_serves_only_what_it_can_describe(monkeypatch):
     offset = torch.randn(2 * 2 * 9 * 16 + 1, dtype=torch.float16, device=DEVICE)[1:].view(2, 2, 9, 16)
     assert not describes(offset, offset)  # base not 16-byte aligned
     assert not describes(k.expand(2, 2, 9, 16).transpose(-1, -2), v)  # last dimension strided
+    assert not describes(k[:, :, :0], v[:, :, :0])  # no rows: a descriptor needs positive sizes
+
+
+def test_tma_with_empty_keys_or_queries(monkeypatch):
+    """S = 0 or L = 0 under TMA: torch's results (TensorDescriptor refused the empty tensors)."""
+    reason = backend_skip_reason("triton")
+    if reason:
+        pytest.skip(reason)
+    from bigkern.kernels import attention as attention_kernels
+
+    monkeypatch.setenv(attention_kernels.TMA_ENV, "1")
+    for L, S in ((5, 0), (0, 5)):
+        q = make_tensor((1, 2, L, 16), torch.float16, DEVICE).requires_grad_()
+        k, v = (make_tensor((1, 2, S, 16), torch.float16, DEVICE).requires_grad_() for _ in range(2))
+        with bigkern.use_backend("triton"):
+            out = F.scaled_dot_product_attention(q, k, v)
+            grads = torch.autograd.grad(out.sum(), (q, k, v))
+        expected = torch_F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        torch.testing.assert_close(out.float(), expected)
+        for grad, t in zip(grads, (q, k, v)):
+            assert grad.shape == t.shape and (grad == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,3 +46,38 @@ def test_autotune_off_keeps_the_first_config_the_kernel_allows(monkeypatch):
     monkeypatch.setenv("BIGKERN_TRITON_AUTOTUNE", "1")
     assert [c.kwargs["BLOCK"] for c in prune(configs, {})] == [32, 64]
     assert [c.kwargs["BLOCK"] for c in pruner()(configs, {})] == [16, 32, 64]
+
+
+def test_attention_launches_the_tile_its_pruner_chose(monkeypatch):
+    """On a GPU the attention kernels are autotuned over the tiles their pruners pick per shape
+    (kernels/attention.py: forward_tiles, dkdv_tiles, dq_tiles). Triton calls a pruner only when
+    given more than one config: with a single placeholder every launch ran the placeholder. The
+    GPU launch path is replayed here with the launch arguments of a real (interpreted) call, the
+    kernel's run replaced by a recorder."""
+    import bigkern
+    from bigkern.kernels import attention as kernels
+    from bigkern.kernels import autotune as tuning
+
+    launches = []
+    monkeypatch.setattr(kernels, "_launch", lambda name, raw, grid, args, meta: launches.append((name, grid, args, meta)))
+    q, k, v = (torch.randn(1, 2, 40, 32, requires_grad=True) for _ in range(3))
+    with bigkern.use_backend("triton"):
+        bigkern.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    assert sorted(name for name, *_ in launches) == ["dkdv", "dq", "forward"]
+
+    monkeypatch.setattr(tuning, "_interpreting", lambda: False)  # build the GPU's autotuner
+    monkeypatch.setenv("BIGKERN_TRITON_AUTOTUNE", "0")  # the pruner's first choice, nothing timed
+    kernels._tuned.cache_clear()
+    try:
+        for name, grid, args, meta in launches:
+            tuner = kernels._tuned(name)
+            launched = {}
+            monkeypatch.setattr(tuner.fn, "run", lambda *a, **kw: launched.update(kw))
+            tuner.run(*args, grid=grid, warmup=False, **meta)
+            tiles = {"forward": kernels.forward_tiles, "dkdv": kernels.dkdv_tiles, "dq": kernels.dq_tiles}[name]
+            named = {**dict(zip(tuner.arg_names, args)), **meta}
+            block_m, block_n, warps, stages = tiles(named, kernels._capability()[0] >= 9)[0]
+            assert (launched["BLOCK_M"], launched["BLOCK_N"], launched["num_warps"], launched["num_stages"]) == \
+                (block_m, block_n, warps, stages), name
+    finally:
+        kernels._tuned.cache_clear()
