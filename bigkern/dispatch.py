@@ -76,6 +76,17 @@ def _devices(tensors):
     return {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
 
 
+def _launch_device(values):
+    """The GPU a Triton launch must run on: its first CUDA tensor's. Triton launches on the current
+    device and its stream, so inputs on another GPU (model parallelism, device_map="auto") would
+    otherwise fail ("cannot be accessed from Triton") or, with peer access, run unordered with
+    their stream. (The C++ ops set the device themselves.)"""
+    for t in values:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            return t.device
+    return None
+
+
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -338,7 +349,11 @@ class Op:
         implementation = self.select(*args, **kwargs)
         for calls in _RECORDERS:
             calls[(self.name, implementation.backend)] += 1
-        return implementation.run(*args, **kwargs)
+        device = _launch_device(list(args) + list(kwargs.values())) if implementation.backend == "triton" else None
+        if device is None:
+            return implementation.run(*args, **kwargs)
+        with torch.cuda.device(device):
+            return implementation.run(*args, **kwargs)
 
     def explain(self, *args, **kwargs) -> Explanation:
         try:

@@ -82,6 +82,42 @@ def test_auto_with_no_usable_implementation_raises_with_every_reason():
         dispatch.REGISTRY.pop("test_only_op")
 
 
+def test_triton_launches_on_its_inputs_gpu(monkeypatch):
+    """Triton launches on the current device: a Triton implementation runs with its first CUDA
+    input's device made current (inputs on cuda:1 failed with 'cannot be accessed from Triton').
+    Fake CUDA tensors stand in for real ones; torch.cuda.device is replaced by a recorder."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    current = ["cuda:0"]
+
+    class Device:
+        def __init__(self, device):
+            self.device, self.previous = str(device), None
+
+        def __enter__(self):
+            self.previous, current[0] = current[0], self.device
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    op = dispatch.Op("test_only_op")
+    try:
+        op.register("triton", lambda *a, **k: None)(lambda *a, **k: current[0])
+        op.register("torch", lambda *a, **k: None)(lambda *a, **k: current[0])
+        with FakeTensorMode():
+            x, y = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:2")
+        with bigkern.use_backend("triton"):
+            assert op(None, x, y) == "cuda:1"
+            assert op(1.0, other=y) == "cuda:2"
+            assert op(torch.empty(2)) == "cuda:0"  # no CUDA input: nothing to choose
+        with bigkern.use_backend("torch"):
+            assert op(x) == "cuda:0"  # torch's own ops choose their device
+        assert current == ["cuda:0"]
+    finally:
+        dispatch.REGISTRY.pop("test_only_op")
+
+
 def test_explain_rejects_what_is_not_bigkern():
     with pytest.raises(TypeError):
         bigkern.explain(torch.nn.functional.relu, torch.empty(1))
