@@ -636,6 +636,20 @@ def test_varlen_matches_fp64(backend, causal, gqa, p, dtype):
                                scale=scale)])
 
 
+def test_varlen_takes_strided_cumulative_lengths(backend):
+    """cu_seqlens as a strided view (a column of a table): the kernels read it as contiguous."""
+    if backend == "cuda":
+        pytest.skip("no CUDA varlen kernel")
+    q, k, v, cu_q, cu_k, max_q, max_k = _packed([3, 5, 2], [4, 1, 6])
+    expected = F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k)
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
+    table_q, table_k = (torch.stack([cu, cu.flip(0)], dim=1) for cu in (cu_q, cu_k))  # columns: stride 2
+    out = F.varlen_attention(q, k, v, table_q[:, 0], table_k[:, 0], max_q, max_k)
+    torch.testing.assert_close(out, expected)
+    for grad, want in zip(torch.autograd.grad(out.sum(), (q, k, v)), expected_grads):
+        torch.testing.assert_close(grad, want)
+
+
 def _packed(lens_q, lens_k, heads=2, kv_heads=2, dtype=torch.float32):
     cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)

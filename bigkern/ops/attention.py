@@ -663,7 +663,9 @@ def _varlen_backward_triton_unsupported(grad_out, grad_lse, q, k, v, *rest):
 
 
 def _cu32(cu, device):
-    return cu.to(device=device, dtype=torch.int32)
+    """cu_seqlens as the kernels read them: int32, one entry after another (a strided view read as
+    contiguous gave other sequences' lengths)."""
+    return cu.to(device=device, dtype=torch.int32).contiguous()
 
 
 @VARLEN_FORWARD.register("triton", _varlen_triton_unsupported)
