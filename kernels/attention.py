@@ -129,6 +129,17 @@ def _sequence(CuSeq, b, fixed_len, VARLEN: tl.constexpr):
         return b * 0, fixed_len
 
 
+@triton.jit
+def _causal_shift(seq_q, seq_k, IS_CAUSAL: tl.constexpr):
+    """Causal attention lets query row i see keys j <= i + shift: IS_CAUSAL 1 aligns the diagonal
+    top-left (torch's is_causal, shift 0), IS_CAUSAL 2 bottom-right (causal_lower_right, varlen_attn:
+    the last query row sees the last key, shift seq_k - seq_q; rows below -shift see no key)."""
+    if IS_CAUSAL == 2:
+        return seq_k - seq_q
+    else:
+        return seq_q * 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 
@@ -145,7 +156,7 @@ def _online_softmax_step(s, m_i, l_i):
 
 @triton.jit
 def _forward_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kv_head, mask_base, n0, offs_m, offs_n,
-                   offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
+                   offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
                    dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -174,7 +185,7 @@ def _forward_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kv_head,
     if BOUNDARY:
         visible = cols2 < seq_k
         if IS_CAUSAL:
-            visible = visible & (cols2 <= rows2)
+            visible = visible & (cols2 <= rows2 + causal_shift)
         s = tl.where(visible, s, float("-inf"))
     p, alpha, l_i, m_new = _online_softmax_step(s, m_i, l_i)
     acc = acc * alpha[:, None]
@@ -212,6 +223,7 @@ def attention_forward_kernel(
     b = tl.program_id(2)
     q_start, seq_q = _sequence(CuSeqQ, b, seq_q, VARLEN)
     k_start, seq_k = _sequence(CuSeqK, b, seq_k, VARLEN)
+    causal_shift = _causal_shift(seq_q, seq_k, IS_CAUSAL)
     split = 0
     if SPLIT:
         n_splits = tl.cdiv(seq_k, keys_per_split)
@@ -248,8 +260,8 @@ def attention_forward_kernel(
     # Key blocks [0, full_end) are whole and (causal) entirely at or below the diagonal of every
     # row of this block; [full_end, end) need the bounds / diagonal masks.
     if IS_CAUSAL:
-        end = tl.minimum(seq_k, m0 + BLOCK_M)
-        full_end = (tl.minimum(m0 + 1, seq_k) // BLOCK_N) * BLOCK_N
+        end = tl.maximum(tl.minimum(seq_k, m0 + BLOCK_M + causal_shift), 0)
+        full_end = (tl.maximum(tl.minimum(m0 + 1 + causal_shift, seq_k), 0) // BLOCK_N) * BLOCK_N
     else:
         end = seq_k
         full_end = (seq_k // BLOCK_N) * BLOCK_N
@@ -261,14 +273,14 @@ def attention_forward_kernel(
     for n0 in range(start, full_end, BLOCK_N):
         acc, l_i, m_i = _forward_block(
             acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, n0, offs_m, offs_n,
-            offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
+            offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
             dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
             False)
     for n0 in range(full_end, end, BLOCK_N):
         acc, l_i, m_i = _forward_block(
             acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, n0, offs_m, offs_n,
-            offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
+            offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
             dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
             True)
@@ -428,9 +440,10 @@ def attention_backward_row_stats_kernel(
         mask_base = Mask + b64 * stride_mb + h64 * stride_mh
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
+        causal_shift = _causal_shift(seq_q, seq_k, IS_CAUSAL)
         end = seq_k
         if IS_CAUSAL:
-            end = tl.minimum(seq_k, m0 + BLOCK_M)
+            end = tl.maximum(tl.minimum(seq_k, m0 + BLOCK_M + causal_shift), 0)
         for n0 in range(0, end, BLOCK_N):
             cols = n0 + offs_n
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :],
@@ -442,7 +455,7 @@ def attention_backward_row_stats_kernel(
                              rows2, cols2, seq_q, seq_k, 2)
             visible = cols2 < seq_k
             if IS_CAUSAL:
-                visible = visible & (cols2 <= rows2)
+                visible = visible & (cols2 <= rows2 + causal_shift)
             s = tl.where(visible, s, float("-inf"))
             _, _, l_i, m_i = _online_softmax_step(s, m_i, l_i)
         center = tl.where(recompute, m_i, center)
@@ -476,7 +489,7 @@ def _recomputed_probabilities(s, center, offset, MASK_KIND: tl.constexpr):
 @triton.jit
 def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, stats_base, stride_stats,
                          delta_base, mask_base,
-                         m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_dom, stride_mm,
+                         m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_qm, stride_dom, stride_mm,
                          stride_mn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -506,7 +519,7 @@ def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, l
     p_t = _recomputed_probabilities(s_t, center[None, :], offset[None, :], MASK_KIND)
     if DIAGONAL:
         if IS_CAUSAL:  # rows past L too: a key beyond every real row sees 0 * k there (NaN if k is)
-            p_t = tl.where((cols2 <= rows2) & row_ok[None, :], p_t, 0.0)
+            p_t = tl.where((cols2 <= rows2 + causal_shift) & row_ok[None, :], p_t, 0.0)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
     if DROPOUT:
         keep = dropout_keep(rows2, cols2, stream, seed_lo, seed_hi, dropout_threshold)
@@ -562,10 +575,11 @@ def attention_backward_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
 
-    # Causal: rows before n0 see none of these keys; rows from diag_end on see all of them.
+    # Causal: rows before n0 - shift see none of these keys; rows from diag_end on see all of them.
+    causal_shift = _causal_shift(seq_q, seq_k, IS_CAUSAL)
     if IS_CAUSAL:
-        start = (n0 // BLOCK_M) * BLOCK_M
-        diag_end = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, seq_q)
+        start = (tl.maximum(n0 - causal_shift, 0) // BLOCK_M) * BLOCK_M
+        diag_end = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_shift, 0), BLOCK_M) * BLOCK_M, seq_q)
     else:
         start = 0
         diag_end = 0
@@ -581,7 +595,7 @@ def attention_backward_dkdv_kernel(
             dk, dv = _backward_dkdv_block(
                 dk, dv, k, v, q_base, do_base, QDesc, GradOutDesc, b, h, Lse + lse_offset, Stats + lse_offset, stride_stats,
                 Delta + lse_offset,
-                mask_base, m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_gm, stride_mm,
+                mask_base, m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_qm, stride_gm, stride_mm,
                 stride_mn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
                 True)
@@ -589,7 +603,7 @@ def attention_backward_dkdv_kernel(
             dk, dv = _backward_dkdv_block(
                 dk, dv, k, v, q_base, do_base, QDesc, GradOutDesc, b, h, Lse + lse_offset, Stats + lse_offset, stride_stats,
                 Delta + lse_offset,
-                mask_base, m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, stride_qm, stride_gm, stride_mm,
+                mask_base, m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_qm, stride_gm, stride_mm,
                 stride_mn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
                 False)
@@ -604,7 +618,7 @@ def attention_backward_dkdv_kernel(
 
 @triton.jit
 def _backward_dq_block(dq, q, do, center, offset, delta, k_base, v_base, k_desc, v_desc, b, kv_head, mask_base,
-                       grad_mask_base, n0, rows, offs_n, offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn,
+                       grad_mask_base, n0, rows, offs_n, offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn,
                        stride_mm, stride_mn, stride_gmm, stride_gmn, qk_scale, dropout_threshold, dropout_scale,
                        seed_lo, seed_hi, stream,
                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -633,7 +647,7 @@ def _backward_dq_block(dq, q, do, center, offset, delta, k_base, v_base, k_desc,
         # keys past seq_k must not count: with a very negative lse their p would overflow
         visible = cols2 < seq_k
         if IS_CAUSAL:
-            visible = visible & (cols2 <= rows2)
+            visible = visible & (cols2 <= rows2 + causal_shift)
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:
@@ -703,23 +717,24 @@ def attention_backward_dq_kernel(
     stream = b * n_heads + h
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
+    causal_shift = _causal_shift(seq_q, seq_k, IS_CAUSAL)
     if IS_CAUSAL:
-        end = tl.minimum(seq_k, m0 + BLOCK_M)
-        full_end = (tl.minimum(m0 + 1, seq_k) // BLOCK_N) * BLOCK_N
+        end = tl.maximum(tl.minimum(seq_k, m0 + BLOCK_M + causal_shift), 0)
+        full_end = (tl.maximum(tl.minimum(m0 + 1 + causal_shift, seq_k), 0) // BLOCK_N) * BLOCK_N
     else:
         end = seq_k
         full_end = (seq_k // BLOCK_N) * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         dq = _backward_dq_block(
             dq, q, do, center, offset, delta, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, grad_mask_base, n0, rows,
-            offs_n, offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm,
+            offs_n, offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm,
             stride_gmn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION,
             TMA, False)
     for n0 in range(full_end, end, BLOCK_N):
         dq = _backward_dq_block(
             dq, q, do, center, offset, delta, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, grad_mask_base, n0, rows,
-            offs_n, offs_d, offs_dv, seq_q, seq_k, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm,
+            offs_n, offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm,
             stride_gmn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION,
             TMA, True)
@@ -872,8 +887,10 @@ def _precision(dtype, allow_tf32):
 
 def _geometry(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
-    seq_q = q.shape[2] if cu_seqlens_q is None else max_seqlen_q
-    seq_k = k.shape[2] if cu_seqlens_q is None else max_seqlen_k
+    # packed: the longest sequence, never more than the tokens there are (a generous max_seqlen
+    # would launch that many programs with nothing to do)
+    seq_q = q.shape[2] if cu_seqlens_q is None else min(max_seqlen_q, q.shape[2])
+    seq_k = k.shape[2] if cu_seqlens_q is None else min(max_seqlen_k, k.shape[2])
     return batch, q.shape[1], k.shape[1], seq_q, seq_k
 
 
@@ -886,7 +903,7 @@ def _constexprs(q, k, v, mask, is_causal, dropout, allow_tf32, varlen):
     return dict(HEAD_DIM=q.shape[3], HEAD_DIM_V=v.shape[3], BLOCK_D=_block_dim(q.shape[3]),
                 BLOCK_DV=_block_dim(v.shape[3]),
                 MASK_KIND=MASK_NONE if mask is None else MASK_FLOAT if mask.dtype.is_floating_point else MASK_BOOL,
-                IS_CAUSAL=bool(is_causal), VARLEN=varlen, DROPOUT=dropout is not None,
+                IS_CAUSAL=int(is_causal), VARLEN=varlen, DROPOUT=dropout is not None,
                 PRECISION=_precision(q.dtype, allow_tf32))
 
 

@@ -650,6 +650,19 @@ def test_varlen_takes_strided_cumulative_lengths(backend):
         torch.testing.assert_close(grad, want)
 
 
+def test_varlen_launches_no_more_rows_than_there_are_tokens():
+    """A generous max_q / max_k (a caller's upper bound) must not size the launch: 10^6 launched
+    that many idle programs per head and sequence (minutes in the interpreter)."""
+    from bigkern.kernels import attention as attention_kernels
+
+    q, k, v, cu_q, cu_k, _, _ = _packed([3, 5], [4, 1])
+    q4, k4, v4 = (attention._as_4d(t) for t in (q, k, v))
+    assert attention_kernels._geometry(q4, k4, v4, cu_q, 10**6, 10**6) == (2, 2, 2, 8, 5)
+    assert attention_kernels._geometry(q4, k4, v4, cu_q, 5, 4) == (2, 2, 2, 5, 4)
+    torch.testing.assert_close(F.varlen_attention(q, k, v, cu_q, cu_k, 10**6, 10**6),
+                               F.varlen_attention(q, k, v, cu_q, cu_k, 5, 4))
+
+
 def _packed(lens_q, lens_k, heads=2, kv_heads=2, dtype=torch.float32):
     cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)
@@ -721,12 +734,39 @@ def test_varlen_attn_out_writes_varlen_attn_into_out():
     assert fn.call_args.args[:8] == (out, q, k, v, cu, cu, max_q, max_k)
 
 
-@pytest.mark.parametrize("case", ["sliding window", "causal, unequal lengths", "seqused_k"])
+def test_varlen_attn_causal_aligns_bottom_right(backend):
+    """varlen_attn's causal window (-1, 0) as torch's flash kernels align it where a sequence's query
+    and key lengths differ: the last query sees the last key (queries before S - L see none: 0).
+    Compiled too, with two distinct cu_seqlens tensors (a graph cannot compare their values)."""
+    if backend == "cuda":
+        pytest.skip("no CUDA varlen kernel")
+    lens_q, lens_k = [5, 17, 1, 40, 3], [9, 4, 33, 40, 0]
+    q, k, v, cu_q, cu_k, max_q, max_k = _packed(lens_q, lens_k)
+    out = F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected, q0, k0 = [], 0, 0
+    for lq, lk in zip(lens_q, lens_k):
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=DEVICE).tril(lk - lq)
+        rows = torch_F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q64[q0:q0 + lq], k64[k0:k0 + lk],
+                                                                                    v64[k0:k0 + lk])), attn_mask=mask)
+        expected.append(rows.nan_to_num(0.0).transpose(0, 1))  # no key visible: 0, as flash gives it
+        q0, k0 = q0 + lq, k0 + lk
+    expected = torch.cat(expected)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    for grad, want in zip(grads, torch.autograd.grad(expected.sum(), (q64, k64, v64))):
+        torch.testing.assert_close(grad.double(), want, atol=1e-4, rtol=1e-4)
+    compiled = torch.compile(lambda *a: F.varlen_attn(*a, max_q, max_k, window_size=(-1, 0)), backend="aot_eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, cu_q, cu_k.clone()), out)
+
+
+@pytest.mark.parametrize("case", ["sliding window", "seqused_k"])
 def test_varlen_attn_beyond_the_kernels(case):
     """What bigkern's kernels do not compute: UnsupportedError when forced, torch's own varlen_attn
     otherwise (with every argument passed on)."""
-    q, k, v, cu_q, cu_k, max_q, max_k = _packed([5, 3], [5, 4] if case == "causal, unequal lengths" else [5, 3])
-    kwargs = {"sliding window": dict(window_size=(2, 0)), "causal, unequal lengths": dict(window_size=(-1, 0)),
+    q, k, v, cu_q, cu_k, max_q, max_k = _packed([5, 3], [5, 3])
+    kwargs = {"sliding window": dict(window_size=(2, 0)),
               "seqused_k": dict(seqused_k=torch.tensor([4, 2], dtype=torch.int32, device=DEVICE))}[case]
     for forced in ("triton", "cuda"):
         with bigkern.use_backend(forced):
@@ -778,6 +818,15 @@ def test_varlen_attn_bad_input_as_torch():
                              ("scale", "a", TypeError), ("dropout_p", "x", TypeError), ("dropout_p", 1.5, RuntimeError)):
         with pytest.raises(error, match=f"'{name}'"):
             F.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, **{name: bad})
+    # varlen_attn's other arguments as torch's custom-op schema parses them: RuntimeError naming the
+    # argument (a float window end was truncated: (-1.0, 0.5) ran as causal)
+    for name, bad in (("window_size", (-1.0, 0.5)), ("window_size", "ab"), ("num_splits", 2.0),
+                      ("num_splits", "x"), ("scale", "a"), ("max_q", 5.0), ("cu_seq_q", [0, 5, 8])):
+        arguments = {"cu_seq_q": cu_q, "max_q": max_q, name: bad}
+        with pytest.raises(RuntimeError, match=f"'{name}'"):
+            F.varlen_attn(q, k, v, arguments.pop("cu_seq_q"), cu_k, arguments.pop("max_q"), max_k, **arguments)
+    torch.testing.assert_close(F.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa=1, num_splits=np.int64(1)),
+                               expected)
     # varlen_attn_out's out: query's dtype and device, (Tq, Hq, Dv), as torch's flash kernel checks
     for out, says in ((torch.empty(q.shape[0], 2, 8, dtype=torch.float64, device=DEVICE), "dtype"),
                       (torch.empty(q.shape[0] - 1, 2, 8, device=DEVICE), "shape"),
@@ -1035,6 +1084,38 @@ def test_torch_raises_the_same_types():
     ]:
         with pytest.raises(error):
             call()
+
+
+@pytest.mark.parametrize("L,S", [(7, 33), (33, 7), (17, 17)])
+def test_causal_bias_masks_as_torch(backend, L, S):
+    """torch's causal_upper_left / causal_lower_right masks (CausalBias): the kernels' causal walk,
+    aligned as torch aligns each (lower-right: the last query sees the last key; rows that see no
+    key give 0); the result a plain tensor (it came back as a broken CausalBias)."""
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+    if backend == "cuda" and L != S:
+        pytest.skip("the CUDA kernels align top-left only")
+    q = make_tensor((2, 3, L, 16), requires_grad=True)
+    k, v = (make_tensor((2, 3, S, 16), requires_grad=True) for _ in range(2))
+    for bias, shift in ((causal_upper_left(L, S), 0), (causal_lower_right(L, S), S - L)):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        assert type(out) is torch.Tensor
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        mask = torch.ones(L, S, dtype=torch.bool, device=DEVICE).tril(shift)
+        expected = torch_F.scaled_dot_product_attention(*leaves, attn_mask=mask).nan_to_num(0.0)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+        for grad, want in zip(grads, torch.autograd.grad(expected.sum(), leaves)):
+            torch.testing.assert_close(grad.double(), want, atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="CausalBias should not be used with causal=True"):
+            F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True)
+    # under torch.func torch serves it, given the mask the bias stands for
+    if backend != "torch":
+        return
+    mask = torch.ones(L, S, dtype=torch.bool, device=DEVICE).tril(S - L)
+    got = torch.func.grad(lambda q: F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, S)).sum())
+    want = torch.func.grad(lambda q: torch_F.scaled_dot_product_attention(q, k, v, attn_mask=mask).nan_to_num(0.0).sum())
+    torch.testing.assert_close(got(q.detach()), want(q.detach()))
 
 
 def test_numbers_and_meta_tensors_torch_accepts():

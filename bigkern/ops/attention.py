@@ -14,7 +14,9 @@ The kernel-level contract every implementation keeps:
   q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev): unit stride in the last dimension, any
   other strides (0 where broadcast); Hq % Hkv == 0 and query head h reads kv head h // (Hq // Hkv).
   attn_mask: None, or a (B, Hq, L, S) view, bool (True = attend) or float (added to the scores).
-  is_causal: torch's alignment, top-left: query i sees keys j <= i, also when L != S.
+  is_causal: 0 none; 1 (CAUSAL_TOP_LEFT, torch's is_causal): query i sees keys j <= i, also when
+  L != S; 2 (CAUSAL_BOTTOM_RIGHT: torch's causal_lower_right, varlen_attn's causal window): keys
+  j <= i + S - L, the last query seeing the last key (rows i < L - S see none: output 0).
   out (B, Hq, L, Ev) in q's dtype, with q's order of dimensions in memory (a transposed view of a
   fused QKV projection gives an output laid out like it: the reshape after it is free).
   lse (B, Hq, L): natural-log logsumexp of the scaled, masked scores, float32 (float64 for float64
@@ -109,6 +111,9 @@ def _sum_kv_heads(t: Tensor, kv_heads: int) -> Tensor:
     return t.view(t.shape[0], kv_heads, t.shape[1] // kv_heads, *t.shape[2:]).sum(2)
 
 
+CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 1, 2
+
+
 def _masked_scores(q, k, attn_mask, is_causal, scale):
     """scale * q k^T + mask (B, Hq, L, S). Masks add (-inf for a False), so a NaN score stays NaN as
     in torch's math; the causal mask replaces, as torch's flash kernels do."""
@@ -120,8 +125,14 @@ def _masked_scores(q, k, attn_mask, is_causal, scale):
             s = s + attn_mask.to(s.dtype)
     if is_causal:
         L, S = s.shape[-2:]
-        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+        s = s.masked_fill(~causal_mask(L, S, is_causal, s.device), float("-inf"))
     return s
+
+
+def causal_mask(L, S, is_causal, device):
+    """The (L, S) bool mask (True = attend) of a causal alignment (is_causal as in the contract)."""
+    shift = S - L if is_causal == CAUSAL_BOTTOM_RIGHT else 0
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril(shift)
 
 
 def default_scale(scale: Optional[float], q: Tensor) -> float:
@@ -286,7 +297,14 @@ def _cuda_forward_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, s
     module, reason = _cuda_module()
     if module is None:
         return reason
-    return dispatch.cuda_unsupported(q, k, v) or module.unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale)
+    return (dispatch.cuda_unsupported(q, k, v) or _cuda_causal_reason(is_causal)
+            or module.unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale))
+
+
+def _cuda_causal_reason(is_causal):
+    if is_causal == CAUSAL_BOTTOM_RIGHT:
+        return "the CUDA kernels align a causal mask top-left only (not causal_lower_right)"
+    return None
 
 
 def _cuda_backward_unsupported(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal, scale, seed,
@@ -298,7 +316,8 @@ def _cuda_backward_unsupported(grad_out, grad_lse, q, k, v, attn_mask, out, lse,
         return "the CUDA kernels give no gradient for attn_mask"
     if grad_lse is not None:
         return "the CUDA kernels take no gradient through lse"
-    return dispatch.cuda_unsupported(q, k, v) or module.unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale)
+    return (dispatch.cuda_unsupported(q, k, v) or _cuda_causal_reason(is_causal)
+            or module.unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale))
 
 
 def _dropout_arg(dropout_p, seed):
@@ -398,7 +417,7 @@ def _backward_torch(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p,
 
 @torch.library.custom_op("bigkern::sdpa_forward", mutates_args=())
 def sdpa_forward_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-                    is_causal: bool, scale: Optional[float], seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                    is_causal: int, scale: Optional[float], seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return SDPA_FORWARD(q, k, v, attn_mask, dropout_p, is_causal, default_scale(scale, q), seed)
 
 
@@ -411,7 +430,7 @@ def _(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
 
 @torch.library.custom_op("bigkern::sdpa_backward", mutates_args=())
 def sdpa_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
-                     attn_mask: Optional[Tensor], out: Tensor, lse: Tensor, dropout_p: float, is_causal: bool,
+                     attn_mask: Optional[Tensor], out: Tensor, lse: Tensor, dropout_p: float, is_causal: int,
                      scale: Optional[float], seed: Optional[Tensor],
                      mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return SDPA_BACKWARD(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p, is_causal,
@@ -555,7 +574,7 @@ def _torch_lifts_3d_inputs() -> bool:
 
 
 def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                 seed=None):
+                 seed=None, bottom_right=False):
     """Validate and normalize a call: (op arguments, (batch shape, L, Ev)) with the op arguments
     (q, k, v, attn_mask, dropout_p, is_causal, scale, seed) in the 4-D form of the contract.
     `seed`: the dropout seed to use (drawn from torch's generator when None and dropout_p > 0)."""
@@ -600,13 +619,32 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         seed = draw_dropout_seed()
     if dropout_p <= 0:
         seed = None
-    return (q, k, v, mask, dropout_p, bool(is_causal), scale, seed), (batch_shape, L, Ev)
+    causal = (CAUSAL_BOTTOM_RIGHT if bottom_right else CAUSAL_TOP_LEFT) if is_causal else 0
+    return (q, k, v, mask, dropout_p, causal, scale, seed), (batch_shape, L, Ev)
 
 
 # torch's own function (F.scaled_dot_product_attention is this binding), which bigkern.enable()
 # leaves in place: F.scaled_dot_product_attention is bigkern's inside its block
 _TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 _TORCH_LIFTS_3D_INPUTS = _torch_lifts_3d_inputs()
+
+
+try:
+    from torch.nn.attention.bias import CausalBias as _CausalBias, CausalVariant as _CausalVariant
+except ImportError:  # an older torch
+    _CausalBias = _CausalVariant = None
+
+
+def _causal_bias(attn_mask, is_causal):
+    """torch's CausalBias masks (torch.nn.attention.bias.causal_upper_left / causal_lower_right) as
+    (None, is_causal=True, bottom_right), chosen as torch chooses: lower-right only where the
+    bias's lengths differ. Any other mask: (attn_mask, is_causal, False)."""
+    if _CausalBias is None or not isinstance(attn_mask, _CausalBias):
+        return attn_mask, is_causal, False
+    if is_causal:
+        raise ValueError("CausalBias should not be used with causal=True")  # torch's error
+    lower_right = attn_mask.variant == _CausalVariant.LOWER_RIGHT and attn_mask.seq_len_q != attn_mask.seq_len_kv
+    return None, True, lower_right
 
 
 def _nested_reason(*tensors):
@@ -627,13 +665,18 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     Dropout draws its seed from torch's default generator (torch.manual_seed reproduces it).
     Memory O(L + S) per head: the (L, S) matrix is never stored (except a float mask's gradient).
     Under torch.autocast, floating inputs (a float mask too) are cast as torch casts them.
+    attn_mask may be torch's causal_upper_left / causal_lower_right (no (L, S) matrix either).
     """
+    attn_mask, is_causal, bottom_right = _causal_bias(attn_mask, is_causal)
     reason = dispatch.autodiff_transform_reason(query, key, value, attn_mask) or _nested_reason(query, key, value)
     if reason is not None:
+        if bottom_right:  # torch's own function takes it as the mask it stands for
+            attn_mask, is_causal = causal_mask(query.shape[-2], key.shape[-2], CAUSAL_BOTTOM_RIGHT, query.device), False
         return dispatch.served_by_torch("scaled_dot_product_attention", reason, _TORCH_SDPA, query, key, value,
                                         attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     query, key, value, attn_mask = amp.cast_inputs(query, key, value, attn_mask)
-    args, (batch_shape, L, Ev) = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    args, (batch_shape, L, Ev) = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                              bottom_right=bottom_right)
     out, _ = sdpa_forward_op(*args)
     return out.reshape(batch_shape + (L, Ev))
 
@@ -774,7 +817,7 @@ def _check_varlen_lengths(q, k, cu_seq_q, cu_seq_k, max_q, max_k):
 
 @torch.library.custom_op("bigkern::varlen_attention_forward", mutates_args=())
 def varlen_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int,
-                      dropout_p: float, is_causal: bool, scale: Optional[float],
+                      dropout_p: float, is_causal: int, scale: Optional[float],
                       seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     _check_varlen_lengths(q, k, cu_seq_q, cu_seq_k, max_q, max_k)
     return VARLEN_FORWARD(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, default_scale(scale, q),
@@ -790,7 +833,7 @@ def _(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, scale, se
 @torch.library.custom_op("bigkern::varlen_attention_backward", mutates_args=())
 def varlen_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        lse: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int, dropout_p: float,
-                       is_causal: bool, scale: Optional[float],
+                       is_causal: int, scale: Optional[float],
                        seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     _check_varlen_lengths(q, k, cu_seq_q, cu_seq_k, max_q, max_k)
     return VARLEN_BACKWARD(grad_out, grad_lse, q, k, v, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p,
@@ -875,12 +918,13 @@ def check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropo
 
 
 def prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, dropout_p=0.0, is_causal=False,
-                   scale=None, enable_gqa=False):
+                   scale=None, enable_gqa=False, bottom_right=False):
     check_varlen_args(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, enable_gqa, is_causal, scale)
     scale = float(scale) if scale is not None else None  # None: the op takes 1/sqrt(E)
     dropout_p = float(dropout_p)
     seed = draw_dropout_seed() if dropout_p > 0 else None
-    return (query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k), dropout_p, bool(is_causal), scale, seed)
+    causal = (CAUSAL_BOTTOM_RIGHT if bottom_right else CAUSAL_TOP_LEFT) if is_causal else 0
+    return (query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k), dropout_p, causal, scale, seed)
 
 
 @dispatch.entry_point
@@ -897,9 +941,16 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor
     are not that (not from 0, decreasing, not ending at T, a sequence longer than max_q / max_k)
     raise RuntimeError on the CPU and trip a device-side assert on a GPU (check_cumulative_lengths).
     """
+    return _varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p=dropout_p,
+                             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, return_lse=return_lse)
+
+
+def _varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, dropout_p, is_causal, scale,
+                      enable_gqa, return_lse, bottom_right=False):
+    """varlen_attention; bottom_right: a causal diagonal aligned to each sequence's last key."""
     query, key, value = amp.cast_inputs(query, key, value)
     args = prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p=dropout_p,
-                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, bottom_right=bottom_right)
     reason = dispatch.autodiff_transform_reason(query, key, value)
     if reason is None:
         out, lse = varlen_forward_op(*args)
@@ -929,18 +980,41 @@ def _varlen_attn_unsupported(cu_seq_q, cu_seq_k, window_size, seqused_k, block_t
         return "varlen_attn with a paged or partly used KV cache (cu_seq_k=None, seqused_k, block_table)"
     if window_size not in ((-1, -1), (-1, 0)):
         return f"varlen_attn with a sliding window (window_size={window_size})"
-    if window_size == (-1, 0) and cu_seq_k is not cu_seq_q and (
-            torch.compiler.is_compiling() or not torch.equal(cu_seq_q, cu_seq_k)):
-        # torch aligns such a diagonal as its backend does; bigkern's kernels align it top-left.
-        # A graph cannot look at the lengths: there only the very same tensor counts as equal.
-        return "varlen_attn causal (window_size=(-1, 0)) over sequences whose query and key lengths differ"
     return None
+
+
+def _check_varlen_attn_types(op, **arguments):
+    """torch's varlen_attn passes these through its custom op's schema, whose parser raises
+    RuntimeError for a value of another type (a float window end was silently truncated here)."""
+    expected = {"cu_seq_q": "Tensor", "cu_seq_k": "Optional[Tensor]", "max_q": "int", "max_k": "int",
+                "scale": "Optional[float]", "window_size": "List[int]", "num_splits": "Optional[int]"}
+    for name, value_ in arguments.items():
+        kind = expected[name]
+        if value_ is None and kind.startswith("Optional"):
+            continue
+        if kind.endswith("Tensor]") or kind == "Tensor":
+            ok = isinstance(value_, Tensor)
+        elif kind.endswith("int]") and kind.startswith("List"):
+            ok = isinstance(value_, (tuple, list)) and all(isinstance(w, int) or as_int(w) is not None
+                                                            for w in value_)
+        elif kind.endswith("int]") or kind == "int":
+            ok = isinstance(value_, int) or as_int(value_) is not None  # (a bool is an int there)
+        else:
+            ok = as_real(value_) is not None and not isinstance(value_, bool)
+        if not ok:
+            raise RuntimeError(f"{op}: expected a value of type '{kind}' for argument '{name}' but instead found "
+                               f"type '{type(value_).__name__}'")
 
 
 def _varlen_attn(torch_fn, out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux, scale, window_size,
                  enable_gqa, seqused_k, block_table, num_splits):
     """varlen_attn (out None) and varlen_attn_out (out given): torch's checks, then bigkern's
     kernels, or `torch_fn` (torch's own function) for what they do not compute."""
+    _check_varlen_attn_types("varlen_attn()" if out is None else "varlen_attn_out()", cu_seq_q=cu_seq_q,
+                             cu_seq_k=cu_seq_k, max_q=max_q, max_k=max_k, scale=scale, window_size=window_size,
+                             num_splits=num_splits)
+    enable_gqa = bool(enable_gqa)  # torch's takes any truthy value
+    max_q, max_k = (int(m) if isinstance(m, bool) else m for m in (max_q, max_k))  # its schema's ints take bools
     num_heads_q = query.size(1)
     num_heads_k = key.size(2) if block_table is not None else key.size(1)
     # torch's checks and messages
@@ -969,9 +1043,11 @@ def _varlen_attn(torch_fn, out, query, key, value, cu_seq_q, cu_seq_k, max_q, ma
                                         scale=scale, window_size=window_size, **extra)
     if out is not None:
         _check_varlen_out(out, query, value)
-    result, lse = varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-                                   is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa,
-                                   return_lse=True)
+    # causal (-1, 0) as torch's flash kernels align it: bottom-right, the last query of a sequence
+    # seeing its last key (top-left too where a sequence's query and key lengths are equal)
+    result, lse = _varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p=0.0,
+                                    is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa,
+                                    return_lse=True, bottom_right=True)
     if out is not None:  # torch's varlen_attn_out is inference-only too: no autograd through out
         with torch.no_grad():
             out.copy_(result)
@@ -1002,10 +1078,11 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     query (Tq, Hq, D), key (Tk, Hkv, D), value (Tk, Hkv, Dv); window_size (-1, -1) for full
     attention, (-1, 0) for causal; returns out (Tq, Hq, Dv), and lse (Hq, Tq) float32 too when
     return_aux.lse. num_splits is accepted and has nothing to change: bigkern's varlen kernels never
-    split the keys, so every sequence's result is the same whatever else is in the batch. Sliding
-    windows, paged KV caches (seqused_k, block_table) and causal over unequal lengths are not in
-    bigkern's kernels: a forced triton/cuda backend raises UnsupportedError, otherwise torch's own
-    varlen_attn serves the call. cu_seq_q / cu_seq_k are checked (see varlen_attention); a packed
+    split the keys, so every sequence's result is the same whatever else is in the batch. Causal is
+    aligned as torch's flash kernels align it, bottom-right (a sequence's last query sees its last
+    key). Sliding windows and paged KV caches (seqused_k, block_table) are not in bigkern's kernels:
+    a forced triton/cuda backend raises UnsupportedError, otherwise torch's own varlen_attn serves
+    the call. cu_seq_q / cu_seq_k are checked (see varlen_attention); a packed
     buffer with tokens past cu_seq_q[-1], whose rows torch's kernels leave unwritten, is refused.
     """
     return _varlen_attn(_TORCH_VARLEN_ATTN, None, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux,
