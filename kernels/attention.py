@@ -172,9 +172,9 @@ def _forward_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kv_head,
         k_t = tl.trans(k_desc.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_D))
         v = v_desc.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_DV)
     else:
-        k_t = _load_tile(k_base + cols[None, :] * stride_kn + offs_d[:, None], (offs_d < HEAD_DIM)[:, None],
+        k_t = _load_tile(k_base + cols.to(tl.int64)[None, :] * stride_kn + offs_d[:, None], (offs_d < HEAD_DIM)[:, None],
                          col_ok[None, :], HEAD_DIM != BLOCK_D, BOUNDARY, 0.0)
-        v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
+        v = _load_tile(v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
                        (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY, HEAD_DIM_V != BLOCK_DV, 0.0)
     s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
     rows2 = offs_m[:, None]
@@ -250,7 +250,7 @@ def attention_forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < seq_q
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+    q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -305,7 +305,7 @@ def attention_forward_kernel(
         o_base = Out
         lse_base = Lse
     o_base += b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
+    tl.store(o_base + offs_m.to(tl.int64)[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
     lse_base += b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64)
     tl.store(lse_base + offs_m, lse, mask=row_ok)
@@ -334,7 +334,7 @@ def attention_split_combine_kernel(
     row_ok = rows < seq_q
     offs_dv = tl.arange(0, BLOCK_DV)
     lse_base = PartLse + b * stride_qb + h * stride_qh + rows
-    part_base = Part + b * stride_pb + h * stride_ph + rows[:, None] * stride_pm + offs_dv[None, :]
+    part_base = Part + b * stride_pb + h * stride_ph + rows.to(tl.int64)[:, None] * stride_pm + offs_dv[None, :]
     part_ok = row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
 
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -353,7 +353,7 @@ def attention_split_combine_kernel(
     total_safe = tl.where(empty_row, 1.0, total)
     out = acc * tl.where(empty_row, 0.0, 1.0 / total_safe)[:, None]
     lse = tl.where(empty_row, float("inf"), m_safe + tl.log(total_safe))
-    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :],
+    tl.store(Out + b * stride_ob + h * stride_oh + rows.to(tl.int64)[:, None] * stride_om + offs_dv[None, :],
              out.to(Out.dtype.element_ty), mask=part_ok)
     tl.store(Lse + b * stride_lb + h * stride_lh + rows, lse, mask=row_ok)
 
@@ -446,7 +446,7 @@ def attention_backward_row_stats_kernel(
             end = tl.maximum(tl.minimum(seq_k, m0 + BLOCK_M + causal_shift), 0)
         for n0 in range(0, end, BLOCK_N):
             cols = n0 + offs_n
-            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :],
+            k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
                         mask=(cols < seq_k)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             rows2 = rows[:, None]
@@ -504,9 +504,9 @@ def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, l
         q = q_desc.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_D)
         do = do_desc.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_DV)
     else:
-        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :],
+        q = tl.load(q_base + rows.to(tl.int64)[:, None] * stride_qm + offs_d[None, :],
                     mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :],
+        do = tl.load(do_base + rows.to(tl.int64)[:, None] * stride_dom + offs_dv[None, :],
                      mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
     center, offset = _row_stats(lse_base + rows, stats_base + rows, stride_stats, row_ok, MASK_KIND)
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
@@ -632,9 +632,9 @@ def _backward_dq_block(dq, q, do, center, offset, delta, k_base, v_base, k_desc,
         k = k_desc.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_D)
         v = v_desc.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_DV)
     else:
-        k = _load_tile(k_base + cols[:, None] * stride_kn + offs_d[None, :], col_ok[:, None],
+        k = _load_tile(k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], col_ok[:, None],
                        (offs_d < HEAD_DIM)[None, :], BOUNDARY, HEAD_DIM != BLOCK_D, 0.0)
-        v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
+        v = _load_tile(v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
                        (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY, HEAD_DIM_V != BLOCK_DV, 0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     rows2 = rows[:, None]

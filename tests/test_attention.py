@@ -1237,6 +1237,45 @@ for kernel, tile, extra in ((kernels.attention_forward_kernel, (128, 64), {"SPLI
 """
 
 
+_ROWS_PAST_2_31 = """
+import torch, bigkern
+from bigkern.ops import attention
+# q, k, v and dO rows 2^30 elements apart in one 4 GiB (virtual, barely touched) buffer: row 2 sits
+# at 2^31, past int32 (an MHA view of (L, N, E) memory has row stride N * E: L 16k, N 32, E 4096)
+buffer = torch.empty(2**31 + 4096, dtype=torch.float16)
+q, k, v, grad_out = (buffer[64 * i:].as_strided((1, 1, 3, 16), (0, 0, 2**30, 1)) for i in range(4))
+for t in (q, k, v, grad_out):
+    t.copy_(torch.randn(1, 1, 3, 16) / 2)
+dense = [t.contiguous() for t in (q, k, v, grad_out)]
+with bigkern.use_backend("triton"):
+    for causal in (0, 1):
+        out, lse = attention.sdpa_forward_op(q, k, v, None, 0.0, causal, None, None)
+        grads = attention.sdpa_backward_op(grad_out, None, q, k, v, None, out, lse, 0.0, causal, None, None, False)
+        ref_out, ref_lse = attention.sdpa_forward_op(*dense[:3], None, 0.0, causal, None, None)
+        ref_grads = attention.sdpa_backward_op(dense[3], None, *dense[:3], None, ref_out, ref_lse, 0.0, causal, None,
+                                               None, False)
+        torch.testing.assert_close(out, ref_out)
+        for got, want in zip(grads[:3], ref_grads[:3]):
+            torch.testing.assert_close(got, want)
+print("ok")
+"""
+
+
+def test_triton_kernels_address_rows_past_2_31_elements():
+    """Row offsets (row * row stride) in 64 bits: in int32 they wrapped past 2^31 elements and read
+    (or wrote) 4 GiB before the tensor. In a subprocess: a wrapped read there ended the process."""
+    import os
+    import subprocess
+    import sys
+
+    reason = backend_skip_reason("triton")
+    if reason or GPU:
+        pytest.skip(reason or "the interpreter's case (a GPU run would need 4 GiB of real memory)")
+    result = subprocess.run([sys.executable, "-c", _ROWS_PAST_2_31], env=dict(os.environ, TRITON_INTERPRET="1"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr[-3000:])
+
+
 @pytest.mark.skipif(GPU, reason="on a GPU every test compiles the kernels for real")
 def test_kernels_compile_for_hopper():
     """The interpreter never runs Triton's compiler: compile each kernel for sm_90 (to PTX, then
