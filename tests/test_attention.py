@@ -1261,6 +1261,27 @@ print("ok")
 """
 
 
+def test_triton_refuses_more_heads_or_batch_than_a_grid_holds():
+    """Heads and batch elements (sequences, packed) beyond CUDA's 65535 programs per grid dimension:
+    forced Triton refuses with the reason (a GPU launch failed with 'invalid argument'), auto
+    serves the call elsewhere."""
+    if backend_skip_reason("triton"):
+        pytest.skip(backend_skip_reason("triton"))
+    many = attention.GRID_YZ_LIMIT + 1
+    for shape in ((many, 1, 4), (many, 1, 1, 4), (1, many, 1, 4)):  # 3-d: (N, L, E) runs as (1, N, L, E)
+        q = make_tensor(shape)
+        with bigkern.use_backend("triton"), pytest.raises(bigkern.UnsupportedError, match="65535"):
+            F.scaled_dot_product_attention(q, q, q)
+        assert bigkern.explain(F.scaled_dot_product_attention, q, q, q).backend == "torch"
+    packed = make_tensor((many, 1, 4))
+    cu = torch.arange(many + 1, dtype=torch.int32, device=DEVICE)
+    with bigkern.use_backend("triton"), pytest.raises(bigkern.UnsupportedError, match="65535"):
+        F.varlen_attention(packed, packed, packed, cu, cu, 1, 1)
+    q = make_tensor((attention.GRID_YZ_LIMIT, 1, 1, 4))
+    with bigkern.use_backend("triton"):
+        assert bigkern.explain(F.scaled_dot_product_attention, q, q, q).backend == "triton"
+
+
 def test_triton_kernels_address_rows_past_2_31_elements():
     """Row offsets (row * row stride) in 64 bits: in int32 they wrapped past 2^31 elements and read
     (or wrote) 4 GiB before the tensor. In a subprocess: a wrapped read there ended the process."""

@@ -269,14 +269,26 @@ def _kernel_reason(q, k, v, attn_mask):
     return None
 
 
+# CUDA allows at most 65535 programs along a grid's second and third dimensions, where the Triton
+# kernels put the heads and the batch (the sequences of a packed batch)
+GRID_YZ_LIMIT = 65535
+
+
+def _grid_reason(batch, heads):
+    if max(batch, heads) > GRID_YZ_LIMIT:
+        return (f"{batch} batch elements (or sequences) and {heads} heads: the Triton kernels launch them along "
+                f"grid dimensions that CUDA limits to {GRID_YZ_LIMIT}")
+    return None
+
+
 def _triton_forward_unsupported(q, k, v, attn_mask, *rest):
     return (dispatch.triton_unsupported(q, k, v, attn_mask) or dispatch.triton_dot_unsupported(q)
-            or _kernel_reason(q, k, v, attn_mask))
+            or _kernel_reason(q, k, v, attn_mask) or _grid_reason(q.shape[0], q.shape[1]))
 
 
 def _triton_backward_unsupported(grad_out, grad_lse, q, k, v, attn_mask, *rest):
     return (dispatch.triton_unsupported(grad_out, q, k, v, attn_mask) or dispatch.triton_dot_unsupported(q)
-            or _kernel_reason(q, k, v, attn_mask))
+            or _kernel_reason(q, k, v, attn_mask) or _grid_reason(q.shape[0], q.shape[1]))
 
 
 def _always(*args):
@@ -696,13 +708,14 @@ def _as_4d(t: Tensor) -> Tensor:
     return t.unsqueeze(0).transpose(1, 2)
 
 
-def _varlen_triton_unsupported(q, k, v, *rest):
-    return dispatch.triton_unsupported(q, k, v) or dispatch.triton_dot_unsupported(q) or _kernel_reason(q, k, v, None)
+def _varlen_triton_unsupported(q, k, v, cu_seq_q, *rest):
+    return (dispatch.triton_unsupported(q, k, v) or dispatch.triton_dot_unsupported(q) or _kernel_reason(q, k, v, None)
+            or _grid_reason(cu_seq_q.numel() - 1, q.shape[1]))
 
 
-def _varlen_backward_triton_unsupported(grad_out, grad_lse, q, k, v, *rest):
+def _varlen_backward_triton_unsupported(grad_out, grad_lse, q, k, v, out, lse, cu_seq_q, *rest):
     return (dispatch.triton_unsupported(grad_out, q, k, v) or dispatch.triton_dot_unsupported(q)
-            or _kernel_reason(q, k, v, None))
+            or _kernel_reason(q, k, v, None) or _grid_reason(cu_seq_q.numel() - 1, q.shape[1]))
 
 
 def _cu32(cu, device):
