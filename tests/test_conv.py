@@ -575,3 +575,27 @@ def test_weight_gradient_laid_out_as_torchs(backend):
     expected = torch.autograd.grad(torch.nn.functional.conv2d(x, w, padding=1).sum(), w)[0]
     assert grad_w.stride() == expected.stride()
     torch.testing.assert_close(grad_w, expected)
+
+
+def test_triton_refuses_what_its_indices_or_grid_cannot_address():
+    """Forced Triton refuses (with the reason) a tensor spanning 2^31 elements or more -- its
+    offsets are int32 and wrapped -- and a dgrad whose groups x stride phases exceed the 65535
+    programs CUDA allows along a grid's second dimension (a GPU launch failed)."""
+    reason = backend_skip_reason("triton")
+    if reason:
+        pytest.skip(reason)
+    # rows 2^30 elements apart in a 4 GiB (virtual, barely touched) buffer
+    x = torch.empty(2**31 + 64, dtype=torch.float16).as_strided((1, 1, 3, 3), (0, 0, 2**30, 1))
+    x.copy_(torch.randn(1, 1, 3, 3))
+    w = torch.randn(2, 1, 1, 1, dtype=torch.float16)
+    with bigkern.use_backend("triton"):  # (explain stops before any kernel: a regression reads no wrapped address)
+        explanation = bigkern.explain(F.conv2d, x, w)
+    assert explanation.backend is None and "2^31" in explanation.reasons["triton"]
+    assert conv._triton_size_reason([x[:, :, :2]]) is None  # 2^30 + 3: fits
+    channels = 16384  # depthwise, stride 2: 16384 x 4 phases
+    x = make_tensor((1, channels, 2, 2), requires_grad=True)
+    w = make_tensor((channels, 1, 1, 1), requires_grad=True)
+    with bigkern.use_backend("triton"):
+        y = F.conv2d(x, w, stride=2, groups=channels)  # the forward's grid holds it
+        with pytest.raises(bigkern.UnsupportedError, match="65535"):
+            y.sum().backward()

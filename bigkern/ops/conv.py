@@ -143,7 +143,50 @@ def _kernel_dtype_reason(*tensors):
 def _triton_unsupported(*args):
     tensors = [a for a in args if isinstance(a, Tensor)]
     return (dispatch.triton_unsupported(*tensors) or dispatch.triton_dot_unsupported(*tensors)
-            or _kernel_dtype_reason(*tensors))
+            or _kernel_dtype_reason(*tensors) or _triton_size_reason(tensors))
+
+
+# The Triton kernels compute element offsets within a tensor, and pixel indices, in int32 (as the
+# CUDA binding's check says for its pixel indices); CUDA allows 65535 programs along a grid's
+# second and third dimensions, where they put groups (times the strides' phases, for dgrad).
+TRITON_MAX_SPAN = 2**31 - 1
+GRID_YZ_LIMIT = 65535
+
+
+def _span(t: Tensor) -> int:
+    """How many elements lie between a tensor's first and last element, both included."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def _triton_size_reason(tensors, output_shape=None):
+    spans = [_span(t) for t in tensors] + ([math.prod(output_shape)] if output_shape is not None else [])
+    if max(spans, default=0) > TRITON_MAX_SPAN:
+        return (f"a tensor spanning {max(spans)} elements: the Triton kernels index within a tensor in 32 bits "
+                f"(up to 2^31 - 1)")
+    return None
+
+
+def _triton_grid_reason(programs, what):
+    if programs > GRID_YZ_LIMIT:
+        return f"{what} = {programs}: the Triton kernels launch them along a grid dimension CUDA limits to {GRID_YZ_LIMIT}"
+    return None
+
+
+def _triton_forward_unsupported(input, weight, bias, residual, stride, padding, dilation, groups, *rest):
+    return (_triton_unsupported(input, weight, bias, residual)
+            or _triton_size_reason([], _conv_output_shape(input, weight, stride, padding, dilation))
+            or (_triton_grid_reason(groups, "groups") if weight.shape[1] > 1 else None))
+
+
+def _triton_input_grad_unsupported(grad, input, weight, stride, padding, dilation, groups):
+    return (_triton_unsupported(grad, input, weight)
+            or _triton_grid_reason(groups * stride[0] * stride[1], "groups x stride phases"))
+
+
+def _triton_weight_grad_unsupported(grad, input, weight, stride, padding, dilation, groups, bias_grad):
+    return _triton_unsupported(grad, input, weight) or _triton_grid_reason(groups, "groups")
 
 
 CUDA_KERNELS = dispatch.CompiledKernels()  # conv2d_forward, conv2d_input_grad, conv2d_weight_grad
@@ -185,7 +228,7 @@ def _forward_outputs(input, weight, stride, padding, dilation, save_z):
     return shape, y, (_empty(shape, channels_last, input) if save_z else None)
 
 
-@CONV2D.register("triton", _triton_unsupported)
+@CONV2D.register("triton", _triton_forward_unsupported)
 def _conv2d_triton(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope,
                    save_z):
     from bigkern.kernels import conv as kernels
@@ -230,7 +273,7 @@ def _conv2d_torch(input, weight, bias, residual, stride, padding, dilation, grou
 CONV2D_INPUT_GRAD = dispatch.Op("conv2d_input_grad")
 
 
-@CONV2D_INPUT_GRAD.register("triton", _triton_unsupported)
+@CONV2D_INPUT_GRAD.register("triton", _triton_input_grad_unsupported)
 def _input_grad_triton(grad, input, weight, stride, padding, dilation, groups):
     from bigkern.kernels import conv as kernels
 
@@ -313,7 +356,7 @@ def _weight_grad_from_partials(grad, input, weight, groups, bias_grad, tile, par
     return grad_w, grad_b
 
 
-@CONV2D_WEIGHT_GRAD.register("triton", _triton_unsupported)
+@CONV2D_WEIGHT_GRAD.register("triton", _triton_weight_grad_unsupported)
 def _weight_grad_triton(grad, input, weight, stride, padding, dilation, groups, bias_grad):
     from bigkern.kernels import conv as kernels
 
