@@ -1261,6 +1261,27 @@ print("ok")
 """
 
 
+def test_dropout_inside_cuda_graph_capture(monkeypatch):
+    """Inside CUDA graph capture bigkern's host-drawn dropout seed would be captured: every replay
+    would drop the same elements. torch's own SDPA (graph-safe) serves it under auto; forced
+    backends and varlen (torch has no varlen dropout) raise. Fake CUDA tensors stand in."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with FakeTensorMode():
+        q = torch.empty(1, 2, 5, 8, device="cuda")
+        packed = torch.empty(5, 2, 8, device="cuda")
+        cu = torch.tensor([0, 5], dtype=torch.int32, device="cuda")
+    for forced in ("triton", "cuda"):
+        with bigkern.use_backend(forced), pytest.raises(bigkern.UnsupportedError, match="CUDA graph capture"):
+            F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    with bigkern.record() as calls:
+        out = F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    assert calls == {("scaled_dot_product_attention", "torch"): 1} and out.shape == q.shape
+    with pytest.raises(bigkern.UnsupportedError, match="CUDA graph capture"):
+        F.varlen_attention(packed, packed, packed, cu, cu, 5, 5, dropout_p=0.1)
+
+
 def test_triton_refuses_more_heads_or_batch_than_a_grid_holds():
     """Heads and batch elements (sequences, packed) beyond CUDA's 65535 programs per grid dimension:
     forced Triton refuses with the reason (a GPU launch failed with 'invalid argument'), auto

@@ -50,6 +50,16 @@ def draw_dropout_seed() -> Tensor:
     return torch.randint(0, 2**31, (2,), dtype=torch.int64)
 
 
+def dropout_capture_reason(query, dropout_p) -> Optional[str]:
+    """Why dropout cannot run here: inside CUDA graph capture the host-drawn seed is captured with
+    the graph, and every replay would drop the same elements. None elsewhere."""
+    if ((as_real(dropout_p) or 0.0) > 0.0 and isinstance(query, Tensor) and query.is_cuda
+            and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()):
+        return ("dropout inside CUDA graph capture: bigkern draws its dropout seed on the host, so every replay "
+                "would drop the same elements")
+    return None
+
+
 def _mulhilo(a: Tensor, multiplier: int):
     """(high, low) 32-bit halves of a * multiplier for uint32 values held in int64 tensors, exactly
     (split in 16-bit halves so that no product leaves int64)."""
@@ -680,7 +690,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     attn_mask may be torch's causal_upper_left / causal_lower_right (no (L, S) matrix either).
     """
     attn_mask, is_causal, bottom_right = _causal_bias(attn_mask, is_causal)
-    reason = dispatch.autodiff_transform_reason(query, key, value, attn_mask) or _nested_reason(query, key, value)
+    reason = (dispatch.autodiff_transform_reason(query, key, value, attn_mask) or _nested_reason(query, key, value)
+              or dropout_capture_reason(query, dropout_p))  # torch's own dropout is graph-safe
     if reason is not None:
         if bottom_right:  # torch's own function takes it as the mask it stands for
             attn_mask, is_causal = causal_mask(query.shape[-2], key.shape[-2], CAUSAL_BOTTOM_RIGHT, query.device), False
@@ -961,6 +972,9 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor
 def _varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, dropout_p, is_causal, scale,
                       enable_gqa, return_lse, bottom_right=False):
     """varlen_attention; bottom_right: a causal diagonal aligned to each sequence's last key."""
+    reason = dropout_capture_reason(query, dropout_p)
+    if reason is not None:  # (torch has no varlen dropout of its own to leave it to)
+        raise dispatch.UnsupportedError(f"varlen_attention: {reason}")
     query, key, value = amp.cast_inputs(query, key, value)
     args = prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p=dropout_p,
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, bottom_right=bottom_right)
