@@ -240,6 +240,8 @@ def _patch_huggingface(modules, include, exclude):
         return
     from bigkern.integrations import huggingface
 
+    if any(getattr(m.config, "_attn_implementation", None) == huggingface.NAME for _, m in models):
+        huggingface.register()  # switched by an earlier patch, perhaps in another process (torch.save)
     # bigkern's attention is an SDPA drop-in: a model transformers does not run on SDPA (built with
     # eager attention, which returns the weights; flash; one whose attention SDPA cannot take; or
     # already bigkern's, by an earlier patch) keeps its own attention

@@ -152,6 +152,28 @@ def test_huggingface_gpt2_patched():
     assert patched.config._attn_implementation == original
 
 
+def test_huggingface_patched_model_loaded_in_a_new_process(tmp_path):
+    """A patched model saved whole (torch.save / pickle) says "bigkern" in its config; in a process
+    where transformers has not heard of bigkern's attention, patching it again registers it (it
+    raised KeyError: not a valid attention implementation), and unpatch still restores it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    model = bigkern.patch(gpt2_model().eval())
+    tokens = torch.randint(0, 97, (2, 5))
+    expected = model(tokens).logits
+    torch.save(model, tmp_path / "model.pt")
+    for interface in (AttentionInterface, AttentionMaskInterface):  # a new process's registries
+        interface._global_mapping.pop("bigkern", None)
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert loaded.config._attn_implementation == "bigkern"
+    with bigkern.record() as calls:
+        torch.testing.assert_close(bigkern.patch(loaded)(tokens).logits, expected)
+    assert calls[("sdpa_forward", "torch")] > 0
+    bigkern.unpatch(loaded)
+    assert loaded.config._attn_implementation != "bigkern"
+
+
 def test_huggingface_eager_model_keeps_its_attention():
     """Built with attn_implementation="eager" (for the attention weights, say), a model keeps it."""
     eager = gpt2_model(attn_implementation="eager").eval()
