@@ -1,6 +1,9 @@
 """bigkern.patch / unpatch / enable: the mechanics, on a drop-in registered just for the test.
 (Each family's own drop-ins are tested against torch in its test file.)"""
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -212,3 +215,13 @@ def test_dynamo_rnn_flag_is_on_while_patched_lstms_live():
     with torch._dynamo.config.patch(allow_rnn=True):
         bigkern.unpatch(bigkern.patch(torch.nn.LSTM(2, 3)))
         assert torch._dynamo.config.allow_rnn
+    # a copy of a patched LSTM (deepcopy, pickle, torch.save) is a patched LSTM too: it keeps the flag
+    # on when the original is unpatched (it went off, and the copy failed to compile)
+    with torch._dynamo.config.patch(allow_rnn=False):
+        original = bigkern.patch(torch.nn.LSTM(2, 3))
+        copies = [copy.deepcopy(original), pickle.loads(pickle.dumps(original))]
+        bigkern.unpatch(original)
+        assert torch._dynamo.config.allow_rnn
+        for patched in copies:
+            bigkern.unpatch(patched)
+        assert not torch._dynamo.config.allow_rnn

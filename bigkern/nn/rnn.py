@@ -21,6 +21,15 @@ from bigkern.ops import lstm as ops
 class LSTM(torch.nn.LSTM):
     __doc__ = "bigkern's drop-in for torch.nn.LSTM (fused kernels).\n\n" + (torch.nn.LSTM.__doc__ or "")
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_bigkern_original_class" in self.__dict__:
+            # a copy of a patched LSTM (deepcopy, pickle, torch.save) is one more patched LSTM: it
+            # needs dynamo's allow_rnn as long as it lives, as the original did
+            from bigkern.patch import _let_dynamo_trace_rnn_modules
+
+            _let_dynamo_trace_rnn_modules(self)
+
     def _weights(self):
         update = getattr(self, "_update_flat_weights", None)  # torch >= 2.1 tracks functional_call swaps
         if update is not None:
