@@ -7,7 +7,8 @@
   config would cost a full interpreted run.
 - BIGKERN_TRITON_AUTOTUNE=0 keeps the first config that survives the kernel's own pruning, so no
   tile is timed (the test suite sets it: on a GPU it runs hundreds of shapes and would otherwise
-  compile and time every tile of every kernel variant for each).
+  compile and time every tile of every kernel variant for each). Triton 3.6 still times a lone
+  config (warm-up and repeats, for every new shape): the timer then times nothing.
 """
 
 import inspect
@@ -28,11 +29,24 @@ def autotuning_enabled() -> bool:
 def autotune(configs, key, **kwargs):
     if _interpreting():
         configs = configs[:1]
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
+    parameters = inspect.signature(triton.autotune).parameters
+    if "cache_results" in parameters:
         kwargs.setdefault("cache_results", True)
+    if "do_bench" in parameters:
+        kwargs.setdefault("do_bench", _timer)
     prune_by = dict(kwargs.pop("prune_configs_by", None) or {})
     prune_by["early_config_prune"] = pruner(prune_by.get("early_config_prune"))
     return triton.autotune(configs=configs, key=key, prune_configs_by=prune_by, **kwargs)
+
+
+def _timer(kernel_call, quantiles):
+    """Triton's timing of one config; nothing to time when autotuning is off (one config is left,
+    which the launch compiles and runs anyway)."""
+    if not autotuning_enabled():
+        return [0.0] * len(quantiles)
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, quantiles=quantiles)
 
 
 def pruner(kernel_prune=None):

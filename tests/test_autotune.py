@@ -1,5 +1,6 @@
 """kernels/autotune.py: one config in the interpreter, disk caching where Triton has it."""
 
+import inspect
 import os
 
 import pytest
@@ -81,3 +82,33 @@ def test_attention_launches_the_tile_its_pruner_chose(monkeypatch):
                 (block_m, block_n, warps, stages), name
     finally:
         kernels._tuned.cache_clear()
+
+
+def test_autotune_off_times_nothing(monkeypatch):
+    """With autotuning off one config is left, and Triton 3.6 would still time it (warm-up and
+    repeats, for every new shape): bigkern's timer returns without running it."""
+    import triton
+    import triton.testing
+
+    from bigkern.kernels import autotune as tuning
+
+    if "do_bench" not in inspect.signature(triton.autotune).parameters:
+        pytest.skip("this Triton's autotune takes no timer")
+    timed = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, quantiles=None, **kw: timed.append(fn) or [1.0] * 3)
+    monkeypatch.setattr(tuning, "_interpreting", lambda: False)
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, n, BLOCK: tl.constexpr):
+        tl.store(x_ptr + tl.arange(0, BLOCK), 0.0, mask=tl.arange(0, BLOCK) < n)
+
+    tuned = tuning.autotune([triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["n"])(kernel)
+    assert tuned._do_bench is tuning._timer or getattr(tuned, "do_bench", None) is tuning._timer
+
+    def launch():
+        raise AssertionError("timed with autotuning off")
+    monkeypatch.setenv("BIGKERN_TRITON_AUTOTUNE", "0")
+    assert tuning._timer(launch, (0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+    monkeypatch.setenv("BIGKERN_TRITON_AUTOTUNE", "1")
+    assert tuning._timer(launch, (0.5, 0.2, 0.8)) == [1.0] * 3 and timed == [launch]
