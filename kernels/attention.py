@@ -762,6 +762,13 @@ def _head_dim_class(kwargs):
     return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
+def _fp32(args):
+    """32-bit inputs (a launch's Q, or fp32=True in a representative launch): twice the shared
+    memory of a 16-bit tile, so some tiles stop fitting (bench/kernel_resources.md: fp32 rows)."""
+    q = args.get("Q")
+    return bool(args.get("fp32")) or (q is not None and hasattr(q, "element_size") and q.element_size() == 4)
+
+
 def forward_tiles(args, hopper):
     """(BLOCK_M, BLOCK_N, warps, stages) for the forward kernel, best guess first. Hopper: 128-row
     tiles of 8 warps (two warpgroups of wgmma) with 3-4 stage pipelines; Ampere: shallower
@@ -772,6 +779,8 @@ def forward_tiles(args, hopper):
     if args["q_bucket"] <= 16:  # decoding-like: few query rows, long key walks
         if d > 128:
             return [(16, 64, 4, 2), (16, 32, 4, 2)]
+        if _fp32(args):  # 16x128 in 3 stages needs 272 KB at hd128
+            return [(16, 64, 4, 3), (16, 128, 4, 2)]
         return [(16, 128, 4, 3), (16, 64, 4, 3)] if hopper else [(16, 64, 4, 3), (16, 128, 4, 3)]
     if args["q_bucket"] <= 64:
         return [(64, 64, 4, 3), (64, 128, 4, 3)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 4, 2)]
@@ -781,6 +790,8 @@ def forward_tiles(args, hopper):
     if d == 128:
         return [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)] if hopper else \
                [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)]
+    if _fp32(args):  # 128x64 needs 288 KB on sm_90, 64x64 208 KB on sm_80
+        return [(64, 64, 4, 2), (128, 32, 8, 2)] if hopper else [(64, 32, 8, 2)]
     return [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)] if hopper else [(64, 32, 8, 2), (64, 64, 8, 2)]
 
 
@@ -791,6 +802,8 @@ def dkdv_tiles(args, hopper):
         return [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)] if hopper else [(32, 128, 8, 2), (32, 64, 4, 2)]
     if d == 128:
         return [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2)] if hopper else [(32, 64, 4, 2), (64, 64, 8, 1)]
+    if _fp32(args) and not hopper:  # 16x64 needs 164 KB on sm_80 (163 KB there)
+        return [(32, 32, 4, 1)]
     return [(16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)] if hopper else [(16, 64, 8, 1), (32, 32, 4, 1)]
 
 
