@@ -8,6 +8,7 @@ could crash on ABI differences. Either way bigkern imports and serves through Tr
 import functools
 import importlib
 import warnings
+from typing import Optional
 
 import torch
 
@@ -51,3 +52,26 @@ def extension():
 def unavailable_reason():
     """Why bigkern._C cannot serve, or None when it is loaded."""
     return _load()[1]
+
+
+def _parse_archs(arch_list):
+    """[(major, minor, arch-specific, ptx)] from a TORCH_CUDA_ARCH_LIST such as "8.0;9.0a;9.0+PTX"."""
+    archs = []
+    for entry in (arch_list or "").replace(",", ";").replace(" ", ";").split(";"):
+        ptx = entry.endswith("+PTX")
+        major, _, minor = entry.removesuffix("+PTX").rstrip("af").partition(".")
+        if major.isdigit() and (minor or "0").isdigit():
+            archs.append((int(major), int(minor or 0), entry.removesuffix("+PTX")[-1:] in ("a", "f"), ptx))
+    return archs
+
+
+def arch_reason(capability, arch_list) -> Optional[str]:
+    """Why a build for `arch_list` has no kernel that runs on a GPU of `capability`, or None."""
+    major, minor = capability
+    for a_major, a_minor, specific, ptx in _parse_archs(arch_list):
+        if ptx and (a_major, a_minor) <= (major, minor):
+            return None  # the driver compiles the PTX for this GPU
+        if a_major == major and (a_minor == minor if specific else a_minor <= minor):
+            return None  # a cubin runs on later minor versions of its major, unless arch-specific
+    return (f"bigkern._C was built for {arch_list}, which has no kernel for compute capability "
+            f"{major}.{minor} (rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor})")

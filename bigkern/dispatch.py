@@ -174,7 +174,15 @@ def cuda_unsupported(*tensors) -> Optional[str]:
     devices = _devices(tensors)
     if devices != {"cuda"}:
         return f"the CUDA kernels take CUDA tensors, not {', '.join(sorted(devices)) or 'none'}"
-    return _capability_reason(tensors, "CUDA")
+    return _capability_reason(tensors, "CUDA") or _built_arch_reason(tensors)
+
+
+def _built_arch_reason(tensors):
+    """Why bigkern._C holds no kernel for these tensors' GPU (built for other architectures), or None:
+    a launch there fails with 'no kernel image is available'."""
+    device = _launch_device(tensors)
+    built_for = getattr(_ext.build_info(), "cuda_archs", None)
+    return _ext.arch_reason(torch.cuda.get_device_capability(device), built_for) if device is not None else None
 
 
 # Differentiation that must go through torch's own ops. bigkern's ops carry reverse-mode formulas

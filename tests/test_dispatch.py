@@ -1,5 +1,7 @@
 """The dispatch seam: requests, forcing, reasons, explain."""
 
+import types
+
 import pytest
 import torch
 
@@ -116,6 +118,23 @@ def test_triton_launches_on_its_inputs_gpu(monkeypatch):
         assert current == ["cuda:0"]
     finally:
         dispatch.REGISTRY.pop("test_only_op")
+
+
+def test_cuda_refuses_a_gpu_the_extension_has_no_kernels_for(monkeypatch):
+    """Every family's CUDA kernels (not attention's alone) refuse a GPU bigkern._C was not built for,
+    with the reason (a launch failed with 'no kernel image is available')."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bigkern import _ext
+
+    monkeypatch.setattr(_ext, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(_ext, "build_info", lambda: types.SimpleNamespace(cuda_archs="8.0;9.0a"))
+    with FakeTensorMode():
+        x = torch.empty(2, device="cuda:0")
+    for capability, refused in (((12, 0), True), ((9, 0), False), ((8, 6), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        reason = dispatch.cuda_unsupported(x)
+        assert (reason is not None and "8.0;9.0a" in reason and f"{capability[0]}.{capability[1]}" in reason) == refused
 
 
 def test_explain_rejects_what_is_not_bigkern():

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bigkern import _ext, dispatch, memory
+from bigkern import dispatch, memory
 
 DTYPES = (torch.float16, torch.bfloat16)
 # head dims compiled into bigkern._C (csrc/attention/attention.cu, attention_head_dim_supported)
@@ -25,29 +25,6 @@ HEAD_DIMS = (32, 64, 96, 128, 256)
 _GRID_LIMIT = 65535  # CUDA's limit on gridDim.y (heads) and gridDim.z (batch)
 _SEQ_LIMIT = 2**30  # row indices (plus a block) stay in 32 bits
 _ROW_LIMIT = 2**33  # the delta kernel's grid (8 rows a CTA) stays within gridDim.x
-
-
-def _parse_archs(arch_list):
-    """[(major, minor, arch-specific, ptx)] from a TORCH_CUDA_ARCH_LIST such as "8.0;9.0a;9.0+PTX"."""
-    archs = []
-    for entry in (arch_list or "").replace(",", ";").replace(" ", ";").split(";"):
-        ptx = entry.endswith("+PTX")
-        major, _, minor = entry.removesuffix("+PTX").rstrip("af").partition(".")
-        if major.isdigit() and (minor or "0").isdigit():
-            archs.append((int(major), int(minor or 0), entry.removesuffix("+PTX")[-1:] in ("a", "f"), ptx))
-    return archs
-
-
-def arch_reason(capability, arch_list) -> Optional[str]:
-    """Why a build for `arch_list` has no kernel that runs on a GPU of `capability`, or None."""
-    major, minor = capability
-    for a_major, a_minor, specific, ptx in _parse_archs(arch_list):
-        if ptx and (a_major, a_minor) <= (major, minor):
-            return None  # the driver compiles the PTX for this GPU
-        if a_major == major and (a_minor == minor if specific else a_minor <= minor):
-            return None  # a cubin runs on later minor versions of its major, unless arch-specific
-    return (f"bigkern._C was built for {arch_list}, which has no kernel for compute capability "
-            f"{major}.{minor} (rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor})")
 
 
 def kernel_unsupported(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None) -> Optional[str]:
@@ -84,9 +61,7 @@ def unsupported(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
         return reason
     if not hasattr(torch.ops.bigkern, "attention_forward_cuda"):
         return "bigkern._C was built without the attention kernels (csrc/attention/)"
-    built_for = getattr(_ext.build_info(), "cuda_archs", None)
-    return (arch_reason(torch.cuda.get_device_capability(q.device), built_for)
-            or kernel_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale))
+    return kernel_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale)
 
 
 def _aligned(t: Tensor) -> Tensor:
