@@ -109,8 +109,9 @@ def cmd_info(args):
 # ---------------------------------------------------------------------------------------------
 # verify
 
-def verify_rows(families, backends, dtypes, device):
-    """Run every verification case; (rows, failure messages)."""
+def verify_rows(families, backends, dtypes, device, on_row=None):
+    """Run every verification case; (rows, failure messages). on_row(row) is called as each row is
+    done, so a long run (minutes on a GPU) shows its progress before the table."""
     import torch
 
     from bigkern import dispatch, memory, testing
@@ -118,11 +119,15 @@ def verify_rows(families, backends, dtypes, device):
     probe = torch.empty(1, device=device)
     usable = {"triton": dispatch.triton_unsupported(probe), "cuda": dispatch.cuda_unsupported(probe), "torch": None}
     rows, failures = [], []
+
+    def add(row):
+        rows.append(row)
+        if on_row:
+            on_row(row)
     for family, module in families.items():
         for backend in backends:
             if usable[backend]:
-                rows.append(dict(op=family, backend=backend, dtype="-", passed="-", status="skipped",
-                                 detail=usable[backend]))
+                add(dict(op=family, backend=backend, dtype="-", passed="-", status="skipped", detail=usable[backend]))
                 continue
             for dtype in dtypes:
                 name = str(dtype).removeprefix("torch.")
@@ -130,8 +135,7 @@ def verify_rows(families, backends, dtypes, device):
                 if not cases:
                     why = ("bf16 is verified on a GPU (Triton's interpreter computes bf16 dots wrongly)"
                            if device == "cpu" and dtype == torch.bfloat16 else f"no cases for this dtype on {device}")
-                    rows.append(dict(op=family, backend=backend, dtype=name, passed="-", status="skipped",
-                                     detail=why))
+                    add(dict(op=family, backend=backend, dtype=name, passed="-", status="skipped", detail=why))
                     continue
                 passed, crashed, worst = 0, 0, 0.0
                 for description, run in cases:
@@ -149,9 +153,9 @@ def verify_rows(families, backends, dtypes, device):
                         failures.append(f"{family} {backend} {name} {description}: " + "; ".join(map(str, bad)))
                     else:
                         passed += 1
-                rows.append(dict(op=family, backend=backend, dtype=name, passed=f"{passed}/{len(cases)}",
-                                 status="ok" if passed == len(cases) else "fail",
-                                 detail=(f"{crashed} crashed; " if crashed else "") + f"worst error/bound {worst:.2f}"))
+                add(dict(op=family, backend=backend, dtype=name, passed=f"{passed}/{len(cases)}",
+                         status="ok" if passed == len(cases) else "fail",
+                         detail=(f"{crashed} crashed; " if crashed else "") + f"worst error/bound {worst:.2f}"))
     return rows, failures
 
 
@@ -167,7 +171,9 @@ def cmd_verify(args):
         return 2
     families = {name: module for name, module in ops.FAMILIES.items() if not args.op or name in args.op}
     backends = [b for b in dispatch.BACKENDS if args.backend in ("all", b)]
-    rows, failures = verify_rows(families, backends, [getattr(torch, d) for d in args.dtype], device)
+    def done(row):  # as each row finishes: the table comes only at the end
+        print(f"  {row['op']} {row['backend']} {row['dtype']}: {row['status']} {row['passed']}", flush=True)
+    rows, failures = verify_rows(families, backends, [getattr(torch, d) for d in args.dtype], device, on_row=done)
 
     print(f"bigkern verify on {device}" + (" (Triton in the interpreter)" if device == "cpu" else ""))
     header = ("op", "backend", "dtype", "passed", "result")

@@ -1193,11 +1193,13 @@ def test_benchmark_suite_runs_end_to_end_on_cpu(tmp_path):
     [path] = (tmp_path / "results").glob("*/*.json")
     rows = json.loads(path.read_text())["rows"]
     statuses = {(r["case"], r["mode"], r["provider"]): r["status"] for r in rows}
-    assert statuses[("hd16 seq17 causal", "forward+backward", "bigkern-triton")] == "ok"
+    # timed on the CPU (--cpu), where Triton runs only in the interpreter
+    triton_status = "ok" if backend_skip_reason("triton", "cpu") is None else "unavailable"
+    assert statuses[("hd16 seq17 causal", "forward+backward", "bigkern-triton")] == triton_status
     assert statuses[("decode B1 4/2 kv33", "forward", "torch-math")] == "ok"
     assert statuses[("hd16 seq17 causal", "forward", "bigkern-cuda")] == "unavailable"
     row = next(r for r in rows if r["provider"] == "bigkern-triton" and r["mode"] == "forward")
-    assert row["flops"] == 4 * 2 * 17 * 17 * 16 / 2 and "torch-math" in row["speedup"]
+    assert row["flops"] == 4 * 2 * 17 * 17 * 16 / 2 and (triton_status != "ok" or "torch-math" in row["speedup"])
 
 
 _COMPILE_CHECK = """

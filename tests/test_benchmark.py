@@ -9,6 +9,7 @@ import torch
 
 from bigkern import benchmark
 from bigkern.benchmark import harness, report
+from conftest import backend_skip_reason
 
 
 class FakeTimer:
@@ -174,7 +175,7 @@ def test_verify_save_keeps_what_this_run_did_not_repeat(tmp_path, monkeypatch, c
     overwrote the device's whole file), each row with its own date."""
     from bigkern import cli
 
-    def fake_rows(families, backends, dtypes, device):
+    def fake_rows(families, backends, dtypes, device, on_row=None):
         return [dict(op=op, backend=b, dtype=str(d).removeprefix("torch."), passed="1/1", status="ok", detail="")
                 for op in families for b in backends for d in dtypes], []
 
@@ -193,7 +194,7 @@ def test_verify_save_keeps_what_this_run_did_not_repeat(tmp_path, monkeypatch, c
     assert "kept 3 rows" in capsys.readouterr().out
 
 
-def test_epilogue_suite_runs_end_to_end_on_cpu(tmp_path):
+def test_epilogue_suite_runs_end_to_end_on_cpu(tmp_path, capsys):
     shapes = {"epilogue": {"cases": [{"shape": [4, 6, 3, 3], "dim": 1, "layout": "channels_last",
                                       "activation": "relu", "quick": True}]}}
     shapes_path = tmp_path / "shapes.json"
@@ -204,9 +205,130 @@ def test_epilogue_suite_runs_end_to_end_on_cpu(tmp_path):
     [path] = (tmp_path / "results").glob("*/*.json")
     rows = json.loads(path.read_text())["rows"]
     statuses = {(r["mode"], r["provider"]): r["status"] for r in rows}
-    assert statuses[("forward", "bigkern-triton")] == "ok"
+    # timed on the CPU (--cpu), where Triton runs only in the interpreter
+    assert statuses[("forward", "bigkern-triton")] == ("ok" if backend_skip_reason("triton", "cpu") is None
+                                                       else "unavailable")
     assert statuses[("forward+backward", "torch-eager")] == "ok"
     assert statuses[("forward", "bigkern-cuda")] == "unavailable"
+    # not a terminal: a line per case (rich's bar drew nothing on a pipe until the end, so a log showed no progress)
+    assert "[1/2] epilogue relu 4x6x3x3 channels_last forward\n" in capsys.readouterr().out
+
+
+def test_bench_cpu_times_on_the_cpu_with_a_gpu_there(tmp_path, monkeypatch):
+    """--cpu was ignored where a GPU is visible: the run went to the GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # this machine has none to use
+    shapes_path = tmp_path / "shapes.json"
+    shapes_path.write_text(json.dumps({"epilogue": {"cases": [{"shape": [4, 6], "dim": 1, "layout": "contiguous",
+                                                               "activation": "relu"}]}}))
+    assert benchmark.main(["--cpu", "--family", "epilogue", "--shapes", str(shapes_path), "--results",
+                           str(tmp_path / "results"), "--provider", "torch-eager"]) == 0
+    [path] = (tmp_path / "results").glob("*/*.json")
+    document = json.loads(path.read_text())
+    assert path.parent.name.startswith("cpu") and document["environment"]["device"].startswith("cpu")
+    assert {r["dtype"] for r in document["rows"]} == {"float32"} and {r["status"] for r in document["rows"]} == {"ok"}
+
+
+TINY_SHAPES = {
+    "epilogue": {"cases": [{"shape": [2, 4, 3, 3], "dim": 1, "layout": "contiguous", "activation": "relu"}]},
+    "conv": {"batches": [2], "other": [], "resnet50": [dict(name="l", in_channels=3, out_channels=4, kernel=3, stride=1,
+                                                             padding=1, in_hw=5, residual=True)]},
+    "attention": {"sweep": [dict(batch=1, heads=2, seq=17, head_dim=16, causal=False)]},
+}
+
+
+@pytest.mark.parametrize("family", ["epilogue", "conv", "attention"])
+def test_a_forced_backend_serves_the_backward_of_a_training_step_too(family):
+    """bigkern-triton's forward+backward timed the forward on Triton and the backward on whatever
+    auto chose (torch, on these CPU tensors): the forced backend must cover the whole step."""
+    import importlib
+
+    import bigkern
+
+    suite = importlib.import_module(benchmark.SUITES[family])
+    [case] = [c for c in suite.cases(TINY_SHAPES, "cpu", [torch.float32]) if c.mode == "forward+backward"]
+    step = case.providers["bigkern-triton"]()
+    with bigkern.record() as calls:
+        step()
+    assert any("backward" in op or "grad" in op for op, _ in calls), calls
+    assert {backend for _, backend in calls} == {"triton"}, calls
+
+
+def test_a_kernel_switch_covers_the_backward_of_a_training_step_too(monkeypatch):
+    """bigkern-triton-tma / -nosplit set their switch for the forward only; the backward ran
+    with the default kernels, so the row measured a mix."""
+    from bigkern.benchmark import attention as suite
+
+    monkeypatch.delenv("BIGKERN_DEMO_SWITCH", raising=False)
+    monkeypatch.setattr(suite, "_triton_variants", lambda *args: {"bigkern-triton-demo": {"BIGKERN_DEMO_SWITCH": "1"}})
+    seen = []
+
+    def call(q, k, v, is_causal, gqa):
+        y = q * 2
+        y.register_hook(lambda grad: seen.append(os.environ.get("BIGKERN_DEMO_SWITCH")))
+        return y
+    monkeypatch.setattr(suite, "_bigkern_call", call)
+    [case] = [c for c in suite.cases(TINY_SHAPES, "cpu", [torch.float32]) if c.mode == "forward+backward"]
+    case.providers["bigkern-triton-demo"]()()
+    assert seen == ["1"] and "BIGKERN_DEMO_SWITCH" not in os.environ
+
+
+def test_every_case_of_a_compiled_baseline_is_compiled(monkeypatch):
+    """dynamo compiles a code object at most recompile_limit (8) times, across torch.compile
+    wrappers, then runs it eagerly: from the ninth case on, "torch-compile" timed eager torch."""
+    from bigkern.benchmark import epilogue as suite
+
+    graphs = []
+    compile_for_real = torch.compile
+
+    def counting_compile(fn, mode=None, dynamic=None):  # dynamo as it is, without Inductor's minutes
+        return compile_for_real(fn, backend=lambda graph, inputs: graphs.append(graph) or graph.forward,
+                                dynamic=dynamic)
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    shapes = {"epilogue": {"cases": [{"shape": [2, n], "dim": 1, "layout": "contiguous", "activation": "relu"}
+                                     for n in range(3, 13)]}}
+    cases = [c for c in suite.cases(shapes, "cpu", [torch.float32]) if c.mode == "forward"]
+    try:
+        for case in cases:
+            case.providers["torch-compile"]()()
+    finally:
+        torch._dynamo.reset()
+    assert len(cases) == 10 and len(graphs) == 10
+
+
+def test_per_family_samples_every_family_and_quick_compiles_no_whole_model(tmp_path, monkeypatch):
+    """make gpu-check's benchmark: the first N cases of each family, and no minutes-long compile of
+    a whole model in a --quick run."""
+    ran = []
+    monkeypatch.setattr(harness, "run_case", lambda case, *args: ran.append(case) or [])
+    assert benchmark.main(["--cpu", "--quick", "--per-family", "2", "--family", "epilogue", "models", "--results",
+                           str(tmp_path)]) == 0
+    assert [(c.family, c.mode) for c in ran] == [("epilogue", "forward"), ("epilogue", "forward+backward"),
+                                                 ("models", "training-step"), ("models", "inference")]
+    assert sorted(ran[-1].providers) == ["bigkern-patched", "torch-eager"]
+    from bigkern.benchmark import models
+
+    assert "torch-compile" in next(models.cases({}, "cpu", [torch.float32], quick=False)).providers
+
+
+def test_verify_shows_each_row_as_it_finishes(monkeypatch, capsys):
+    """On a GPU `bigkern verify` runs for minutes and printed only its table at the end: a log
+    (or a cut at a time limit) showed nothing of it."""
+    import types
+
+    from bigkern import cli, ops
+
+    printed_before_the_second_row = []
+
+    def verification_cases(device, dtype):
+        def run():
+            if dtype == torch.float16:
+                printed_before_the_second_row.append(capsys.readouterr().out)
+            return []
+        return [("one", run)]
+    monkeypatch.setattr(ops, "FAMILIES", {"demo": types.SimpleNamespace(verification_cases=verification_cases)})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["verify", "--backend", "torch", "--dtype", "float32", "float16"]) == 0
+    assert "demo torch float32: ok 1/1" in printed_before_the_second_row[0]
 
 
 def test_kernel_switch_variants_are_reported_against_their_default_never_as_best(monkeypatch):

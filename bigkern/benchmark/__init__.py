@@ -1,15 +1,16 @@
 """bigkern's benchmark suite: `bigkern bench` (also run by `make bench` and `make gpu-check`).
 
-    bigkern bench [--family F ...] [--quick] [--dtype D ...] [--results DIR]
+    bigkern bench [--family F ...] [--quick] [--per-family N] [--dtype D ...] [--results DIR]
     bigkern bench report [--results DIR] [--readme README.md]
 
 Each family's cases live in bigkern/benchmark/<family>.py; shapes come from bench/shapes.json.
 Without a GPU, `bigkern bench` verifies the kernels instead (timings need a GPU); `--cpu` times
-on the CPU anyway, which only tests the harness.
+on the CPU (with a GPU there too), which only tests the harness.
 """
 
 import argparse
 import importlib
+import itertools
 import json
 import os
 import sys
@@ -37,25 +38,30 @@ def load_shapes(path=None) -> dict:
 
 
 def _progress(total):
-    try:
-        from rich.progress import Progress
+    """A rich progress bar on a terminal; elsewhere (a log, a pipe) a line per case, as rich draws
+    nothing on a pipe until the run ends."""
+    if sys.stdout.isatty():
+        try:
+            from rich.progress import Progress
 
-        progress = Progress(transient=False)
-        task = progress.add_task("benchmarking", total=total)
-        return progress, lambda description: progress.update(task, advance=1, description=description)
-    except ImportError:
-        class Plain:
-            def __enter__(self):
-                return self
+            progress = Progress(transient=False)
+            task = progress.add_task("benchmarking", total=total)
+            return progress, lambda description: progress.update(task, advance=1, description=description)
+        except ImportError:
+            pass
 
-            def __exit__(self, *exc):
-                return False
-        done = [0]
+    class Plain:
+        def __enter__(self):
+            return self
 
-        def advance(description):
-            done[0] += 1
-            print(f"[{done[0]}/{total}] {description}", flush=True)
-        return Plain(), advance
+        def __exit__(self, *exc):
+            return False
+    done = [0]
+
+    def advance(description):
+        done[0] += 1
+        print(f"[{done[0]}/{total}] {description}", flush=True)
+    return Plain(), advance
 
 
 def run(args) -> int:
@@ -63,12 +69,13 @@ def run(args) -> int:
 
     from bigkern.benchmark import harness, report
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     if device == "cpu" and not args.cpu:
         from bigkern import cli, ops
 
         families = [f for f in (args.family or ops.FAMILIES) if f in ops.FAMILIES]  # ("models" has no kernels)
-        timing_only = [f"--{name}" for name in ("quick", "provider", "results", "limit") if getattr(args, name)]
+        timing_only = [f"--{name.replace('_', '-')}" for name in ("quick", "provider", "results", "limit", "per_family")
+                       if getattr(args, name)]
         print("bigkern bench: no GPU here, so no timings (they need a GPU: run `make gpu-check` on one).\n"
               + (f"Options for timing, not used here: {' '.join(timing_only)}.\n" if timing_only else "")
               + "Verifying the kernels on the CPU instead (Triton in the interpreter):\n", flush=True)
@@ -81,15 +88,16 @@ def run(args) -> int:
     dtypes = [getattr(torch, d) for d in (args.dtype or (["bfloat16"] if device == "cuda" else ["float32"]))]
     shapes = load_shapes(args.shapes)
     timer = harness.default_timer(args.quick) if device == "cuda" else harness.CpuTimer(1, 3 if args.quick else 5)
-    families = args.family or list(SUITES)
-    cases = [case for family in families
-             for case in importlib.import_module(SUITES[family]).cases(shapes, device, dtypes, args.quick)]
+    cases = []
+    for family in args.family or list(SUITES):
+        family_cases = importlib.import_module(SUITES[family]).cases(shapes, device, dtypes, args.quick)
+        cases += itertools.islice(family_cases, args.per_family)
     if args.limit:
         cases = cases[: args.limit]
     if not cases:
         print("bigkern bench: no case matches", flush=True)
         return 1
-    env = harness.environment()
+    env = harness.environment(device)
     print(f"bigkern bench on {env['device']}: {len(cases)} cases; measuring ceilings first", flush=True)
     ceilings = harness.measure_ceilings(timer, device, args.quick)
     print(f"ceilings: matmul {ceilings.matmul_tflops:.1f} TFLOP/s, copy {ceilings.copy_gbps:.0f} GB/s", flush=True)
@@ -128,13 +136,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bigkern bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", nargs="+", choices=list(SUITES))
-    parser.add_argument("--quick", action="store_true", help="the quick subset, shorter timing")
+    parser.add_argument("--quick", action="store_true",
+                        help="the quick subset, shorter timing, no torch.compile of whole models")
     parser.add_argument("--dtype", nargs="+", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--provider", nargs="+", help="only these providers (e.g. bigkern-triton torch-eager)")
     parser.add_argument("--results", type=Path, help="results directory (default: bench/results; with --cpu, "
                         "a temporary one: CPU timings are never figures to keep)")
     parser.add_argument("--shapes", type=Path, help="shapes file (default: bench/shapes.json)")
     parser.add_argument("--limit", type=int, help="only the first N cases")
+    parser.add_argument("--per-family", type=int, metavar="N",
+                        help="only the first N cases of each family (a sample of every family: make gpu-check)")
     parser.add_argument("--cpu", action="store_true", help="time on the CPU (tests the harness; no real figures)")
     args = parser.parse_args(argv)
     return run(args)

@@ -91,26 +91,29 @@ def cases(shapes, device, dtypes, quick=False):
                 size = torch.finfo(dtype).bits // 8
                 bytes_moved = size * (B * Hq * L * D * 2 + B * Hkv * S * D * 2) * (2.5 if training else 1.0)
 
-                def timed(call, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, D=D, causal=causal, dtype=dtype, training=training):
+                def timed(call, wrap=lambda step: step, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, D=D, causal=causal,
+                          dtype=dtype, training=training):
+                    """`wrap` (a forced backend, a kernel switch) covers the whole step, backward included."""
                     def make():
                         q = torch.randn(B, Hq, L, D, device=device, dtype=dtype, requires_grad=training)
                         k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, requires_grad=training)
                         v = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, requires_grad=training)
                         gqa = Hq != Hkv
                         if not training:
-                            return lambda: call(q, k, v, causal, gqa)
+                            return wrap(lambda: call(q, k, v, causal, gqa))
                         grad = torch.randn(B, Hq, L, D, device=device, dtype=dtype)
 
                         def step():
                             q.grad = k.grad = v.grad = None
                             call(q, k, v, causal, gqa).backward(grad)
-                        return step
+                        return wrap(step)
                     return make
 
                 backends = bigkern_backends(("triton", "cuda"))
-                providers = {f"bigkern-{backend}": timed(wrap(_bigkern_call)) for backend, wrap in backends.items()}
+                providers = {f"bigkern-{backend}": timed(_bigkern_call, wrap) for backend, wrap in backends.items()}
                 for variant, env in _triton_variants(device, L, causal).items():
-                    providers[variant] = timed(backends["triton"](with_environment(_bigkern_call, **env)))
+                    providers[variant] = timed(_bigkern_call, lambda step, env=env: backends["triton"](
+                        with_environment(step, **env)))
                 for provider, backend in _torch_backends().items():
                     if provider == "torch-math" and B * Hq * L * S > MATH_MAX_SCORES:
                         def skipped():

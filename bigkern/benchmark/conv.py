@@ -74,9 +74,11 @@ def cases(shapes, device, dtypes, quick=False):
             for mode, work, moved in (("forward", flops, io_bytes), ("forward+backward", 3 * flops, 3 * io_bytes)):
                 training = mode != "forward"
 
-                def timed(call, dtype=dtype, training=training, x_shape=x_shape, w_shape=w_shape, y_shape=y_shape,
-                          stride=stride, padding=padding, groups=groups, residual=residual):
-                    """Build inputs once; return the function to time (forward, or forward + backward)."""
+                def timed(call, wrap=lambda step: step, dtype=dtype, training=training, x_shape=x_shape,
+                          w_shape=w_shape, y_shape=y_shape, stride=stride, padding=padding, groups=groups,
+                          residual=residual):
+                    """Build inputs once; return the function to time (forward, or forward + backward), all
+                    of it inside `wrap` (a forced backend: the backward too)."""
                     def make():
                         cl = torch.channels_last
                         x = torch.randn(x_shape, device=device, dtype=dtype).contiguous(memory_format=cl)
@@ -90,7 +92,7 @@ def cases(shapes, device, dtypes, quick=False):
                             if t is not None:
                                 t.requires_grad_(training)
                         if not training:
-                            return lambda: call(x, w, b, r, stride, padding, groups)
+                            return wrap(lambda: call(x, w, b, r, stride, padding, groups))
                         grad = torch.randn(y_shape, device=device, dtype=dtype).contiguous(memory_format=cl)
 
                         def step():
@@ -98,12 +100,12 @@ def cases(shapes, device, dtypes, quick=False):
                                 if t is not None:
                                     t.grad = None
                             call(x, w, b, r, stride, padding, groups).backward(grad)
-                        return step
+                        return wrap(step)
                     return make
 
                 providers = {}
                 for backend, wrap in bigkern_backends(("triton", "cuda")).items():
-                    providers[f"bigkern-{backend}"] = timed(wrap(_bigkern))
+                    providers[f"bigkern-{backend}"] = timed(_bigkern, wrap)
                 providers["torch-eager"] = timed(_eager)
                 providers["torch-eager-conv"] = timed(_conv_alone)
                 compile_name = "torch-compile" if quick else "torch-compile-max-autotune"

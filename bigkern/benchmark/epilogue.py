@@ -35,24 +35,26 @@ def cases(shapes, device, dtypes, quick=False):
             for mode, bytes_moved in (("forward", 2 * numel * size), ("forward+backward", 6 * numel * size)):
                 training = mode != "forward"
 
-                def timed(call, shape=shape, dim=dim, layout=layout, dtype=dtype, training=training):
-                    """Build inputs once; return the function to time: call(x, bias), then backward."""
+                def timed(call, wrap=lambda step: step, shape=shape, dim=dim, layout=layout, dtype=dtype,
+                          training=training):
+                    """Build inputs once; return the function to time: call(x, bias), then backward, all of
+                    it inside `wrap` (a forced backend: the backward too)."""
                     def make():
                         x, bias = _inputs(shape, dim, layout, dtype, device, training)
                         grad = torch.randn_like(x)
                         if not training:
-                            return lambda: call(x, bias)
+                            return wrap(lambda: call(x, bias))
 
                         def step():
                             x.grad = bias.grad = None
                             call(x, bias).backward(grad)
-                        return step
+                        return wrap(step)
                     return make
 
                 providers = {}
                 for backend, wrap in bigkern_backends(("triton", "cuda")).items():
-                    providers[f"bigkern-{backend}"] = timed(wrap(
-                        lambda x, b, activation=activation, dim=dim: epilogue.bias_act(x, b, activation, dim=dim)))
+                    providers[f"bigkern-{backend}"] = timed(
+                        lambda x, b, activation=activation, dim=dim: epilogue.bias_act(x, b, activation, dim=dim), wrap)
                 providers["torch-eager"] = timed(lambda x, b, activation=activation, dim=dim: _eager(x, b, activation, dim))
                 providers["torch-compile"] = timed(compiled(
                     lambda x, b, activation=activation, dim=dim: _eager(x, b, activation, dim)))

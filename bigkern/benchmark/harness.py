@@ -169,7 +169,7 @@ def run_case(case: Case, timer, ceilings: Ceilings, only: Optional[set] = None):
         try:
             fn = make()
             fn()  # compile / autotune / first-call work happens here, outside the timing
-            if torch.cuda.is_available():
+            if torch.cuda.is_initialized():  # not with --cpu, though a GPU is there
                 torch.cuda.synchronize()
             stats = timer(fn)
         except Unavailable as reason:
@@ -216,8 +216,8 @@ def git_revision(cwd=None):
         return "unknown"
 
 
-def environment():
-    """Where and with what a result was measured."""
+def environment(device=None):
+    """Where and with what a result was measured (on `device`: by default the GPU when there is one)."""
     import bigkern
 
     env = dict(
@@ -231,7 +231,9 @@ def environment():
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    if torch.cuda.is_available():
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         env.update(device=props.name, capability=".".join(map(str, torch.cuda.get_device_capability(0))),
                    sms=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1))

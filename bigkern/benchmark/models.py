@@ -6,6 +6,7 @@ with a factory giving (model, make_batch, loss_fn) at a size chosen by the calle
 End-to-end cases time a training step (forward, backward, SGD update) and an inference forward of
 each model four ways in the same run: eager, patched with bigkern, torch.compile, and patched +
 torch.compile. Figures: milliseconds per step and samples per second; speedup vs eager and compile.
+A --quick run leaves out the two compiled ways: compiling a whole model takes minutes per case.
 """
 
 import copy
@@ -153,7 +154,7 @@ def workloads(size="bench"):
 
 
 def cases(shapes, device, dtypes, quick=False):
-    """Training step and inference, eager / bigkern / compile / bigkern+compile, per model."""
+    """Training step and inference, eager / bigkern / compile / bigkern+compile (not with quick), per model."""
     import bigkern
 
     for workload in workloads("bench" if device == "cuda" else "tiny"):
@@ -169,6 +170,8 @@ def cases(shapes, device, dtypes, quick=False):
                         if patched:
                             bigkern.patch(model)
                         inputs, targets = workload.make_batch(device, dtype)
+                        if compiled:  # a fresh compile: dynamo's recompile limit counts across cases
+                            torch._dynamo.reset()
                         run = torch.compile(model) if compiled else model
                         if mode == "inference":
                             model.eval()
@@ -193,6 +196,8 @@ def cases(shapes, device, dtypes, quick=False):
                     "torch-eager": provider(False, False),
                     "torch-compile": provider(False, True),
                 }
+                if quick:  # compiling a whole model takes minutes per case
+                    providers = {name: make for name, make in providers.items() if not name.endswith("compile")}
                 yield Case("models", workload.name, dict(batch=workload.batch), dtype, mode, flops=0.0, bytes=0.0,
                            providers=providers, baselines=("torch-eager", "torch-compile"), bound="none")
 
