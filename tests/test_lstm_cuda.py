@@ -116,3 +116,13 @@ def test_persistent_kernels_match_fp64(emulated, dtype, hidden, batch, steps, tr
     if training:
         assert calls[("lstm_layer_backward", "cuda")] == layers, calls
     assert all(blocks > 1 for _, blocks in emulated.plans), emulated.plans  # several blocks met each step
+
+
+def test_plan_gives_each_unit_and_sequence_a_thread(emulated):
+    """The backward kernel's 256 threads each carry one (unit, sequence): a plan of 33 units per
+    block at batch 8 (hidden 132 over 4 SMs) left every block's unit 32 uncomputed. Refused now
+    (too many units), as the forward's plan refuses what its warps cannot hold."""
+    for batch, refused in ((8, True), (4, False)):
+        w_hh = torch.empty(4 * 132, 132)
+        reason = emulated._plan(w_hh, batch, backward=True)
+        assert bool(reason) == refused and (not refused or "status 2" in reason), (batch, reason)

@@ -139,6 +139,9 @@ PersistentPlan lstm_persistent_plan(DType dtype, int64_t batch, int64_t hidden, 
   // matrix rows per unit: the forward kernel's 4 gate rows, the backward kernel's one column
   const int rows_per_unit = backward ? 1 : 4;
   plan.max_units_per_block = lstm::kWarps * lstm::kMaxRowsPerWarp / rows_per_unit;
+  // and one thread per (unit, sequence) carries a unit's state from step to step
+  plan.max_units_per_block =
+      static_cast<int>(std::min<int64_t>(plan.max_units_per_block, lstm::kThreads / std::max<int64_t>(batch, 1)));
   if (!limits.cooperative_launch) {
     plan.status = PlanStatus::kNoCooperativeLaunch;
     return plan;
