@@ -156,10 +156,10 @@ def test_huggingface_patched_model_loaded_in_a_new_process(tmp_path):
     """A patched model saved whole (torch.save / pickle) says "bigkern" in its config; in a process
     where transformers has not heard of bigkern's attention, patching it again registers it (it
     raised KeyError: not a valid attention implementation), and unpatch still restores it."""
+    model = bigkern.patch(gpt2_model().eval())  # (skips without transformers)
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    model = bigkern.patch(gpt2_model().eval())
     tokens = torch.randint(0, 97, (2, 5))
     expected = model(tokens).logits
     torch.save(model, tmp_path / "model.pt")
