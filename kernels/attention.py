@@ -783,6 +783,8 @@ def forward_tiles(args, hopper):
             return [(16, 64, 4, 3), (16, 128, 4, 2)]
         return [(16, 128, 4, 3), (16, 64, 4, 3)] if hopper else [(16, 64, 4, 3), (16, 128, 4, 3)]
     if args["q_bucket"] <= 64:
+        if _fp32(args) and d == 128:  # 64x64 in 3 stages needs 176 KB (sm_80 has 163)
+            return [(64, 64, 4, 2), (64, 32, 4, 3)]
         return [(64, 64, 4, 3), (64, 128, 4, 3)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 4, 2)]
     if d == 64:
         return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)] if hopper else \
@@ -1047,8 +1049,10 @@ def split_keys(batch, heads, seq_q, seq_k, is_causal, varlen, device):
     """Keys each split of the forward walks, or None to run unsplit."""
     import os
 
-    if varlen or is_causal or seq_q > SPLIT_MAX_QUERY_ROWS or os.environ.get(SPLIT_ENV, "1") == "0":
-        return None  # causal rows see at most seq_q keys here; varlen sequences vary
+    if varlen or is_causal == 1 or seq_q > SPLIT_MAX_QUERY_ROWS or os.environ.get(SPLIT_ENV, "1") == "0":
+        # top-left causal rows see at most seq_q keys here (bottom-right ones nearly all: a KV cache's
+        # decoding, what splitting is for); varlen sequences vary
+        return None
     granule = _INTERPRETER_TILES["forward"]["BLOCK_N"] if _interpreting() else SPLIT_KEY_GRANULE
     programs = batch * heads
     target = 2 * _multiprocessors(device)

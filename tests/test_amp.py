@@ -33,14 +33,17 @@ def test_tf32_allowed_reads_either_api(newer_tf32_api):
     assert amp.tf32_allowed("conv") is False
 
 
-def test_tf32_allowed_reads_the_legacy_flags():
-    previous = torch.backends.cuda.matmul.allow_tf32
+def test_tf32_allowed_follows_the_legacy_flags():
+    flags = {"matmul": torch.backends.cuda.matmul, "conv": torch.backends.cudnn}
+    previous = {kind: flag.allow_tf32 for kind, flag in flags.items()}
     try:
-        for value in (True, False):
-            torch.backends.cuda.matmul.allow_tf32 = value
-            assert amp.tf32_allowed("matmul") is value
+        for kind, flag in flags.items():
+            for value in (True, False):
+                flag.allow_tf32 = value
+                assert amp.tf32_allowed(kind) is value, (kind, value)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        for kind, flag in flags.items():
+            flag.allow_tf32 = previous[kind]
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -371,6 +371,32 @@ def test_split_kv_decoding_matches_fp64(case):
                                                case["heads"] != case["kv_heads"]))
 
 
+@pytest.mark.parametrize("L,S", [(1, 129), (7, 300), (16, 200)])
+def test_split_kv_decoding_bottom_right_causal(L, S):
+    """Decoding over a KV cache with torch's causal_lower_right: the split key walk (each query row
+    sees nearly every key) against float64, forward and gradients."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from bigkern.kernels import attention as attention_kernels
+
+    reason = backend_skip_reason("triton")
+    if reason:
+        pytest.skip(reason)
+    S *= 32 if GPU else 1
+    assert attention_kernels.split_keys(1, 3, L, S, 2, False, torch.device(DEVICE)), "would not split"
+    q = make_tensor((1, 3, L, 16), requires_grad=True)
+    k, v = (make_tensor((1, 3, S, 16), requires_grad=True) for _ in range(2))
+    with bigkern.use_backend("triton"):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, S))
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    mask = torch.ones(L, S, dtype=torch.bool, device=DEVICE).tril(S - L)
+    expected = torch_F.scaled_dot_product_attention(*leaves, attn_mask=mask)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    for grad, want in zip(grads, torch.autograd.grad(expected.sum(), leaves)):
+        torch.testing.assert_close(grad.double(), want, atol=1e-4, rtol=1e-4)
+
+
 def test_split_kv_is_chosen_for_decoding_only(monkeypatch):
     from bigkern.kernels import attention as attention_kernels
 
@@ -378,6 +404,7 @@ def test_split_kv_is_chosen_for_decoding_only(monkeypatch):
     assert attention_kernels.split_keys(1, 2, 1, 129, False, False, cpu)  # decoding
     assert attention_kernels.split_keys(1, 2, 33, 129, False, False, cpu) is None  # many query rows
     assert attention_kernels.split_keys(1, 2, 1, 129, True, False, cpu) is None  # causal: row 0 sees key 0
+    assert attention_kernels.split_keys(1, 2, 1, 129, 2, False, cpu)  # bottom-right: the last row sees all
     assert attention_kernels.split_keys(1, 2, 1, 129, False, True, cpu) is None  # varlen
     assert attention_kernels.split_keys(1, 2, 1, 20, False, False, cpu) is None  # too few keys to share
     assert attention_kernels.split_keys(64, 8, 1, 129, False, False, cpu) is None  # the grid is full already
@@ -1250,19 +1277,19 @@ for arch, limit in limits.items():
     for launch in codegen.launches("attention", arch):
         if "TMA" in launch.name:  # 16-bit only
             continue
-        d = launch.constexprs["BLOCK_D"]
-        meta = dict(launch.constexprs, fp32=True, q_bucket=1 if "decoding" in launch.name else 4096)
         tiles = {"forward": kernels.forward_tiles, "dK/dV": kernels.dkdv_tiles, "dQ": kernels.dq_tiles}
         pick = next(tiles[name] for name in tiles if name in launch.name)
-        block_m, block_n, warps, stages = pick(meta, arch >= 90)[0]
-        types = {k: ("*fp32" if v.startswith("*bf16") else v) for k, v in launch.types.items()}
-        compiled = codegen.compile_for_gpu(launch.kernel, dict(launch.constexprs, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                               PRECISION="ieee"),
-                                           arch, types=types, pointer="*fp32", is_pointer=launch.is_pointer,
-                                           aligned=launch.aligned, num_warps=warps, num_stages=stages)
-        shared = compiled.metadata.shared
-        assert shared <= limit, (arch, launch.name, (block_m, block_n, warps, stages), shared)
-        print(arch, launch.name, (block_m, block_n), shared // 1024, "KB")
+        buckets = [1] if "decoding" in launch.name else [32, 4096] if "forward" in launch.name else [4096]
+        firsts = {pick(dict(launch.constexprs, fp32=True, q_bucket=bucket), arch >= 90)[0] for bucket in buckets}
+        for block_m, block_n, warps, stages in sorted(firsts):
+            types = {k: ("*fp32" if v.startswith("*bf16") else v) for k, v in launch.types.items()}
+            compiled = codegen.compile_for_gpu(launch.kernel, dict(launch.constexprs, BLOCK_M=block_m,
+                                                                   BLOCK_N=block_n, PRECISION="ieee"),
+                                               arch, types=types, pointer="*fp32", is_pointer=launch.is_pointer,
+                                               aligned=launch.aligned, num_warps=warps, num_stages=stages)
+            shared = compiled.metadata.shared
+            assert shared <= limit, (arch, launch.name, (block_m, block_n, warps, stages), shared)
+            print(arch, launch.name, (block_m, block_n), shared // 1024, "KB")
 """
 
 
@@ -1325,6 +1352,29 @@ def test_dropout_inside_cuda_graph_capture(monkeypatch):
     assert calls == {("scaled_dot_product_attention", "torch"): 1} and out.shape == q.shape
     with pytest.raises(bigkern.UnsupportedError, match="CUDA graph capture"):
         F.varlen_attention(packed, packed, packed, cu, cu, 5, 5, dropout_p=0.1)
+
+
+@pytest.mark.parametrize("causal", [1, 2])
+def test_mask_gradient_is_zero_where_causal_hides_the_score(causal):
+    """The ops take a float mask and a causal diagonal together (the public function refuses that
+    pair, torch's contract; MHA-style callers of the ops need not): the mask's gradient is 0 where
+    the diagonal hides a score (the kernels never visit those key blocks: they were left unwritten)."""
+    reason = backend_skip_reason("triton")
+    if reason:
+        pytest.skip(reason)
+    L, S = 5, 55
+    q = make_tensor((1, 2, L, 16))
+    k, v = (make_tensor((1, 2, S, 16)) for _ in range(2))
+    mask = make_tensor((1, 2, L, S))
+    with bigkern.use_backend("triton"):
+        out, lse = attention.sdpa_forward_op(q, k, v, mask, 0.0, causal, None, None)
+        grad_out = make_tensor(out.shape)
+        grads = attention.sdpa_backward_op(grad_out, None, q, k, v, mask, out, lse, 0.0, causal, None, None, True)
+    with bigkern.use_backend("torch"):
+        expected = attention.sdpa_backward_op(grad_out, None, q, k, v, mask, out, lse, 0.0, causal, None, None, True)
+    hidden = ~attention.causal_mask(L, S, causal, q.device)
+    assert (grads[3][..., hidden] == 0).all()
+    torch.testing.assert_close(grads[3], expected[3], atol=1e-5, rtol=1e-4)
 
 
 def test_triton_refuses_more_heads_or_batch_than_a_grid_holds():

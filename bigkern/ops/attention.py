@@ -410,6 +410,8 @@ def _backward_triton(grad_out, grad_lse, q, k, v, attn_mask, out, lse, dropout_p
     lse = lse.contiguous()
     grad_lse = grad_lse.contiguous() if grad_lse is not None else None
     grad_q, grad_k, grad_v, grad_mask = _backward_outputs(q, k, v, attn_mask, mask_grad)
+    if mask_grad and is_causal:  # the kernels write only the key blocks a row block visits
+        grad_mask.zero_()
     delta = memory.empty(lse.shape, dtype=torch.float32, device=q.device)
     kernels.attention_backward(grad_out, q, k, v, attn_mask, out, lse, grad_lse, delta, grad_q, grad_k, grad_v,
                                grad_mask if mask_grad else None, scale=scale, is_causal=is_causal,
@@ -1027,7 +1029,7 @@ def _check_varlen_attn_types(op, **arguments):
         elif kind.endswith("int]") or kind == "int":
             ok = isinstance(value_, int) or as_int(value_) is not None  # (a bool is an int there)
         else:
-            ok = as_real(value_) is not None and not isinstance(value_, bool)
+            ok = as_real(value_) is not None
         if not ok:
             raise RuntimeError(f"{op}: expected a value of type '{kind}' for argument '{name}' but instead found "
                                f"type '{type(value_).__name__}'")
@@ -1037,11 +1039,6 @@ def _varlen_attn(torch_fn, out, query, key, value, cu_seq_q, cu_seq_k, max_q, ma
                  enable_gqa, seqused_k, block_table, num_splits):
     """varlen_attn (out None) and varlen_attn_out (out given): torch's checks, then bigkern's
     kernels, or `torch_fn` (torch's own function) for what they do not compute."""
-    _check_varlen_attn_types("varlen_attn()" if out is None else "varlen_attn_out()", cu_seq_q=cu_seq_q,
-                             cu_seq_k=cu_seq_k, max_q=max_q, max_k=max_k, scale=scale, window_size=window_size,
-                             num_splits=num_splits)
-    enable_gqa = bool(enable_gqa)  # torch's takes any truthy value
-    max_q, max_k = (int(m) if isinstance(m, bool) else m for m in (max_q, max_k))  # its schema's ints take bools
     num_heads_q = query.size(1)
     num_heads_k = key.size(2) if block_table is not None else key.size(1)
     # torch's checks and messages
@@ -1053,6 +1050,12 @@ def _varlen_attn(torch_fn, out, query, key, value, cu_seq_q, cu_seq_k, max_q, ma
     if enable_gqa and num_heads_q % num_heads_k != 0:
         raise ValueError(f"Expect number of query heads to be a multiple of kv heads for GQA but got "
                          f"Hq={num_heads_q} and Hkv={num_heads_k}.")
+    # then, as torch, its op's schema checks the types, and the op the window's length
+    _check_varlen_attn_types("varlen_attn()" if out is None else "varlen_attn_out()", cu_seq_q=cu_seq_q,
+                             cu_seq_k=cu_seq_k, max_q=max_q, max_k=max_k, scale=scale, window_size=window_size,
+                             num_splits=num_splits)
+    enable_gqa = bool(enable_gqa)  # torch's takes any truthy value
+    max_q, max_k = (int(m) if isinstance(m, bool) else m for m in (max_q, max_k))  # its schema's ints take bools
     if len(window_size) != 2:
         raise ValueError(f"window_size must have length 2, got {len(window_size)}")
     window_size = tuple(int(w) for w in window_size)
