@@ -1297,13 +1297,18 @@ for arch, limit in limits.items():
 def test_fp32_first_tiles_fit_shared_memory():
     """With autotuning off (the GPU test suite) a launch runs its first tile: at fp32 that tile must
     fit (sm_90's first hd256 forward tile needed 288 KB, sm_80's hd256 dK/dV 164 KB: OutOfResources)."""
+    _compile_in_a_subprocess(_FP32_FIRST_TILES_FIT, timeout=900)
+
+
+def _compile_in_a_subprocess(script, timeout):
+    """Run a script that compiles kernels with Triton's compiler (no GPU needed). In a subprocess:
+    in this one, TRITON_INTERPRET made the kernels interpreter functions."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _FP32_FIRST_TILES_FIT], env=env, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode and ("ASTSource" in result.stderr or "GPUTarget" in result.stderr):
         pytest.skip(f"this Triton's compiler API differs: {result.stderr[-300:]}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -1417,17 +1422,8 @@ def test_triton_kernels_address_rows_past_2_31_elements():
 def test_kernels_compile_for_hopper():
     """The interpreter never runs Triton's compiler: compile each kernel for sm_90 (to PTX, then
     ptxas; no GPU needed) with every feature on, so a construct only the compiler rejects fails
-    here. In a subprocess: in this one, TRITON_INTERPRET made the kernels interpreter functions."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True,
-                            timeout=600)
-    if result.returncode and ("ASTSource" in result.stderr or "GPUTarget" in result.stderr):
-        pytest.skip(f"this Triton's compiler API differs: {result.stderr[-300:]}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    here."""
+    _compile_in_a_subprocess(_COMPILE_CHECK, timeout=600)
 
 
 def test_autocast_casts_like_torch():
