@@ -36,6 +36,13 @@ def test_tf32_allowed_reads_either_api(newer_tf32_api):
 def test_tf32_allowed_follows_the_legacy_flags():
     flags = {"matmul": torch.backends.cuda.matmul, "conv": torch.backends.cudnn}
     previous = {kind: flag.allow_tf32 for kind, flag in flags.items()}
+    # (torch's own test utilities may have called torch.backends.disable_global_flags() in this
+    # process; setting cudnn's flags then needs the mutation context torch's flags() uses)
+    with getattr(torch.backends, "__allow_nonbracketed_mutation")():
+        _flip_and_check(flags, previous)
+
+
+def _flip_and_check(flags, previous):
     try:
         for kind, flag in flags.items():
             for value in (True, False):
