@@ -87,6 +87,18 @@ def _launch_device(values):
     return None
 
 
+# CUDA allows at most 65535 programs along a grid's second and third dimensions
+GRID_YZ_LIMIT = 65535
+
+
+def grid_reason(programs: int, what: str) -> Optional[str]:
+    """Why a Triton launch cannot put `programs` (`what`: heads, groups, ...) along a grid's second
+    or third dimension, or None."""
+    if programs > GRID_YZ_LIMIT:
+        return f"{what} = {programs}: the Triton kernels launch them along a grid dimension CUDA limits to {GRID_YZ_LIMIT}"
+    return None
+
+
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as torch_F
 
 import bigkern
-from bigkern import memory, testing
+from bigkern import dispatch, memory, testing
 from bigkern.nn import functional as F
 from bigkern.ops import attention
 from bigkern.testing import make_tensor
@@ -1388,7 +1388,7 @@ def test_triton_refuses_more_heads_or_batch_than_a_grid_holds():
     serves the call elsewhere."""
     if backend_skip_reason("triton"):
         pytest.skip(backend_skip_reason("triton"))
-    many = attention.GRID_YZ_LIMIT + 1
+    many = dispatch.GRID_YZ_LIMIT + 1
     for shape in ((many, 1, 4), (many, 1, 1, 4), (1, many, 1, 4)):  # 3-d: (N, L, E) runs as (1, N, L, E)
         q = make_tensor(shape)
         with bigkern.use_backend("triton"), pytest.raises(bigkern.UnsupportedError, match="65535"):
@@ -1398,7 +1398,7 @@ def test_triton_refuses_more_heads_or_batch_than_a_grid_holds():
     cu = torch.arange(many + 1, dtype=torch.int32, device=DEVICE)
     with bigkern.use_backend("triton"), pytest.raises(bigkern.UnsupportedError, match="65535"):
         F.varlen_attention(packed, packed, packed, cu, cu, 1, 1)
-    q = make_tensor((attention.GRID_YZ_LIMIT, 1, 1, 4))
+    q = make_tensor((dispatch.GRID_YZ_LIMIT, 1, 1, 4))
     with bigkern.use_backend("triton"):
         assert bigkern.explain(F.scaled_dot_product_attention, q, q, q).backend == "triton"
 

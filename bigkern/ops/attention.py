@@ -139,6 +139,11 @@ def _masked_scores(q, k, attn_mask, is_causal, scale):
     return s
 
 
+def _causal_alignment(is_causal: bool, bottom_right: bool) -> int:
+    """The ops' is_causal (the contract above) for a call's is_causal and alignment."""
+    return (CAUSAL_BOTTOM_RIGHT if bottom_right else CAUSAL_TOP_LEFT) if is_causal else 0
+
+
 def causal_mask(L, S, is_causal, device):
     """The (L, S) bool mask (True = attend) of a causal alignment (is_causal as in the contract)."""
     shift = S - L if is_causal == CAUSAL_BOTTOM_RIGHT else 0
@@ -279,16 +284,10 @@ def _kernel_reason(q, k, v, attn_mask):
     return None
 
 
-# CUDA allows at most 65535 programs along a grid's second and third dimensions, where the Triton
-# kernels put the heads and the batch (the sequences of a packed batch)
-GRID_YZ_LIMIT = 65535
-
-
 def _grid_reason(batch, heads):
-    if max(batch, heads) > GRID_YZ_LIMIT:
-        return (f"{batch} batch elements (or sequences) and {heads} heads: the Triton kernels launch them along "
-                f"grid dimensions that CUDA limits to {GRID_YZ_LIMIT}")
-    return None
+    """The Triton kernels put the heads and the batch (a packed batch's sequences) along the grid's
+    second and third dimensions."""
+    return dispatch.grid_reason(heads, "heads") or dispatch.grid_reason(batch, "batch elements (or sequences)")
 
 
 def _triton_forward_unsupported(q, k, v, attn_mask, *rest):
@@ -643,8 +642,7 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         seed = draw_dropout_seed()
     if dropout_p <= 0:
         seed = None
-    causal = (CAUSAL_BOTTOM_RIGHT if bottom_right else CAUSAL_TOP_LEFT) if is_causal else 0
-    return (q, k, v, mask, dropout_p, causal, scale, seed), (batch_shape, L, Ev)
+    return (q, k, v, mask, dropout_p, _causal_alignment(is_causal, bottom_right), scale, seed), (batch_shape, L, Ev)
 
 
 # torch's own function (F.scaled_dot_product_attention is this binding), which bigkern.enable()
@@ -949,8 +947,8 @@ def prepare_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, dropo
     scale = float(scale) if scale is not None else None  # None: the op takes 1/sqrt(E)
     dropout_p = float(dropout_p)
     seed = draw_dropout_seed() if dropout_p > 0 else None
-    causal = (CAUSAL_BOTTOM_RIGHT if bottom_right else CAUSAL_TOP_LEFT) if is_causal else 0
-    return (query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k), dropout_p, causal, scale, seed)
+    return (query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k), dropout_p,
+            _causal_alignment(is_causal, bottom_right), scale, seed)
 
 
 @dispatch.entry_point
@@ -1015,22 +1013,20 @@ def _varlen_attn_unsupported(cu_seq_q, cu_seq_k, window_size, seqused_k, block_t
 def _check_varlen_attn_types(op, **arguments):
     """torch's varlen_attn passes these through its custom op's schema, whose parser raises
     RuntimeError for a value of another type (a float window end was silently truncated here)."""
-    expected = {"cu_seq_q": "Tensor", "cu_seq_k": "Optional[Tensor]", "max_q": "int", "max_k": "int",
-                "scale": "Optional[float]", "window_size": "List[int]", "num_splits": "Optional[int]"}
+    def is_int(value):  # (a bool is an int there)
+        return isinstance(value, int) or as_int(value) is not None
+
+    expected = {  # name: (the schema's type, whether a value is one; None passes where Optional)
+        "cu_seq_q": ("Tensor", lambda value: isinstance(value, Tensor)),
+        "cu_seq_k": ("Optional[Tensor]", lambda value: isinstance(value, Tensor)),
+        "max_q": ("int", is_int), "max_k": ("int", is_int),
+        "scale": ("Optional[float]", lambda value: as_real(value) is not None),
+        "window_size": ("List[int]", lambda value: isinstance(value, (tuple, list)) and all(map(is_int, value))),
+        "num_splits": ("Optional[int]", is_int),
+    }
     for name, value_ in arguments.items():
-        kind = expected[name]
-        if value_ is None and kind.startswith("Optional"):
-            continue
-        if kind.endswith("Tensor]") or kind == "Tensor":
-            ok = isinstance(value_, Tensor)
-        elif kind.endswith("int]") and kind.startswith("List"):
-            ok = isinstance(value_, (tuple, list)) and all(isinstance(w, int) or as_int(w) is not None
-                                                            for w in value_)
-        elif kind.endswith("int]") or kind == "int":
-            ok = isinstance(value_, int) or as_int(value_) is not None  # (a bool is an int there)
-        else:
-            ok = as_real(value_) is not None
-        if not ok:
+        kind, is_kind = expected[name]
+        if not (value_ is None and kind.startswith("Optional")) and not is_kind(value_):
             raise RuntimeError(f"{op}: expected a value of type '{kind}' for argument '{name}' but instead found "
                                f"type '{type(value_).__name__}'")
 

@@ -147,10 +147,9 @@ def _triton_unsupported(*args):
 
 
 # The Triton kernels compute element offsets within a tensor, and pixel indices, in int32 (as the
-# CUDA binding's check says for its pixel indices); CUDA allows 65535 programs along a grid's
-# second and third dimensions, where they put groups (times the strides' phases, for dgrad).
+# CUDA binding's check says for its pixel indices); they put groups (times the strides' phases, for
+# dgrad) along a grid dimension of at most 65535 programs (dispatch.grid_reason).
 TRITON_MAX_SPAN = 2**31 - 1
-GRID_YZ_LIMIT = 65535
 
 
 def _span(t: Tensor) -> int:
@@ -168,25 +167,19 @@ def _triton_size_reason(tensors, output_shape=None):
     return None
 
 
-def _triton_grid_reason(programs, what):
-    if programs > GRID_YZ_LIMIT:
-        return f"{what} = {programs}: the Triton kernels launch them along a grid dimension CUDA limits to {GRID_YZ_LIMIT}"
-    return None
-
-
 def _triton_forward_unsupported(input, weight, bias, residual, stride, padding, dilation, groups, *rest):
     return (_triton_unsupported(input, weight, bias, residual)
             or _triton_size_reason([], _conv_output_shape(input, weight, stride, padding, dilation))
-            or (_triton_grid_reason(groups, "groups") if weight.shape[1] > 1 else None))
+            or (dispatch.grid_reason(groups, "groups") if weight.shape[1] > 1 else None))
 
 
 def _triton_input_grad_unsupported(grad, input, weight, stride, padding, dilation, groups):
     return (_triton_unsupported(grad, input, weight)
-            or _triton_grid_reason(groups * stride[0] * stride[1], "groups x stride phases"))
+            or dispatch.grid_reason(groups * stride[0] * stride[1], "groups x stride phases"))
 
 
 def _triton_weight_grad_unsupported(grad, input, weight, stride, padding, dilation, groups, bias_grad):
-    return _triton_unsupported(grad, input, weight) or _triton_grid_reason(groups, "groups")
+    return _triton_unsupported(grad, input, weight) or dispatch.grid_reason(groups, "groups")
 
 
 CUDA_KERNELS = dispatch.CompiledKernels()  # conv2d_forward, conv2d_input_grad, conv2d_weight_grad
