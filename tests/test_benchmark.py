@@ -39,7 +39,7 @@ def make_case():
                  "bigkern-torch": broken, "torch-eager": lambda: (lambda: "eager"),
                  "torch-compile": lambda: (lambda: "compile")}
     return harness.Case("demo", "case 1", {"n": 1}, torch.float16, "forward", flops=2e9, bytes=4e9,
-                        providers=providers, baselines=("torch-eager", "torch-compile"), bound="memory")
+                        providers=providers, baselines=("torch-eager", "torch-compile"))
 
 
 def test_stats_from_samples():
@@ -412,3 +412,169 @@ def test_the_bigkern_program_runs_triton_on_a_machine_without_a_gpu():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     row = next(line for line in result.stdout.splitlines() if line.startswith("epilogue"))
     assert row.split()[:3] == ["epilogue", "triton", "float32"] and "ok" in row, row
+
+
+# ---------------------------------------------------------------------------------------------
+# What the numbers mean: work counted, the ceiling each timing is rated against, the report.
+
+H100_LIKE = harness.Ceilings(matmul_tflops=700.0, copy_gbps=3000.0, matmul_size=1, copy_bytes=1)
+
+
+def test_bytes_are_the_least_each_case_moves():
+    """Epilogue forward+backward reads x and dy and writes y and dx (5 per element; it counted 6);
+    a conv writes its output once (it counted it twice, three times with a residual)."""
+    from bigkern.benchmark import conv, epilogue
+
+    [_, both] = epilogue.cases(TINY_SHAPES, "cpu", [torch.bfloat16])
+    assert both.bytes == 5 * 2 * 4 * 3 * 3 * 2
+    forward, training = conv.cases(TINY_SHAPES, "cpu", [torch.float32])
+    x, w, bias, y = 2 * 3 * 5 * 5, 4 * 3 * 3 * 3, 4, 2 * 4 * 5 * 5
+    assert forward.bytes == 4 * (x + w + bias + 2 * y)  # x, w, bias, residual read; y written
+    assert training.bytes == forward.bytes + 4 * (2 * x + 2 * w + bias + 3 * y)  # + dy, y, x, w; dx, dw, db, dr
+
+
+def test_causal_work_is_the_fraction_of_scores_the_mask_keeps():
+    from bigkern.benchmark import attention
+
+    assert attention.causal_fraction(4, 4) == 10 / 16
+    assert attention.causal_fraction(2, 5) == 3 / 10  # rows see 1 and 2 keys
+    assert attention.causal_fraction(5, 2) == 9 / 10  # rows see 1, 2, 2, 2, 2 keys
+    shapes = {"attention": {"sweep": [dict(batch=1, heads=2, seq=8, head_dim=16, causal=True)]}}
+    forward = next(attention.cases(shapes, "cpu", [torch.float16]))
+    assert forward.flops == 4 * 2 * 8 * 8 * 16 * (36 / 64)
+
+
+def test_each_timing_is_rated_against_its_roofline():
+    """A decoding step reads the cache: rated against the matmul ceiling, a kernel at full
+    bandwidth showed ~2% "of ceiling". The bound is whichever ceiling limits the case."""
+    from bigkern.benchmark import attention
+
+    shapes = {"attention": {"sweep": [dict(batch=4, heads=16, seq=4096, head_dim=128, causal=False)],
+                            "decoding": [dict(batch=1, q_heads=32, kv_heads=8, q_len=1, kv_len=4096, head_dim=128)]}}
+    long, _, decode = attention.cases(shapes, "cpu", [torch.bfloat16])
+    at_bandwidth = decode.bytes / 3000e9
+    assert harness.roofline(decode, at_bandwidth, H100_LIKE) == pytest.approx(
+        dict(fraction_of_ceiling=1.0, bound="memory"))
+    at_peak = long.flops / 700e12
+    assert harness.roofline(long, 2 * at_peak, H100_LIKE) == pytest.approx(
+        dict(fraction_of_ceiling=0.5, bound="compute"))
+    rows = harness.run_case(make_case(), FakeTimer({"triton": 2.0, "eager": 5.0, "compile": 3.0}), CEILINGS)
+    triton = next(r for r in rows if r["provider"] == "bigkern-triton")
+    assert triton["bound"] == "memory" and triton["fraction_of_ceiling"] == pytest.approx(triton["gbps"] / 1000.0)
+
+
+def test_plot_draws_each_baseline_at_its_own_cases(tmp_path, monkeypatch):
+    """torch-math skips the large cases: its speedups were drawn at the first cases' positions,
+    under other cases' labels."""
+    import matplotlib.axes
+
+    drawn = {}
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, y, **kw: drawn.__setitem__(kw["label"], (list(x), list(y))))
+    rows = []
+    for case, math_status in (("small", "ok"), ("large", "unavailable")):
+        for provider, ms in (("bigkern-triton", 1.0), ("torch-flash", 2.0), ("torch-math", 4.0)):
+            row = dict(family="attention", case=case, dtype="bfloat16", mode="forward", provider=provider,
+                       status=math_status if provider == "torch-math" else "ok", median_ms=ms)
+            rows.append(row)
+    report.plot(dict(rows=rows, environment=dict(device="GPU")), tmp_path)
+    assert drawn["vs torch-flash"] == ([0, 1], [2.0, 2.0])
+    x, y = drawn["vs torch-math"]
+    assert x == [0, 1] and y[0] == 4.0 and y[1] != y[1]  # a gap (NaN) at the case it did not run
+
+
+def test_only_backend_switches_are_variants():
+    """bigkern-patched-compile is a whole model compiled, not a kernel switch of a backend: it
+    competes for bigkern's best (the models table compared uncompiled bigkern with torch.compile)."""
+    assert report.is_variant("bigkern-triton-tma") and report.is_variant("bigkern-cuda-sm90")
+    assert not report.is_variant("bigkern-patched-compile") and not report.is_variant("bigkern-triton")
+    providers = {"bigkern-patched": dict(status="ok", median_ms=3.0),
+                 "bigkern-patched-compile": dict(status="ok", median_ms=2.0)}
+    assert report.best_bigkern(providers)[0] == "bigkern-patched-compile"
+
+
+def test_a_provider_does_not_change_the_next_ones_settings():
+    """bigkern.patch turns on dynamo's allow_rnn while a patched LSTM lives; the torch-compile
+    baseline timed next then traced torch's LSTM instead of running cuDNN's."""
+    import torch._dynamo
+
+    seen = []
+
+    def patching():
+        torch._dynamo.config.allow_rnn = True
+        return lambda: "patched"
+
+    def compiling():
+        seen.append(torch._dynamo.config.allow_rnn)
+        return lambda: "compiled"
+    before = torch._dynamo.config.allow_rnn
+    case = harness.Case("models", "m", {}, torch.float32, "inference", flops=0.0, bytes=0.0,
+                        providers={"bigkern-patched": patching, "torch-compile": compiling})
+    try:
+        harness.run_case(case, FakeTimer({"patched": 1.0, "compiled": 1.0}), CEILINGS)
+        assert seen == [before] and torch._dynamo.config.allow_rnn == before
+    finally:
+        torch._dynamo.config.allow_rnn = before
+
+
+def test_the_report_keeps_every_case_at_its_newest_measurement(tmp_path):
+    """A later quick or one-family run replaced a complete run in the README: every case it did
+    not repeat disappeared."""
+    full = harness.run_case(make_case(), FakeTimer({"triton": 2.0, "eager": 5.0, "compile": 3.0}), CEILINGS)
+    other = make_case()
+    other.name = "case 2"
+    full += harness.run_case(other, FakeTimer({"triton": 1.0, "eager": 5.0, "compile": 3.0}), CEILINGS)
+    old_env = dict(timestamp="2026-11-20T12:00:00+00:00", device="NVIDIA Test GPU", git="old", torch="x",
+                   triton="y", cuda="z")
+    harness.write_results(tmp_path, old_env, CEILINGS, full, "fake", quick=False)
+    newer = harness.run_case(make_case(), FakeTimer({"triton": 4.0, "eager": 5.0, "compile": 3.0}), CEILINGS)
+    harness.write_results(tmp_path, dict(old_env, timestamp="2026-11-25T12:00:00+00:00", git="new"), CEILINGS,
+                          newer, "fake", quick=True)
+    [document] = report.newest_results(tmp_path).values()
+    assert [s["environment"]["git"] for s in document["sources"]] == ["new", "old"]
+    text = report.markdown(document)
+    assert "| case 1 | float16 | forward | triton | 4 | 5 | 3 | 1.25x | 0.75x | 100% (memory) | 1 |" in text
+    assert "| case 2 | float16 | forward | triton | 1 | 5 | 3 | 5.00x | 3.00x | 400% (memory) | 2 |" in text
+    assert "git new" in text and "git old" in text and "quick run" in text
+
+
+def test_models_report_throughput():
+    case = harness.Case("models", "cnn", {"batch": 8}, torch.float32, "inference", flops=0.0, bytes=0.0,
+                        providers={"bigkern-patched": lambda: (lambda: "p"), "torch-eager": lambda: (lambda: "e")},
+                        baselines=("torch-eager",), samples=8)
+    rows = harness.run_case(case, FakeTimer({"p": 2.0, "e": 4.0}), CEILINGS)
+    assert rows[0]["samples_per_s"] == pytest.approx(4000.0)
+    env = dict(timestamp="t", device="GPU", git="g", torch="x", triton="y", cuda="z")
+    text = report.markdown(dict(environment=env, ceilings=CEILINGS.__dict__, rows=rows, timer="fake"))
+    assert "samples/s |" in text and "| cnn | float32 | inference | patched | 2 | 4 | 2.00x | 4000 |" in text
+
+
+def test_slow_cases_get_enough_timing_samples(monkeypatch):
+    """do_bench repeats rep / (its estimate) times: a 25 ms training step in a 40 ms budget was one
+    sample, its median and spread meaningless."""
+    import triton.testing
+
+    budgets = []
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, warmup, rep, quantiles: budgets.append(rep) or [24.0, 25.0, 26.0])
+    monkeypatch.setattr(harness.CudaTimer, "estimate_ms", staticmethod(lambda fn: 25.0))
+    stats = harness.CudaTimer(warmup_ms=10, rep_ms=40)(lambda: None)
+    assert budgets == [250.0] and stats.repeats == 10 and stats.median_ms == 25.0
+    monkeypatch.setattr(harness.CudaTimer, "estimate_ms", staticmethod(lambda fn: 0.01))
+    harness.CudaTimer(warmup_ms=10, rep_ms=40)(lambda: None)
+    assert budgets[-1] == 40  # fast cases: the time budget, thousands of samples
+
+
+def test_results_record_the_settings_every_provider_ran_under(monkeypatch):
+    """cuDNN's algorithm choice and TF32 decide baselines' speed: one policy for the run, recorded;
+    and a revision where the source has no .git (a lent GPU machine)."""
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    with harness.baseline_settings() as settings:
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert settings["cudnn_benchmark"] is True and settings["tf32"] is False
+    assert torch.backends.cuda.matmul.allow_tf32 == matmul_tf32
+    monkeypatch.setenv("BIGKERN_GIT_REVISION", "0123abcd")
+    env = harness.environment("cpu")
+    assert env["git"] == "0123abcd" and env["bigkern_environment"]["BIGKERN_GIT_REVISION"] == "0123abcd"
+    assert "cudnn" in env

@@ -97,19 +97,20 @@ def run(args) -> int:
     if not cases:
         print("bigkern bench: no case matches", flush=True)
         return 1
-    env = harness.environment(device)
-    print(f"bigkern bench on {env['device']}: {len(cases)} cases; measuring ceilings first", flush=True)
-    ceilings = harness.measure_ceilings(timer, device, args.quick)
-    print(f"ceilings: matmul {ceilings.matmul_tflops:.1f} TFLOP/s, copy {ceilings.copy_gbps:.0f} GB/s", flush=True)
-    rows = []
-    only = set(args.provider) if args.provider else None
-    progress, advance = _progress(len(cases))
-    with progress:
-        for done, case in enumerate(cases, 1):
-            rows += harness.run_case(case, timer, ceilings, only)
-            advance(f"{case.family} {case.name} {case.mode}")
-            path = harness.write_results(args.results, env, ceilings, rows, timer.name, args.quick,
-                                         progress=(done, len(cases)))
+    with harness.baseline_settings() as settings:
+        env = harness.environment(device) | dict(settings=settings)
+        print(f"bigkern bench on {env['device']}: {len(cases)} cases; measuring ceilings first", flush=True)
+        ceilings = harness.measure_ceilings(timer, device, args.quick)
+        print(f"ceilings: matmul {ceilings.matmul_tflops:.1f} TFLOP/s, copy {ceilings.copy_gbps:.0f} GB/s", flush=True)
+        rows = []
+        only = set(args.provider) if args.provider else None
+        progress, advance = _progress(len(cases))
+        with progress:
+            for done, case in enumerate(cases, 1):
+                rows += harness.run_case(case, timer, ceilings, only)
+                advance(f"{case.family} {case.name} {case.mode}")
+                path = harness.write_results(args.results, env, ceilings, rows, timer.name, args.quick,
+                                             progress=(done, len(cases)))
     document = json.loads(path.read_text())
     print(f"\nwrote {path} and {path.with_suffix('.csv')}\n")
     print(report.markdown(document))

@@ -1,11 +1,14 @@
-"""Benchmark cases for scaled dot-product attention: compute-bound, so the figure of merit is
-TFLOP/s against the bf16 matmul ceiling, with every torch SDPA backend on the machine (flash,
-memory-efficient, cuDNN, math), each forced through torch.nn.attention.sdpa_kernel, as baselines
-measured in the same run.
+"""Benchmark cases for scaled dot-product attention, with every torch SDPA backend on the machine
+(flash, memory-efficient, cuDNN, math), each forced through torch.nn.attention.sdpa_kernel, as
+baselines measured in the same run. Each timing is rated against the machine's roofline
+(harness.roofline): the long sequences are compute-bound, decoding (a few query rows over a long
+cache) is bound by reading the cache.
 
 FLOPs (FlashAttention's convention): forward 4 * B * Hq * L * S * D (two matmuls of 2 * L * S * D
-each per head), halved when causal; backward 2.5x the forward (five matmuls to the forward's two);
-"forward+backward" counts both. Shapes: bench/shapes.json "attention" (FlashAttention's sweep at
+each per head), times the fraction of the (L, S) matrix a causal mask keeps (1/2 when L = S);
+backward 2.5x the forward (five matmuls to the forward's two); "forward+backward" counts both.
+Bytes: the forward reads q, k, v and writes o; the backward reads q, k, v, o, dO and writes dq,
+dk, dv, so forward+backward moves 3x the forward's bytes. Shapes: bench/shapes.json "attention" (FlashAttention's sweep at
 16k tokens per batch, GQA, odd head dims, decoding).
 """
 
@@ -18,6 +21,13 @@ from bigkern.ops import attention
 # the math backend materializes (B, H, L, S) scores (and their gradient): beyond this it only
 # measures the allocator
 MATH_MAX_SCORES = 2**30
+
+
+def causal_fraction(L, S):
+    """The fraction of an (L, S) score matrix that is_causal=True keeps: torch aligns the diagonal
+    top-left, so query row i sees keys 0..i (all S of them once i >= S - 1)."""
+    kept = sum(min(i + 1, S) for i in range(min(L, S))) + max(L - S, 0) * S
+    return kept / (L * S)
 
 
 def _torch_backends():
@@ -83,13 +93,13 @@ def _entries(shapes, quick):
 def cases(shapes, device, dtypes, quick=False):
     for name, B, Hq, Hkv, L, S, D, causal, modes in _entries(shapes, quick):
         for dtype in dtypes:
-            forward_flops = 4.0 * B * Hq * L * S * D * (0.5 if causal else 1.0)
+            forward_flops = 4.0 * B * Hq * L * S * D * (causal_fraction(L, S) if causal else 1.0)
             params = dict(batch=B, q_heads=Hq, kv_heads=Hkv, seq_q=L, seq_k=S, head_dim=D, causal=causal)
             for mode in modes:
                 training = mode != "forward"
                 flops = forward_flops * (3.5 if training else 1.0)
                 size = torch.finfo(dtype).bits // 8
-                bytes_moved = size * (B * Hq * L * D * 2 + B * Hkv * S * D * 2) * (2.5 if training else 1.0)
+                bytes_moved = size * (B * Hq * L * D * 2 + B * Hkv * S * D * 2) * (3 if training else 1)
 
                 def timed(call, wrap=lambda step: step, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, D=D, causal=causal,
                           dtype=dtype, training=training):
@@ -123,7 +133,7 @@ def cases(shapes, device, dtypes, quick=False):
                     providers[provider] = timed(_torch_provider(backend))
                 baselines = tuple(p for p in providers if p.startswith("torch-"))
                 yield Case("attention", name, params, dtype, mode, flops=flops, bytes=bytes_moved,
-                           providers=providers, baselines=baselines, bound="compute")
+                           providers=providers, baselines=baselines)
 
 
 __all__ = ["cases", "Unavailable"]

@@ -1,5 +1,6 @@
-"""Benchmark cases for conv2d with its fused epilogue: compute-bound, so the figure of merit is
-TFLOP/s against the measured bf16 matmul ceiling.
+"""Benchmark cases for conv2d with its fused epilogue, each timing rated against the machine's
+roofline (harness.roofline): most layers are compute-bound; depthwise and thin layers are bound
+by the bytes they move.
 
 Shapes (bench/shapes.json "conv"): the ResNet-50 layers at batch 32 and 1, and DeepBench-style
 layers (VGG, depthwise, the MNIST CNN), channels_last. Each case is the layer's fused chain
@@ -9,6 +10,9 @@ y = relu(conv(x) + bias [+ residual]) (the residual where the ResNet layer has o
   torch-compile      torch.compile of the eager chain with mode="max-autotune"; a --quick run
                      uses the default mode instead (max-autotune's tuning takes minutes per shape)
 FLOPs = 2*N*K*P*Q*C*R*S/groups for forward, three times that for forward+backward (dgrad + wgrad).
+Bytes, the least each must move (io_bytes): forward reads x, w, bias (and the residual), writes y;
+the backward reads dy, y (the ReLU's mask), x and w, writes dx, dw, dbias (and the residual's
+gradient).
 """
 
 import torch
@@ -42,6 +46,14 @@ def _geometry(layer):
     return x_shape, w_shape, stride, padding, groups, (layer["batch"], layer["out_channels"], out_hw, out_hw)
 
 
+def io_bytes(x_shape, w_shape, y_shape, residual, size):
+    """(forward, backward) bytes of the fused chain, as the module docstring counts them."""
+    x, w, y, bias = (torch.Size(s).numel() for s in (x_shape, w_shape, y_shape, w_shape[:1]))
+    forward = x + w + bias + y * (2 if residual else 1)
+    backward = 2 * x + 2 * w + bias + y * (3 if residual else 2)
+    return size * forward, size * backward
+
+
 def _eager(x, w, b, r, stride, padding, groups):
     y = torch.nn.functional.conv2d(x, w, b, stride, padding, 1, groups)
     if r is not None:
@@ -69,9 +81,9 @@ def cases(shapes, device, dtypes, quick=False):
                       padding=padding, groups=groups, residual=residual, layout="channels_last", activation="relu")
         for dtype in dtypes:
             size = torch.finfo(dtype).bits // 8
-            io_bytes = size * (2 * N * K * P * Q * (1.5 if residual else 1) + torch.Size(x_shape).numel()
-                               + torch.Size(w_shape).numel())
-            for mode, work, moved in (("forward", flops, io_bytes), ("forward+backward", 3 * flops, 3 * io_bytes)):
+            forward_bytes, backward_bytes = io_bytes(x_shape, w_shape, y_shape, residual, size)
+            for mode, work, moved in (("forward", flops, forward_bytes),
+                                      ("forward+backward", 3 * flops, forward_bytes + backward_bytes)):
                 training = mode != "forward"
 
                 def timed(call, wrap=lambda step: step, dtype=dtype, training=training, x_shape=x_shape,
@@ -111,7 +123,7 @@ def cases(shapes, device, dtypes, quick=False):
                 compile_name = "torch-compile" if quick else "torch-compile-max-autotune"
                 providers[compile_name] = timed(compiled(_eager, mode=None if quick else "max-autotune"))
                 yield Case("conv", name, params, dtype, mode, flops=work, bytes=moved, providers=providers,
-                           baselines=("torch-eager", "torch-eager-conv", compile_name), bound="compute")
+                           baselines=("torch-eager", "torch-eager-conv", compile_name))
 
 
 __all__ = ["cases", "Unavailable"]

@@ -11,6 +11,7 @@ Rules it enforces (see bench/NOTES.md for the numbers it produced):
 A CPU timer stands in where there is no GPU, so the harness itself is tested on CPU.
 """
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -79,21 +80,36 @@ class CpuTimer:
 
 class CudaTimer:
     """CUDA-event timing via triton.testing.do_bench: `warmup_ms` of warm-up, then repeats for
-    `rep_ms`, with the L2 cache flushed before each repeat; median and 20/80th percentiles."""
+    `rep_ms` -- or for `min_repeats` calls where that takes longer -- with the L2 cache flushed
+    before each repeat; median and 20/80th percentiles."""
 
     name = "cuda-events(do_bench)"
 
-    def __init__(self, warmup_ms=25, rep_ms=100):
-        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+    def __init__(self, warmup_ms=25, rep_ms=100, min_repeats=10):
+        self.warmup_ms, self.rep_ms, self.min_repeats = warmup_ms, rep_ms, min_repeats
+
+    @staticmethod
+    def estimate_ms(fn: Callable, calls=3) -> float:
+        """A first estimate of one call's time (CUDA events around a few calls)."""
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / calls
 
     def __call__(self, fn: Callable) -> Stats:
         import triton.testing
 
-        p20, median, p80 = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
-                                                   quantiles=[0.2, 0.5, 0.8])
-        # do_bench picks the repeat count from a first estimate; report it too
-        estimate = max(median, 1e-3)
-        return Stats(median, p20, p80, max(1, int(self.rep_ms / estimate)))
+        # do_bench repeats max(1, rep / its own estimate) times: a 25 ms training step in a 40 ms
+        # budget would be one sample, its "median" and spread meaningless. Stretch the budget to
+        # min_repeats calls of this estimate.
+        estimate = max(self.estimate_ms(fn), 1e-3)
+        rep = max(self.rep_ms, self.min_repeats * estimate)
+        p20, median, p80 = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=rep, quantiles=[0.2, 0.5, 0.8])
+        return Stats(median, p20, p80, max(1, int(rep / estimate)))
 
 
 def default_timer(quick=False):
@@ -151,11 +167,56 @@ class Case:
     bytes: float
     providers: dict
     baselines: tuple = ()  # provider names the speedups are reported against
-    bound: str = "memory"  # which ceiling the case is measured against: "memory" or "compute"
+    samples: int = 0  # samples one call processes (a model's batch): throughput = samples / time
 
 
 class Unavailable(Exception):
     """A provider cannot run this case on this machine (the message says why)."""
+
+
+def roofline(case: Case, seconds: float, ceilings: Ceilings) -> dict:
+    """The fraction of this machine's roofline a timing reached: the least time the case could take
+    (its FLOPs at the matmul ceiling or its bytes at the copy ceiling, whichever is longer) over the
+    time it took, and which of the two bounds it ("compute" or "memory"). A decoding step or a
+    depthwise conv is bound by bytes whatever its family: rating it against the matmul ceiling
+    would show a kernel running at full bandwidth as a few percent "of ceiling"."""
+    compute_s = case.flops / (ceilings.matmul_tflops * 1e12) if case.flops else 0.0
+    memory_s = case.bytes / (ceilings.copy_gbps * 1e9) if case.bytes else 0.0
+    if not (compute_s or memory_s):
+        return {}
+    return dict(fraction_of_ceiling=max(compute_s, memory_s) / seconds,
+                bound="compute" if compute_s >= memory_s else "memory")
+
+
+@contextlib.contextmanager
+def baseline_settings():
+    """The library settings every provider of a run shares, yielded for the results: cuDNN picks
+    its fastest algorithm per shape (cudnn.benchmark), as bigkern's kernels autotune and
+    max-autotune tunes, and float32 means IEEE float32 for everyone -- TF32 off for matmuls,
+    convolutions and cuDNN's RNNs alike (torch's defaults differ per kind: cuDNN's LSTM would
+    take TF32 while a compiled hand-written LSTM would not)."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=False):
+        matmul.allow_tf32 = False
+        try:
+            yield dict(cudnn_benchmark=True, tf32=False, cudnn_version=torch.backends.cudnn.version())
+        finally:
+            matmul.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def _provider_scope():
+    """Process-wide switches a provider may turn (bigkern.patch turns on dynamo's allow_rnn for as
+    long as a patched LSTM lives) put back after it, so the next provider -- torch.compile of the
+    unpatched model -- compiles as it would on its own."""
+    import torch._dynamo
+
+    allow_rnn = torch._dynamo.config.allow_rnn
+    try:
+        yield
+    finally:
+        torch._dynamo.config.allow_rnn = allow_rnn
 
 
 def run_case(case: Case, timer, ceilings: Ceilings, only: Optional[set] = None):
@@ -167,11 +228,12 @@ def run_case(case: Case, timer, ceilings: Ceilings, only: Optional[set] = None):
         row = dict(family=case.family, case=case.name, params=case.params, dtype=str(case.dtype).removeprefix("torch."),
                    mode=case.mode, provider=provider, flops=case.flops, bytes=case.bytes)
         try:
-            fn = make()
-            fn()  # compile / autotune / first-call work happens here, outside the timing
-            if torch.cuda.is_initialized():  # not with --cpu, though a GPU is there
-                torch.cuda.synchronize()
-            stats = timer(fn)
+            with _provider_scope():
+                fn = make()
+                fn()  # compile / autotune / first-call work happens here, outside the timing
+                if torch.cuda.is_initialized():  # not with --cpu, though a GPU is there
+                    torch.cuda.synchronize()
+                stats = timer(fn)
         except Unavailable as reason:
             row.update(status="unavailable", reason=str(reason))
             rows.append(row)
@@ -189,10 +251,9 @@ def run_case(case: Case, timer, ceilings: Ceilings, only: Optional[set] = None):
         row.update(status="ok", median_ms=stats.median_ms, p20_ms=stats.p20_ms, p80_ms=stats.p80_ms,
                    repeats=stats.repeats, tflops=case.flops / seconds / 1e12 if case.flops else None,
                    gbps=case.bytes / seconds / 1e9 if case.bytes else None)
-        if case.bound == "compute" and case.flops:
-            row["fraction_of_ceiling"] = row["tflops"] / ceilings.matmul_tflops
-        elif case.bytes:
-            row["fraction_of_ceiling"] = row["gbps"] / ceilings.copy_gbps
+        row.update(roofline(case, seconds, ceilings))
+        if case.samples:
+            row["samples_per_s"] = case.samples / seconds
         medians[provider] = stats.median_ms
         rows.append(row)
     for row in rows:
@@ -205,6 +266,10 @@ def run_case(case: Case, timer, ceilings: Ceilings, only: Optional[set] = None):
 # Results
 
 def git_revision(cwd=None):
+    """The source's git revision (-dirty with uncommitted changes); BIGKERN_GIT_REVISION where the
+    source is a copy without .git (a lent GPU machine gets the working tree, not the repository)."""
+    if os.environ.get("BIGKERN_GIT_REVISION"):
+        return os.environ["BIGKERN_GIT_REVISION"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              cwd=cwd or Path(__file__).resolve().parent, timeout=10)
@@ -224,6 +289,8 @@ def environment(device=None):
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=platform.node(), python=platform.python_version(), torch=torch.__version__,
         cuda=torch.version.cuda, bigkern=bigkern.__version__, git=git_revision(),
+        cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        bigkern_environment={k: v for k, v in sorted(os.environ.items()) if k.startswith("BIGKERN_")},
     )
     try:
         import triton
@@ -270,7 +337,7 @@ def write_results(results_dir: Path, env: dict, ceilings: Ceilings, rows: list, 
     write_atomically(stem.with_suffix(".json"), json.dumps(_finite(document), indent=1, default=str,
                                                            allow_nan=False) + "\n")
     columns = ["family", "case", "dtype", "mode", "provider", "status", "median_ms", "p20_ms", "p80_ms", "tflops",
-               "gbps", "fraction_of_ceiling", "speedup", "reason"]
+               "gbps", "fraction_of_ceiling", "bound", "samples_per_s", "speedup", "reason"]
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")  # quotes what needs it: commas, quotes, newlines
     writer.writerow(columns)

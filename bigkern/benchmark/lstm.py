@@ -143,8 +143,7 @@ def cases(shapes, device, dtypes, quick=False):
                 yield Case("lstm", name, params, dtype, mode,
                            flops=float(forward_flops * (3 if training else 1)),
                            bytes=float(weight_bytes + io_bytes), providers=providers,
-                           baselines=("torch-eager", "torch-compile"),
-                           bound="compute" if training else "memory")
+                           baselines=("torch-eager", "torch-compile"))
 
 
 __all__ = ["cases", "handwritten_lstm"]

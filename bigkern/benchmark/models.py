@@ -199,7 +199,7 @@ def cases(shapes, device, dtypes, quick=False):
                 if quick:  # compiling a whole model takes minutes per case
                     providers = {name: make for name, make in providers.items() if not name.endswith("compile")}
                 yield Case("models", workload.name, dict(batch=workload.batch), dtype, mode, flops=0.0, bytes=0.0,
-                           providers=providers, baselines=("torch-eager", "torch-compile"), bound="none")
+                           providers=providers, baselines=("torch-eager", "torch-compile"), samples=workload.batch)
 
 
 __all__ = ["ExampleCNN", "LSTMClassifier", "TransformerClassifier", "DecoderLM", "workloads", "cases", "Unavailable"]

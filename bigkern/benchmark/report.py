@@ -55,15 +55,43 @@ def _directory(results_dir: Path) -> Path:
 
 
 def newest_results(results_dir: Path):
-    """{device directory name: newest benchmark document in it}."""
+    """{device directory name: its results, each case as its newest run measured it}.
+
+    Runs differ in what they cover (a full run, a quick gpu-check sample, one family, a run cut
+    short), so the newest file alone would hide every case it did not repeat. Each case keeps all
+    of its providers from one run (its speedups are same-run ratios); `sources` lists the runs
+    the rows came from, newest first, and each row names its run by index into it."""
     found = {}
     for directory in sorted(_directory(results_dir).iterdir()):
         if not directory.is_dir() or directory.name == "verification":
             continue
-        files = sorted(directory.glob("*.json"))
-        if files:
-            found[directory.name] = load_document(files[-1], _BENCHMARK_FIELDS) | {"_path": str(files[-1])}
+        files = sorted(directory.glob("*.json"), reverse=True)  # named <UTC timestamp>-<git>: newest first
+        documents = [load_document(path, _BENCHMARK_FIELDS) | {"_path": str(path)} for path in files]
+        if documents:
+            found[directory.name] = _merge(documents)
     return found
+
+
+def _merge(documents):
+    """One document of the newest group of rows per case from `documents` (newest first)."""
+    chosen, sources = {}, []
+    for document in documents:
+        fresh = {key: group for key, group in grouped(document).items() if key not in chosen}
+        if not fresh:
+            continue
+        index = len(sources)
+        sources.append(dict(path=document["_path"], environment=document["environment"],
+                            ceilings=document["ceilings"], timer=document.get("timer"),
+                            quick=document.get("quick", False), partial=document.get("partial")))
+        chosen.update({key: (index, group) for key, group in fresh.items()})
+    # cases in the order the runs ran them, the oldest run's order first
+    order = list(dict.fromkeys(key for document in reversed(documents) for key in grouped(document)))
+    rows = [row | {"source": chosen[key][0]} for key in order for row in chosen[key][1].values()]
+    newest = documents[0]
+    merged = dict(newest, rows=rows, sources=sources)
+    if len(sources) > 1:
+        merged.pop("partial", None)  # said per run in the sources instead
+    return merged
 
 
 def _fmt(value, spec=".3g"):
@@ -80,8 +108,12 @@ def grouped(document):
 
 def is_variant(name):
     """bigkern-<backend>-<switch>: a kernel switch timed beside its backend's default (e.g.
-    bigkern-triton-tma), reported as a ratio to that default, never as bigkern's best."""
-    return name.startswith("bigkern-") and name.count("-") > 1
+    bigkern-triton-tma), reported as a ratio to that default, never as bigkern's best. Other
+    bigkern providers with more parts (bigkern-patched-compile: a whole model) are not switches."""
+    from bigkern.dispatch import BACKENDS
+
+    parts = name.split("-")
+    return len(parts) > 2 and parts[0] == "bigkern" and parts[1] in BACKENDS
 
 
 def best_bigkern(providers):
@@ -96,16 +128,14 @@ def best_bigkern(providers):
 def markdown(document) -> str:
     """One table per family: each case's best bigkern backend, the baselines, speedups, and the
     fraction of the machine's ceiling achieved."""
-    env = document["environment"]
-    ceilings = document["ceilings"]
-    lines = [f"Measured on **{env['device']}** ({env.get('timestamp', '?')}, git {env.get('git', '?')}; "
-             f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}), timer "
-             f"{document['timer']}{', quick run' if document.get('quick') else ''}. Ceilings measured in the "
-             f"same run: matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbps']:.0f} GB/s.", ""]
-    if document.get("partial"):
-        partial = document["partial"]
-        lines[0] += (f" **Partial run**: {partial['cases_done']} of {partial['cases']} cases before it was cut "
-                     "short; the rest were not measured.")
+    sources = document.get("sources") or []
+    several = len(sources) > 1
+    if several:
+        lines = [f"Measured on **{document['environment']['device']}** in {len(sources)} runs; each case as its "
+                 "newest run measured it (every figure in a row from one run, the run column says which):", ""]
+        lines += [f"{i}. {_describe_run(source)}" for i, source in enumerate(sources, 1)] + [""]
+    else:
+        lines = [f"Measured on **{document['environment']['device']}** " + _describe_run(document), ""]
     by_family = defaultdict(list)
     for key, providers in grouped(document).items():
         by_family[key[0]].append((key, providers))
@@ -115,8 +145,10 @@ def markdown(document) -> str:
             for name in providers:
                 if not name.startswith("bigkern-") and name not in baselines:
                     baselines.append(name)
+        throughput = any("samples_per_s" in row for _, providers in entries for row in providers.values())
         header = ["case", "dtype", "mode", "bigkern (best)", "ms"] + [f"{b} ms" for b in baselines] + \
-                 [f"vs {b}" for b in baselines] + ["of ceiling"]
+                 [f"vs {b}" for b in baselines] + (["samples/s"] if throughput else ["of ceiling"]) + \
+                 (["run"] if several else [])
         lines += [f"### {family}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for (fam, case, dtype, mode), providers in entries:
             name, best = best_bigkern(providers)
@@ -129,8 +161,14 @@ def markdown(document) -> str:
                 row = providers.get(b)
                 ok = best and row and row["status"] == "ok"
                 cells.append(f"{row['median_ms'] / best['median_ms']:.2f}x" if ok else "—")
-            fraction = best.get("fraction_of_ceiling") if best else None
-            cells.append(f"{fraction:.0%}" if fraction is not None else "—")
+            if throughput:
+                cells.append(_fmt(best.get("samples_per_s") if best else None, ".4g"))
+            else:
+                fraction = best.get("fraction_of_ceiling") if best else None
+                cells.append(f"{fraction:.0%}{' (' + best['bound'] + ')' if best.get('bound') else ''}"
+                             if fraction is not None else "—")
+            if several:
+                cells.append(str(next(iter(providers.values())).get("source", 0) + 1))
             lines.append("| " + " | ".join(cells) + " |")
         variants = []
         for (fam, case, dtype, mode), providers in entries:
@@ -151,6 +189,20 @@ def markdown(document) -> str:
     return "\n".join(lines)
 
 
+def _describe_run(run):
+    """A run's environment, timer and ceilings (and whether it was quick or cut short), in words."""
+    env, ceilings = run["environment"], run["ceilings"]
+    text = (f"({env.get('timestamp', '?')}, git {env.get('git', '?')}; torch {env.get('torch')}, triton "
+            f"{env.get('triton')}, CUDA {env.get('cuda')}), timer {run.get('timer')}"
+            f"{', quick run' if run.get('quick') else ''}. Ceilings measured in the same run: matmul "
+            f"{ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbps']:.0f} GB/s.")
+    if run.get("partial"):
+        partial = run["partial"]
+        text += (f" **Partial run**: {partial['cases_done']} of {partial['cases']} cases before it was cut "
+                 "short; the rest were not measured.")
+    return text
+
+
 def plot(document, directory: Path):
     """PNG per family and dtype: speedup of the best bigkern backend over each baseline, per case."""
     import matplotlib
@@ -159,20 +211,26 @@ def plot(document, directory: Path):
     import matplotlib.pyplot as plt
 
     written = []
-    series = defaultdict(lambda: defaultdict(list))  # (family, dtype) -> baseline -> [(label, speedup)]
+    # (family, dtype) -> the cases' labels, in order, and baseline -> {case index: speedup}: every
+    # series is drawn at its own cases' positions (a baseline that could not run a case has a gap)
+    labels = defaultdict(list)
+    series = defaultdict(lambda: defaultdict(dict))
     for (family, case, dtype, mode), providers in grouped(document).items():
         _, best = best_bigkern(providers)
         if not best:
             continue
+        index = len(labels[(family, dtype)])
+        labels[(family, dtype)].append(f"{case}\n{mode}")
         for name, row in providers.items():
             if not name.startswith("bigkern-") and row["status"] == "ok":
-                series[(family, dtype)][name].append((f"{case}\n{mode}", row["median_ms"] / best["median_ms"]))
+                series[(family, dtype)][name][index] = row["median_ms"] / best["median_ms"]
     for (family, dtype), by_baseline in series.items():
-        fig, ax = plt.subplots(figsize=(max(6, 0.6 * max(len(v) for v in by_baseline.values())), 4))
+        cases = labels[(family, dtype)]
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cases)), 4))
         for baseline, points in by_baseline.items():
-            ax.plot(range(len(points)), [s for _, s in points], marker="o", label=f"vs {baseline}")
-        labels = next(iter(by_baseline.values()))
-        ax.set_xticks(range(len(labels)), [label for label, _ in labels], rotation=60, ha="right", fontsize=6)
+            ax.plot(range(len(cases)), [points.get(i, float("nan")) for i in range(len(cases))], marker="o",
+                    label=f"vs {baseline}")
+        ax.set_xticks(range(len(cases)), cases, rotation=60, ha="right", fontsize=6)
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_ylabel("speedup of bigkern (best backend)")
         ax.set_title(f"{family}, {dtype}, {document['environment']['device']}")
