@@ -12,20 +12,15 @@ _TF32_SETTINGS = {  # kind -> (torch's legacy flag, torch's newer fp32_precision
                lambda: getattr(torch.backends.cuda.matmul, "fp32_precision", None)),
     "conv": (lambda: torch.backends.cudnn.allow_tf32,
              lambda: getattr(torch.backends.cudnn.conv, "fp32_precision", None)),
-    "cudnn_rnn": (lambda: torch.backends.cudnn.allow_tf32,
-                  lambda: getattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision", None)),
 }
 
 
 def tf32_allowed(kind: str) -> bool:
-    """Whether torch lets float32 matmuls ("matmul"), convolutions ("conv") or LSTMs ("rnn") use
-    TF32, as torch's own op of that kind would on a GPU. Read from
+    """Whether torch lets float32 matmuls ("matmul") or convolutions ("conv") use TF32. Read from
     the newer `fp32_precision` setting, which follows the legacy flags too ("tf32" once allow_tf32
     is set; "none" or "ieee" otherwise): once a program used the newer setting, torch raises on a
     read of the legacy flag (and a raise per call costs ~30 us). The legacy flag where torch has
     no newer setting."""
-    if kind == "rnn":  # torch's LSTM on a GPU is cuDNN's; with cuDNN disabled, matmuls
-        kind = "cudnn_rnn" if torch.backends.cudnn.enabled else "matmul"
     legacy, newer = _TF32_SETTINGS[kind]
     precision = newer()
     return bool(legacy()) if precision is None else precision == "tf32"

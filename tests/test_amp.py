@@ -71,37 +71,3 @@ def test_entry_points_work_after_the_newer_tf32_api(newer_tf32_api, backend):
         y.sum().backward()
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y, reference(x)[0], atol=1e-5, rtol=1e-5)
-
-
-def test_lstm_takes_tf32_when_torchs_lstm_would():
-    """torch's LSTM on a GPU is cuDNN's, which follows cuDNN's TF32 flag (on by default); bigkern's
-    followed the matmul flag (off by default): float32 LSTMs ran several times slower than the
-    torch they replace. With cuDNN disabled torch's LSTM is matmuls, under the matmul flag."""
-    matmul = torch.backends.cuda.matmul
-    saved = matmul.allow_tf32
-    try:
-        with getattr(torch.backends, "__allow_nonbracketed_mutation")():
-            matmul.allow_tf32 = False
-            with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
-                assert amp.tf32_allowed("rnn") is True
-            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-                assert amp.tf32_allowed("rnn") is False
-            matmul.allow_tf32 = True
-            with torch.backends.cudnn.flags(enabled=False, allow_tf32=False):
-                assert amp.tf32_allowed("rnn") is True
-    finally:
-        matmul.allow_tf32 = saved
-
-
-def test_the_lstm_kernels_ask_for_the_rnn_policy(monkeypatch):
-    reason = backend_skip_reason("triton")
-    if reason:
-        pytest.skip(reason)
-    asked = []
-    real = amp.tf32_allowed
-    monkeypatch.setattr(amp, "tf32_allowed", lambda kind: asked.append(kind) or real(kind))
-    lstm = bigkern.nn.LSTM(8, 16)
-    with bigkern.use_backend("triton"):
-        y, _ = lstm(torch.randn(5, 2, 8))
-        y.sum().backward()
-    assert asked and set(asked) == {"rnn"}

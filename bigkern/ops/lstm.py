@@ -330,7 +330,7 @@ def _lstm_layer_triton(gx, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse,
     r = memory.empty((B, H), dtype=gx.dtype, device=gx.device) if w_hr is not None else None
     if steps and H:
         kernels.forward(gx, w_hh, _combined_bias(b_ih, b_hh), w_hr, h0, c0, steps, out, cells, gates, r, hn, cn,
-                        allow_tf32=amp.tf32_allowed("rnn"))
+                        allow_tf32=amp.tf32_allowed("matmul"))
     return out, hn, cn, gates, _saved(cells, save)
 
 
@@ -349,7 +349,7 @@ def _lstm_layer_backward_triton(grad_out, grad_hn, grad_cn, out, gates, cells, w
     dc = memory.empty((B, H), dtype=torch.float32, device=out.device)
     if steps and H:
         kernels.backward(grad_out, grad_hn, grad_cn, w_hh, w_hr, gates, cells, c0, steps, dz, dh, dc,
-                         allow_tf32=amp.tf32_allowed("rnn"))
+                         allow_tf32=amp.tf32_allowed("matmul"))
     else:
         dc.zero_()
     return (dz,) + _weight_grads(dz, dh, dc, out, gates, cells, w_hh, w_hr, h0, batch_sizes, reverse)
