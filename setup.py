@@ -62,7 +62,9 @@ def default_max_jobs():
 
 
 def arch_flags(arch_list):
-    """nvcc -gencode flags for "8.0;9.0a;9.0+PTX"-style lists."""
+    """nvcc -gencode flags for "8.0;9.0a;9.0+PTX"-style lists, and BIGKERN_SM90A_BUILT where the
+    list has sm_90a: only then does the Hopper attention kernel have a body (else a trap), and the
+    host code must never launch it (csrc/attention/attention_sm90.cu)."""
     flags = []
     for arch in filter(None, re.split(r"[;\s,]+", arch_list)):
         ptx = arch.endswith("+PTX")
@@ -71,6 +73,8 @@ def arch_flags(arch_list):
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
         if ptx:
             flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+        if num == "90a":
+            flags.append("-DBIGKERN_SM90A_BUILT=1")
     return flags
 
 

@@ -425,3 +425,43 @@ def test_serves_nothing_without_the_extension(monkeypatch):
 def test_python_head_dims_are_the_compiled_ones(emulated_library):
     compiled = [d for d in range(8, 513, 8) if emulated_library.emulated_attention_head_dim_supported(d)]
     assert tuple(compiled) == attention_cuda.HEAD_DIMS
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared memory: what each head dim's launches ask for, and GPUs that allow less.
+
+@pytest.mark.parametrize("head_dim", attention_cuda.HEAD_DIMS)
+def test_the_shared_memory_table_is_what_the_kernels_launch_with(emulated_library, head_dim):
+    """attention_cuda.SHARED_BYTES decides which GPUs can run a head dim: it must be what the
+    launches really ask for (the largest launch of the forward, and of the backward)."""
+    library = emulated_library
+    library.emulated_largest_shared_launch.restype = ctypes.c_size_t
+    forward_op, backward_op = emulated_ops(library)
+    q, k, v = inputs((1, 1, 1, 3, 5, head_dim), torch.float16, "cpu")
+    library.emulated_largest_shared_launch()
+    out, lse = attention_cuda.run_forward(forward_op, q, k, v, False, None)
+    forward_bytes = library.emulated_largest_shared_launch()
+    attention_cuda.run_backward(backward_op, make_tensor(out.shape, out.dtype, "cpu"), q, k, v, out, lse, False, None)
+    assert (forward_bytes, library.emulated_largest_shared_launch()) == attention_cuda.SHARED_BYTES[head_dim]
+
+
+def test_gpus_with_less_shared_memory_are_refused_with_the_reason(monkeypatch):
+    """The sm_80 build runs on sm_86/sm_89 GPUs (RTX 30xx/40xx, A10, L4, L40), which allow 99 KB of
+    shared memory per block: head dim 128 (both ways) and the head dim 256 backward need more, and
+    their launch failed with 'invalid argument' instead of being refused."""
+    class Properties:
+        shared_memory_per_block_optin = 101376
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties)
+    q = torch.empty(1, 1, 1, 128, dtype=torch.float16)
+    assert "need 104448 bytes of shared memory per block; this GPU allows 101376" in \
+        attention_cuda.shared_memory_reason(q, backward=False)
+    q256 = torch.empty(1, 1, 1, 256, dtype=torch.float16)
+    assert attention_cuda.shared_memory_reason(q256, backward=False) is None
+    assert "backward kernels at head dim 256 need 135680" in attention_cuda.shared_memory_reason(q256, backward=True)
+    for head_dim in (32, 64, 96):
+        q = torch.empty(1, 1, 1, head_dim, dtype=torch.float16)
+        assert attention_cuda.shared_memory_reason(q, backward=True) is None
+    Properties.shared_memory_per_block_optin = 227 * 1024  # H100
+    assert all(attention_cuda.shared_memory_reason(torch.empty(1, 1, 1, d), backward=b) is None
+               for d in attention_cuda.HEAD_DIMS for b in (False, True))

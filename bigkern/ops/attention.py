@@ -338,7 +338,7 @@ def _cuda_backward_unsupported(grad_out, grad_lse, q, k, v, attn_mask, out, lse,
     if grad_lse is not None:
         return "the CUDA kernels take no gradient through lse"
     return (dispatch.cuda_unsupported(q, k, v) or _cuda_causal_reason(is_causal)
-            or module.unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale))
+            or module.unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, backward=True))
 
 
 def _dropout_arg(dropout_p, seed):

@@ -22,6 +22,12 @@ from bigkern import dispatch, memory
 DTYPES = (torch.float16, torch.bfloat16)
 # head dims compiled into bigkern._C (csrc/attention/attention.cu, attention_head_dim_supported)
 HEAD_DIMS = (32, 64, 96, 128, 256)
+# Dynamic shared memory (bytes) of the largest launch per head dim: (forward, backward). From the
+# tile configs of csrc/attention/flash_forward.cuh (kSmem) and flash_backward.cuh (kDqSmem,
+# kKvSmem); the CPU emulator checks them against the launches (test_attention_cuda). sm_80/sm_90
+# allow 163/227 KB per block; sm_86/sm_89/sm_120 (RTX 30xx/40xx/50xx, A10, L4, L40) only 99 KB.
+SHARED_BYTES = {32: (25600, 31744), 64: (55296, 74752), 96: (79872, 79872), 128: (104448, 104448),
+                256: (101376, 135680)}
 _GRID_LIMIT = 65535  # CUDA's limit on gridDim.y (heads) and gridDim.z (batch)
 _SEQ_LIMIT = 2**30  # row indices (plus a block) stay in 32 bits
 _ROW_LIMIT = 2**33  # the delta kernel's grid (8 rows a CTA) stays within gridDim.x
@@ -54,14 +60,25 @@ def kernel_unsupported(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, 
     return None
 
 
-def unsupported(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None) -> Optional[str]:
-    """Why the CUDA kernels cannot serve this call, or None."""
+def unsupported(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, backward=False
+                ) -> Optional[str]:
+    """Why the CUDA kernels cannot serve this call (its backward, with backward=True), or None."""
     reason = dispatch.cuda_unsupported(q, k, v)
     if reason:
         return reason
     if not hasattr(torch.ops.bigkern, "attention_forward_cuda"):
         return "bigkern._C was built without the attention kernels (csrc/attention/)"
-    return kernel_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale)
+    return kernel_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale) or shared_memory_reason(q, backward)
+
+
+def shared_memory_reason(q: Tensor, backward: bool) -> Optional[str]:
+    """Why q's GPU cannot hold the kernels' tiles in shared memory (the launch would fail), or None."""
+    needed = SHARED_BYTES[q.shape[-1]][1 if backward else 0]
+    allowed = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+    if needed > allowed:
+        return (f"the CUDA attention {'backward' if backward else 'forward'} kernels at head dim {q.shape[-1]} need "
+                f"{needed} bytes of shared memory per block; this GPU allows {allowed}")
+    return None
 
 
 def _aligned(t: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 // When the Hopper forward (flash_forward_sm90.cuh) serves a call: a GPU of compute capability 9.0,
 // head dim 64 or 128, non-empty sequences, and, until it has been verified on a GPU, only when
-// BIGKERN_ATTENTION_SM90=1 (or =only, for tests: then a call it cannot serve fails instead).
+// BIGKERN_ATTENTION_SM90=1 (or =only, for tests: then a call it cannot serve fails instead), and
+// only in a build for sm_90a (without it the kernel's body is a trap, which kills the context).
 // Otherwise, or when TMA cannot describe the operands, it answers cudaErrorNotSupported and the
 // sm_80 kernels serve.
 #include <cstdlib>
@@ -24,6 +25,9 @@ bool sm90_forward_required() {
 }
 
 bool sm90_forward_enabled() {
+#ifndef BIGKERN_SM90A_BUILT
+  return false;  // built without sm_90a (setup.py arch_flags): the Hopper kernel is a trap there
+#endif
   const char* flag = std::getenv("BIGKERN_ATTENTION_SM90");
   if (flag == nullptr || (std::strcmp(flag, "1") != 0 && std::strcmp(flag, "only") != 0)) return false;
   int device = 0, major = 0, minor = 0;

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "emulator.h"
@@ -105,5 +106,8 @@ int emulated_attention_backward(int dtype, const int64_t* shape, float scale, in
 }
 
 int emulated_attention_head_dim_supported(int head_dim) { return bigkern::attention_head_dim_supported(head_dim); }
+
+// The most dynamic shared memory a launch asked for since the last call (which resets it).
+size_t emulated_largest_shared_launch() { return std::exchange(emulation::largest_shared_launch, size_t(0)); }
 
 }  // extern "C"

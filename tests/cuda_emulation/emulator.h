@@ -170,6 +170,10 @@ struct GridBarrier {
   static inline std::barrier<>* current = nullptr;
 };
 
+// The most dynamic shared memory any launch asked for (the tests read it against what bigkern's
+// Python side says each kernel family needs, e.g. attention_cuda.SHARED_BYTES).
+inline size_t largest_shared_launch = 0;
+
 inline void fail(const std::string& what) {
   if (state().error.empty()) state().error = what;
 }

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <barrier>
 #include <cstddef>
 #include <memory>
@@ -25,6 +26,7 @@ template <typename Kernel, typename... Args>
 inline cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem_bytes, cudaStream_t, Args... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   if (grid.y > 65535 || grid.z > 65535) return cudaErrorInvalidConfiguration;
+  emulation::largest_shared_launch = std::max(emulation::largest_shared_launch, smem_bytes);
   if (threads > 1024 || threads % 32 || smem_bytes > kEmulatedMaxSharedBytes ||
       smem_bytes > sizeof(attention::shared_raw)) {
     emulation::fail("launch: " + std::to_string(threads) + " threads, " + std::to_string(smem_bytes) +
@@ -48,6 +50,7 @@ template <typename Kernel, typename Params>
 inline cudaError_t launch_cooperative(Kernel kernel, dim3 grid, int threads, size_t smem_bytes, cudaStream_t,
                                       Params params) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  emulation::largest_shared_launch = std::max(emulation::largest_shared_launch, smem_bytes);
   if (threads > 1024 || threads % 32 || smem_bytes > kEmulatedMaxSharedBytes) {
     emulation::fail("cooperative launch: " + std::to_string(threads) + " threads, " + std::to_string(smem_bytes) +
                     " bytes of shared memory exceed the GPU's limits");
