@@ -60,6 +60,8 @@ INSTRUCTIONS = {  # PTX mnemonics worth counting: tensor cores, asynchronous cop
     "mma": r"\bmma\.sync",
     "cp.async": r"cp\.async\.c[ag]\.",
     "tma": r"cp\.async\.bulk\.tensor",
+    # scalar 16-bit global loads: an operand loaded element by element, outside the async pipeline
+    "ld.b16": r"ld\.global(?:\.\w+)*\.b16\b",
 }
 
 
@@ -96,6 +98,13 @@ class Launch:
     types: dict = field(default_factory=dict)
     is_pointer: Callable = _named_like_a_pointer
     aligned: tuple = ()
+    rows: str = "BLOCK_M"  # the tile constexpr that is the M of the kernel's matmuls
+
+    def expects_wgmma(self, arch, tile=0):
+        """Whether the tile's matmuls should run as Hopper's wgmma: M of 64 rows or more per warpgroup
+        of 4 warps (smaller tiles take mma.sync by design, e.g. decoding's 16 query rows)."""
+        constexprs, warps, _ = self.tiles[tile]
+        return arch >= 90 and constexprs.get(self.rows, 0) >= 64 and warps % 4 == 0
 
     def compile(self, arch, tile=0):
         constexprs, warps, stages = self.tiles[tile]
@@ -114,7 +123,7 @@ def _attention_launches(arch):
         tiles = [(dict(BLOCK_M=m, BLOCK_N=n), w, s) for m, n, w, s in tiles]
         strides = tuple(arg for arg in kernel.arg_names if arg.startswith("stride"))  # head dims of 16+
         return Launch(f"attention {name}", kernel, constexprs, tiles, extra.pop("types", types),
-                      is_pointer=lambda arg: arg[:1].isupper(), aligned=strides)
+                      is_pointer=lambda arg: arg[:1].isupper(), aligned=strides, rows=extra.pop("rows", "BLOCK_M"))
 
     launches = []
     for d in (64, 128, 256):
@@ -126,9 +135,18 @@ def _attention_launches(arch):
         launches.append(launch(f"forward hd{d} decoding (split)", kernels.attention_forward_kernel,
                                dict(meta, SPLIT=True), kernels.forward_tiles(dict(meta, q_bucket=1), hopper)))
         launches.append(launch(f"backward dK/dV hd{d}", kernels.attention_backward_dkdv_kernel, meta,
-                               kernels.dkdv_tiles(meta, hopper)))
+                               kernels.dkdv_tiles(meta, hopper), rows="BLOCK_N"))  # key rows
         launches.append(launch(f"backward dQ hd{d}", kernels.attention_backward_dq_kernel, meta,
                                kernels.dq_tiles(meta, hopper)))
+        if d <= 128:  # causal: the diagonal blocks' masking, the skipped blocks' bounds
+            causal = dict(meta, IS_CAUSAL=1)
+            launches += [
+                launch(f"forward hd{d} seq 4k causal", kernels.attention_forward_kernel, dict(causal, SPLIT=False),
+                       kernels.forward_tiles(dict(causal, q_bucket=4096), hopper)),
+                launch(f"backward dK/dV hd{d} causal", kernels.attention_backward_dkdv_kernel, causal,
+                       kernels.dkdv_tiles(causal, hopper), rows="BLOCK_N"),
+                launch(f"backward dQ hd{d} causal", kernels.attention_backward_dq_kernel, causal,
+                       kernels.dq_tiles(causal, hopper))]
         if not hopper:
             continue
         # TMA: the tiles that keep the launcher's walked tile (the first one's), as the pruning does
@@ -142,7 +160,8 @@ def _attention_launches(arch):
             descriptor = f"tensordesc<bf16[1,1,{rows},{d}]>"
             launches.append(launch(f"{name} hd{d} TMA", kernel, dict(meta, TMA=True, **extra),
                                    [t for t in tiles if t[fixed] == rows],
-                                   types=dict(types, **{arg: descriptor for arg in descriptors})))
+                                   types=dict(types, **{arg: descriptor for arg in descriptors}),
+                                   rows="BLOCK_N" if kernel is kernels.attention_backward_dkdv_kernel else "BLOCK_M"))
     return launches
 
 
@@ -191,12 +210,13 @@ def _lstm_launches(arch):
     aligned = ("stride_gx", "H", "P")  # hidden and projection sizes of 8 and more 16-bit elements
     return [
         Launch("lstm forward step (projection)", kernels.lstm_forward_step_kernel,
-               dict(common, HAS_BIAS=True, PROJ=True, SAVE_GATES=True), tiles, types, aligned=aligned),
-        Launch("lstm projection", kernels.lstm_projection_kernel, common, projection_tiles, types, aligned=aligned),
+               dict(common, HAS_BIAS=True, PROJ=True, SAVE_GATES=True), tiles, types, aligned=aligned, rows="BLOCK_B"),
+        Launch("lstm projection", kernels.lstm_projection_kernel, common, projection_tiles, types, aligned=aligned,
+               rows="BLOCK_B"),
         Launch("lstm hidden gradient", kernels.lstm_hidden_grad_kernel, common, projection_tiles, types,
-               aligned=aligned),
+               aligned=aligned, rows="BLOCK_B"),
         Launch("lstm backward step", kernels.lstm_backward_step_kernel, dict(common, PROJ=False), tiles, types,
-               aligned=aligned),
+               aligned=aligned, rows="BLOCK_B"),
     ]
 
 

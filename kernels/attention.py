@@ -762,6 +762,10 @@ def _head_dim_class(kwargs):
     return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
+def _causal(args):
+    return bool(args.get("IS_CAUSAL"))
+
+
 def _fp32(args):
     """32-bit inputs (a launch's Q, or fp32=True in a representative launch): twice the shared
     memory of a 16-bit tile, so some tiles stop fitting (bench/kernel_resources.md: fp32 rows)."""
@@ -773,8 +777,9 @@ def forward_tiles(args, hopper):
     """(BLOCK_M, BLOCK_N, warps, stages) for the forward kernel, best guess first. Hopper: 128-row
     tiles of 8 warps (two warpgroups of wgmma) with 3-4 stage pipelines; Ampere: shallower
     pipelines, and half the key tile at head dim 256 to stay within its 164 KB of shared memory.
-    No default tile spills registers on sm_90 or sm_80 with Triton 3.6 or 3.8, and no other tile
-    more than 8 bytes (scripts/kernel_resources.py, bench/kernel_resources.md)."""
+    No default tile spills registers on sm_90 or sm_80 with Triton 3.6 or 3.8 (causal ones included:
+    their masking holds more registers), and no other tile more than 8 bytes
+    (scripts/kernel_resources.py, bench/kernel_resources.md)."""
     d = _head_dim_class(args)
     if args["q_bucket"] <= 16:  # decoding-like: few query rows, long key walks
         if d > 128:
@@ -787,11 +792,15 @@ def forward_tiles(args, hopper):
             return [(64, 64, 4, 2), (64, 32, 4, 3)]
         return [(64, 64, 4, 3), (64, 128, 4, 3)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 4, 2)]
     if d == 64:
-        return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)] if hopper else \
-               [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
+        if not hopper:  # causal masking holds registers: 128x64 spills 8 bytes on sm_80
+            return [(128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3)] if _causal(args) else \
+                   [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
+        return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)]
     if d == 128:
-        return [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)] if hopper else \
-               [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)]
+        if not hopper:
+            return [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2)] if _causal(args) else \
+                   [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)]
+        return [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
     if _fp32(args):  # 128x64 needs 288 KB on sm_90, 64x64 208 KB on sm_80
         return [(64, 64, 4, 2), (128, 32, 8, 2)] if hopper else [(64, 32, 8, 2)]
     return [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)] if hopper else [(64, 32, 8, 2), (64, 64, 8, 2)]
@@ -800,10 +809,19 @@ def forward_tiles(args, hopper):
 def dkdv_tiles(args, hopper):
     """dK/dV: a tall key tile (it accumulates two (BLOCK_N, D) fp32 tiles) walking short query tiles."""
     d = _head_dim_class(args)
+    # causal masking holds registers: the query tile halves where the full one spills (32x128:
+    # 48 bytes on sm_80 at hd64 and 32-80 bytes on sm_90 at hd128; 32x64: 184 bytes on sm_80 at
+    # hd128; 64x128 up to 360 bytes on sm_90 at hd64; Triton 3.6 and 3.8)
     if d == 64:
-        return [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)] if hopper else [(32, 128, 8, 2), (32, 64, 4, 2)]
+        if not hopper:
+            return [(16, 128, 8, 2), (16, 128, 8, 1)] if _causal(args) else [(32, 128, 8, 2), (32, 64, 4, 2)]
+        return [(32, 128, 8, 3), (32, 64, 4, 3)] if _causal(args) else \
+               [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)]
     if d == 128:
-        return [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2)] if hopper else [(32, 64, 4, 2), (64, 64, 8, 1)]
+        if not hopper:
+            return [(64, 64, 8, 1), (16, 128, 8, 2)] if _causal(args) else [(32, 64, 4, 2), (64, 64, 8, 1)]
+        return [(16, 128, 8, 2), (16, 128, 8, 3), (32, 64, 8, 2)] if _causal(args) else \
+               [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2)]
     if _fp32(args) and not hopper:  # 16x64 needs 164 KB on sm_80 (163 KB there)
         return [(32, 32, 4, 1)]
     return [(16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)] if hopper else [(16, 64, 8, 1), (32, 32, 4, 1)]
@@ -813,7 +831,9 @@ def dq_tiles(args, hopper):
     """dQ: a tall query tile walking short key tiles."""
     d = _head_dim_class(args)
     if d == 64:
-        return [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)] if hopper else [(128, 32, 4, 2), (64, 32, 4, 2)]
+        if not hopper:  # causal: 128x32 spills 8 bytes on sm_80
+            return [(64, 32, 4, 2), (128, 32, 4, 2)] if _causal(args) else [(128, 32, 4, 2), (64, 32, 4, 2)]
+        return [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)]
     if d == 128:
         return [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)] if hopper else [(64, 32, 4, 2), (128, 32, 8, 1)]
     return [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 4, 2)] if hopper else [(64, 16, 8, 1), (32, 32, 4, 1)]

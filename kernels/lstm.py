@@ -103,8 +103,12 @@ def lstm_forward_step_kernel(
     rows = (row + offs_b).to(tl.int64)
     prev_rows = (prev_row + offs_b).to(tl.int64)
 
-    # z_q = h_prev @ W_hh[q*H + j, :]^T for the four gates, sharing each loaded tile of h_prev.
-    h_rows = tl.where(from_prev, out_ptr + prev_rows * P, h0_ptr + offs_b * P)
+    # z_q = h_prev @ W_hh[q*H + j, :]^T for the four gates, sharing each loaded tile of h_prev, which
+    # comes from the previous step's rows of out or, for sequences starting here, from h0: two masked
+    # loads and a select of the values (a select of the pointers compiles, on Triton 3.8, to scalar
+    # loads outside the cp.async pipeline).
+    prev_h_rows = out_ptr + prev_rows * P
+    first_h_rows = h0_ptr + offs_b * P
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_g = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
@@ -114,7 +118,10 @@ def lstm_forward_step_kernel(
     for k0 in range(0, P, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < P
-        h = tl.load(h_rows[:, None] + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        h_mask = mask_b[:, None] & mask_k[None, :]
+        h_prev = tl.load(prev_h_rows[:, None] + offs_k[None, :], mask=h_mask & from_prev[:, None], other=0.0)
+        h_first = tl.load(first_h_rows[:, None] + offs_k[None, :], mask=h_mask & ~from_prev[:, None], other=0.0)
+        h = tl.where(from_prev[:, None], h_prev, h_first)
         w_mask = mask_k[:, None] & mask_j[None, :]
         w = w_cols + offs_k[:, None]
         acc_i += tl.dot(h, tl.load(w, mask=w_mask, other=0.0), input_precision=PRECISION)

@@ -19,7 +19,8 @@ arch = int(sys.argv[1])
 for family in codegen.FAMILIES:
     for launch in codegen.launches(family, arch):
         usage = codegen.resource_usage(launch.compile(arch))
-        print(json.dumps(dict(name=launch.name, tile=launch.tiles[0][0], **usage)), flush=True)
+        print(json.dumps(dict(name=launch.name, tile=launch.tiles[0][0], expects_wgmma=launch.expects_wgmma(arch),
+                              **usage)), flush=True)
 """
 
 
@@ -38,7 +39,12 @@ def test_default_tiles_compile_without_spills_on_tensor_cores(arch):
         assert launch["shared_bytes"] <= limit * 1024, launch
         if "direct" in launch["name"]:
             continue  # depthwise: one channel per group, FMA by design
-        tensor_core_ops = launch["wgmma"] + launch["mma"]
-        assert tensor_core_ops > 0, launch
-        if arch == 80:
-            assert launch["wgmma"] == 0, launch
+        # Hopper's wgmma where the tile's matmuls have the rows for it, mma.sync otherwise (and on
+        # Ampere): a tile that slips from wgmma to mma.sync still computes right, at half the speed
+        if launch["expects_wgmma"]:
+            assert launch["wgmma"] > 0 and launch["mma"] == 0, launch
+        else:
+            assert launch["mma"] > 0 and launch["wgmma"] == 0, launch
+        if launch["name"].startswith("lstm"):
+            # every operand through the async copies: the step kernels are latency-bound
+            assert launch["ld.b16"] == 0, launch
