@@ -1,5 +1,6 @@
 """The benchmark harness, tested on the CPU so it works the first time a GPU runs it."""
 
+import dataclasses
 import json
 import os
 import time
@@ -578,3 +579,16 @@ def test_results_record_the_settings_every_provider_ran_under(monkeypatch):
     env = harness.environment("cpu")
     assert env["git"] == "0123abcd" and env["bigkern_environment"]["BIGKERN_GIT_REVISION"] == "0123abcd"
     assert "cudnn" in env
+
+
+def test_each_dtype_is_rated_against_its_own_matmul_ceiling():
+    """A float32 case (IEEE: the run turns TF32 off) against the bf16 ceiling looked ~10x worse
+    than it is: the run measures the matmul ceiling in every dtype it times."""
+    ceilings = harness.measure_ceilings(harness.CpuTimer(1, 1), "cpu", quick=True,
+                                        dtypes=[torch.float32, torch.float64])
+    assert set(ceilings.matmul_tflops_by_dtype) == {"float64"} and ceilings.matmul_tflops > 0
+    rated = dataclasses.replace(H100_LIKE, matmul_tflops_by_dtype={"float32": 50.0})
+    case = harness.Case("demo", "c", {}, torch.float32, "forward", flops=50e12, bytes=1.0, providers={})
+    assert harness.roofline(case, 2.0, rated) == pytest.approx(dict(fraction_of_ceiling=0.5, bound="compute"))
+    case.dtype = torch.bfloat16
+    assert harness.roofline(case, 1 / 14, rated)["fraction_of_ceiling"] == pytest.approx(1.0)

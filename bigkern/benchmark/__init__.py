@@ -100,8 +100,10 @@ def run(args) -> int:
     with harness.baseline_settings() as settings:
         env = harness.environment(device) | dict(settings=settings)
         print(f"bigkern bench on {env['device']}: {len(cases)} cases; measuring ceilings first", flush=True)
-        ceilings = harness.measure_ceilings(timer, device, args.quick)
-        print(f"ceilings: matmul {ceilings.matmul_tflops:.1f} TFLOP/s, copy {ceilings.copy_gbps:.0f} GB/s", flush=True)
+        ceilings = harness.measure_ceilings(timer, device, args.quick, dtypes)
+        others = "".join(f" ({d} {t:.1f})" for d, t in ceilings.matmul_tflops_by_dtype.items())
+        print(f"ceilings: matmul {ceilings.matmul_tflops:.1f} TFLOP/s{others}, copy {ceilings.copy_gbps:.0f} GB/s",
+              flush=True)
         rows = []
         only = set(args.provider) if args.provider else None
         progress, advance = _progress(len(cases))

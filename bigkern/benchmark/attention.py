@@ -5,11 +5,11 @@ baselines measured in the same run. Each timing is rated against the machine's r
 cache) is bound by reading the cache.
 
 FLOPs (FlashAttention's convention): forward 4 * B * Hq * L * S * D (two matmuls of 2 * L * S * D
-each per head), times the fraction of the (L, S) matrix a causal mask keeps (1/2 when L = S);
+each per head), times the fraction of the (L, S) matrix a causal mask keeps ((L + 1) / 2L when L = S);
 backward 2.5x the forward (five matmuls to the forward's two); "forward+backward" counts both.
 Bytes: the forward reads q, k, v and writes o; the backward reads q, k, v, o, dO and writes dq,
-dk, dv, so forward+backward moves 3x the forward's bytes. Shapes: bench/shapes.json "attention" (FlashAttention's sweep at
-16k tokens per batch, GQA, odd head dims, decoding).
+dk, dv, so forward+backward moves 3x the forward's bytes. Shapes: bench/shapes.json "attention"
+(FlashAttention's sweep at 16k tokens per batch, GQA, odd head dims, decoding).
 """
 
 import torch

@@ -127,22 +127,33 @@ class Ceilings:
     copy_gbps: float  # device-to-device copy, bytes read + written
     matmul_size: int
     copy_bytes: int
+    # the matmul ceiling in each other dtype the run times (float32: IEEE, the run's TF32 policy):
+    # a float32 case rated against the bf16 ceiling would look several times worse than it is
+    matmul_tflops_by_dtype: dict = dataclasses.field(default_factory=dict)
+
+    def matmul_tflops_for(self, dtype) -> float:
+        return self.matmul_tflops_by_dtype.get(str(dtype).removeprefix("torch."), self.matmul_tflops)
 
 
-def measure_ceilings(timer, device, quick=False) -> Ceilings:
+def measure_ceilings(timer, device, quick=False, dtypes=()) -> Ceilings:
+    """The machine's matmul ceiling (bf16 on a GPU, and in each other dtype of `dtypes`) and its
+    device-copy bandwidth, each timed like any case."""
     if device == "cuda":
-        n, dtype, copy_bytes = (4096 if quick else 8192), torch.bfloat16, (2**28 if quick else 2**30)
+        n, base, copy_bytes = 8192, torch.bfloat16, (2**28 if quick else 2**30)  # smaller n under-measures
     else:
-        n, dtype, copy_bytes = 512, torch.float32, 2**24
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    matmul = timer(lambda: torch.mm(a, b))
+        n, base, copy_bytes = 512, torch.float32, 2**24
+
+    def matmul_tflops(dtype):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        return 2 * n**3 / (timer(lambda: torch.mm(a, b)).median_ms * 1e-3) / 1e12
+
+    by_dtype = {str(d).removeprefix("torch."): matmul_tflops(d) for d in dict.fromkeys(dtypes) if d != base}
     src = torch.randn(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
     copy = timer(lambda: dst.copy_(src))
-    return Ceilings(matmul_tflops=2 * n**3 / (matmul.median_ms * 1e-3) / 1e12,
-                    copy_gbps=2 * copy_bytes / (copy.median_ms * 1e-3) / 1e9,
-                    matmul_size=n, copy_bytes=copy_bytes)
+    return Ceilings(matmul_tflops=matmul_tflops(base), copy_gbps=2 * copy_bytes / (copy.median_ms * 1e-3) / 1e9,
+                    matmul_size=n, copy_bytes=copy_bytes, matmul_tflops_by_dtype=by_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,11 +187,11 @@ class Unavailable(Exception):
 
 def roofline(case: Case, seconds: float, ceilings: Ceilings) -> dict:
     """The fraction of this machine's roofline a timing reached: the least time the case could take
-    (its FLOPs at the matmul ceiling or its bytes at the copy ceiling, whichever is longer) over the
+    (its FLOPs at the matmul ceiling of its dtype or its bytes at the copy ceiling, whichever is longer) over the
     time it took, and which of the two bounds it ("compute" or "memory"). A decoding step or a
     depthwise conv is bound by bytes whatever its family: rating it against the matmul ceiling
     would show a kernel running at full bandwidth as a few percent "of ceiling"."""
-    compute_s = case.flops / (ceilings.matmul_tflops * 1e12) if case.flops else 0.0
+    compute_s = case.flops / (ceilings.matmul_tflops_for(case.dtype) * 1e12) if case.flops else 0.0
     memory_s = case.bytes / (ceilings.copy_gbps * 1e9) if case.bytes else 0.0
     if not (compute_s or memory_s):
         return {}

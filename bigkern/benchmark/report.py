@@ -195,7 +195,10 @@ def _describe_run(run):
     text = (f"({env.get('timestamp', '?')}, git {env.get('git', '?')}; torch {env.get('torch')}, triton "
             f"{env.get('triton')}, CUDA {env.get('cuda')}), timer {run.get('timer')}"
             f"{', quick run' if run.get('quick') else ''}. Ceilings measured in the same run: matmul "
-            f"{ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbps']:.0f} GB/s.")
+            f"{ceilings['matmul_tflops']:.0f} TFLOP/s"
+            + "".join(f" ({dtype}: {tflops:.0f})"
+                      for dtype, tflops in ceilings.get("matmul_tflops_by_dtype", {}).items())
+            + f", copy {ceilings['copy_gbps']:.0f} GB/s.")
     if run.get("partial"):
         partial = run["partial"]
         text += (f" **Partial run**: {partial['cases_done']} of {partial['cases']} cases before it was cut "
