@@ -18,7 +18,6 @@ import math
 import pytest
 import torch
 
-import bigkern
 from bigkern import _ext, dispatch, testing
 from bigkern.ops import attention_cuda
 from bigkern.testing import make_tensor
