@@ -1474,3 +1474,44 @@ def test_outputs_in_the_layout_the_fakes_promise():
         fake_out, _ = torch.ops.bigkern.sdpa_forward(fake_q, fake_k, fake_v, None, 0.0, False, 0.25, None)
     out, _ = torch.ops.bigkern.sdpa_forward(q, k, v, None, 0.0, False, 0.25, None)
     assert out.stride() == fake_out.stride()
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by mutating the kernels: cases the tests above could not tell apart.
+
+@pytest.mark.parametrize("seq_k", [6, 40])
+@pytest.mark.parametrize("masked", [-1e9, -1e30])
+def test_large_finite_float_masks_in_fp32(seq_k, masked):
+    """masked_fill(-1e9)-style masks: a row whose every key carries the value (torch averages the
+    values there) and a row with every other key masked. Their lse is far from 0, which the
+    backward handles by recomputing the row's statistics (ROW_STATS_RECOMPUTE_FROM): skipping that
+    gave each key of a fully masked row p = 1 instead of 1/n, which only the lowest finite value's
+    test (also recomputed) had covered."""
+    if backend_skip_reason("triton"):
+        pytest.skip(backend_skip_reason("triton"))
+    q = make_tensor((2, 2, 5, 16), torch.float32, DEVICE, requires_grad=True)
+    k, v = (make_tensor((2, 2, seq_k, 16), torch.float32, DEVICE, requires_grad=True) for _ in range(2))
+    mask = torch.zeros(2, 1, 5, seq_k, device=DEVICE)
+    mask[:, :, 1] = masked
+    mask[:, :, 2, ::2] = masked
+    mask.requires_grad_()
+    with bigkern.use_backend("triton"):
+        results = attention.compare_with_reference(q, k, v, mask)
+    assert all(r.ok for r in results), [str(r) for r in results if not r.ok]
+
+
+def test_fp32_attention_runs_ieee_dots_unless_tf32_is_allowed(monkeypatch):
+    """The interpreter computes tl.dot in full precision whatever input_precision says, so a float32
+    call launched with TF32 would pass every CPU comparison: check what the launches ask for."""
+    if backend_skip_reason("triton"):
+        pytest.skip(backend_skip_reason("triton"))
+    from bigkern.kernels import attention as kernels
+
+    asked = []
+    launch = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda name, kernel, grid, args, meta: (
+        asked.append(meta["PRECISION"]), launch(name, kernel, grid, args, meta))[1])
+    q, k, v = (make_tensor((1, 1, 8, 16), torch.float32, DEVICE, requires_grad=True) for _ in range(3))
+    with bigkern.use_backend("triton"):
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert asked and set(asked) == {"ieee"}, asked

@@ -114,3 +114,25 @@ def test_is_dense():
     assert not memory.is_dense(x[:, ::2]) and not memory.is_dense(x[:, :3]) and not memory.is_dense(x[:, :1])
     assert memory.is_dense(torch.randn(3, 1, 4)[:, :, :].expand(3, 1, 4))
     assert not memory.is_dense(torch.randn(3, 1).expand(3, 4))
+
+
+def test_compare_floor_is_a_few_ulps_of_the_largest_reference():
+    """A floor of 64 ulps, or one scaled by the sum of |reference| instead of its largest element,
+    still rejected the 1e-3 error of the test above: 16 ulps (fp32) and 4 ulps (fp16) must fail."""
+    ref = torch.randn(10_000, dtype=torch.float64)
+    wrong = ref.float()
+    wrong[7] += 16 * torch.finfo(torch.float32).eps * ref.abs().max().item()
+    assert not testing.compare(wrong, ref, ref.float()).ok
+    half = torch.randn(100, dtype=torch.float64)
+    wrong16 = half.half()
+    wrong16[3] += 4 * torch.finfo(torch.float16).eps * half.abs().max().item()
+    assert not testing.compare(wrong16, half, half.half()).ok
+
+
+def test_compare_fails_a_lost_or_flipped_negative_infinity():
+    ref = torch.randn(10, dtype=torch.float64)
+    ref[4] = float("-inf")
+    for bad in (float("inf"), 0.0):
+        actual = ref.float()
+        actual[4] = bad
+        assert not testing.compare(actual, ref, ref.float()).ok, bad
