@@ -790,7 +790,7 @@ def forward_tiles(args, hopper):
     if args["q_bucket"] <= 64:
         if _fp32(args) and d == 128:  # 64x64 in 3 stages needs 176 KB (sm_80 has 163)
             return [(64, 64, 4, 2), (64, 32, 4, 3)]
-        return [(64, 64, 4, 3), (64, 128, 4, 3)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 4, 2)]
+        return [(64, 64, 4, 3), (64, 128, 4, 3)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 8, 2)]
     if d == 64:
         if not hopper:  # causal masking holds registers: 128x64 spills 8 bytes on sm_80
             return [(128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3)] if _causal(args) else \
@@ -800,10 +800,13 @@ def forward_tiles(args, hopper):
         if not hopper:
             return [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2)] if _causal(args) else \
                    [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)]
-        return [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+        # causal: 128x128 spills 32 bytes (Triton 3.8)
+        return [(128, 64, 8, 3), (64, 64, 4, 3)] if _causal(args) else \
+               [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
     if _fp32(args):  # 128x64 needs 288 KB on sm_90, 64x64 208 KB on sm_80
         return [(64, 64, 4, 2), (128, 32, 8, 2)] if hopper else [(64, 32, 8, 2)]
-    return [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)] if hopper else [(64, 32, 8, 2), (64, 64, 8, 2)]
+    # 64x64 of 4 warps spills 40 bytes at hd256 (Triton 3.6 and 3.8): 8 warps
+    return [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)] if hopper else [(64, 32, 8, 2), (64, 64, 8, 2)]
 
 
 def dkdv_tiles(args, hopper):
