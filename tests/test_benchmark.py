@@ -556,25 +556,38 @@ def test_slow_cases_get_enough_timing_samples(monkeypatch):
     import triton.testing
 
     budgets = []
-    monkeypatch.setattr(triton.testing, "do_bench",
-                        lambda fn, warmup, rep, quantiles: budgets.append(rep) or [24.0, 25.0, 26.0])
+
+    def do_bench(fn, warmup, rep, return_mode):
+        """As Triton's: repeats rep / its own estimate times, the estimate taken with an L2 flush
+        before each call (so a little longer than the harness's)."""
+        budgets.append(rep)
+        assert return_mode == "all"
+        return [25.0] * max(1, int(rep / (25.0 + 0.3)))
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
     monkeypatch.setattr(harness.CudaTimer, "estimate_ms", staticmethod(lambda fn: 25.0))
     stats = harness.CudaTimer(warmup_ms=10, rep_ms=40)(lambda: None)
-    assert budgets == [250.0] and stats.repeats == 10 and stats.median_ms == 25.0
+    assert budgets[0] == 250.0 and stats.repeats >= 10 and stats.median_ms == 25.0
     monkeypatch.setattr(harness.CudaTimer, "estimate_ms", staticmethod(lambda fn: 0.01))
-    harness.CudaTimer(warmup_ms=10, rep_ms=40)(lambda: None)
-    assert budgets[-1] == 40  # fast cases: the time budget, thousands of samples
+    stats = harness.CudaTimer(warmup_ms=10, rep_ms=40)(lambda: None)
+    assert budgets[-1] == 40 and stats.repeats >= 10  # the samples do_bench took, counted
 
 
 def test_results_record_the_settings_every_provider_ran_under(monkeypatch):
     """cuDNN's algorithm choice and TF32 decide baselines' speed: one policy for the run, recorded;
     and a revision where the source has no .git (a lent GPU machine)."""
-    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
-    with harness.baseline_settings() as settings:
-        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.allow_tf32
-        assert not torch.backends.cuda.matmul.allow_tf32
-        assert settings["cudnn_benchmark"] is True and settings["tf32"] is False
-    assert torch.backends.cuda.matmul.allow_tf32 == matmul_tf32
+    from bigkern import amp
+
+    matmul = torch.backends.cuda.matmul
+    for chosen in ("none", "tf32"):  # a program that chose TF32 through the newer setting too
+        matmul.fp32_precision = chosen
+        try:
+            with harness.baseline_settings() as settings:
+                assert torch.backends.cudnn.benchmark and not amp.tf32_allowed("conv")
+                assert not amp.tf32_allowed("matmul")
+                assert settings["cudnn_benchmark"] is True and settings["tf32"] is False
+            assert matmul.fp32_precision == chosen
+        finally:
+            matmul.fp32_precision = "none"
     monkeypatch.setenv("BIGKERN_GIT_REVISION", "0123abcd")
     env = harness.environment("cpu")
     assert env["git"] == "0123abcd" and env["bigkern_environment"]["BIGKERN_GIT_REVISION"] == "0123abcd"
@@ -592,3 +605,18 @@ def test_each_dtype_is_rated_against_its_own_matmul_ceiling():
     assert harness.roofline(case, 2.0, rated) == pytest.approx(dict(fraction_of_ceiling=0.5, bound="compute"))
     case.dtype = torch.bfloat16
     assert harness.roofline(case, 1 / 14, rated)["fraction_of_ceiling"] == pytest.approx(1.0)
+
+
+def test_the_report_describes_the_runs_its_rows_come_from(tmp_path):
+    """A newest run that timed nothing (a --provider that matched no provider, cut short at once)
+    lent its header -- quick, partial, its git revision -- to a table of an older run's rows."""
+    rows = harness.run_case(make_case(), FakeTimer({"triton": 2.0, "eager": 5.0, "compile": 3.0}), CEILINGS)
+    env = dict(timestamp="2026-11-20T12:00:00+00:00", device="NVIDIA Test GPU", git="old", torch="x", triton="y",
+               cuda="z")
+    harness.write_results(tmp_path, env, CEILINGS, rows, "fake", quick=False)
+    harness.write_results(tmp_path, dict(env, timestamp="2026-11-25T12:00:00+00:00", git="new"), CEILINGS, [],
+                          "fake", quick=True, progress=(1, 5))
+    [document] = report.newest_results(tmp_path).values()
+    header = report.markdown(document).split("###")[0]
+    assert "git old" in header and "git new" not in header
+    assert "quick" not in header and "Partial" not in header

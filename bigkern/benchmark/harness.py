@@ -105,11 +105,14 @@ class CudaTimer:
 
         # do_bench repeats max(1, rep / its own estimate) times: a 25 ms training step in a 40 ms
         # budget would be one sample, its "median" and spread meaningless. Stretch the budget to
-        # min_repeats calls of this estimate.
+        # min_repeats calls of this estimate, and take more where do_bench's own estimate (with the
+        # L2 flush) came out longer and left fewer.
         estimate = max(self.estimate_ms(fn), 1e-3)
         rep = max(self.rep_ms, self.min_repeats * estimate)
-        p20, median, p80 = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=rep, quantiles=[0.2, 0.5, 0.8])
-        return Stats(median, p20, p80, max(1, int(rep / estimate)))
+        times = []
+        while len(times) < self.min_repeats:  # do_bench times at least one call each round
+            times += triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=rep, return_mode="all")
+        return stats_from_samples(times)
 
 
 def default_timer(quick=False):
@@ -207,13 +210,17 @@ def baseline_settings():
     convolutions and cuDNN's RNNs alike (torch's defaults differ per kind: cuDNN's LSTM would
     take TF32 while a compiled hand-written LSTM would not)."""
     matmul = torch.backends.cuda.matmul
-    saved = matmul.allow_tf32
+    # through torch's newer fp32_precision where it has one: a legacy read raises once a program
+    # chose TF32 that way, and a legacy write would leave "ieee" where "none" (follow the global
+    # setting) was
+    setting = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    saved = getattr(matmul, setting)
     with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=False):
-        matmul.allow_tf32 = False
+        setattr(matmul, setting, "ieee" if setting == "fp32_precision" else False)
         try:
             yield dict(cudnn_benchmark=True, tf32=False, cudnn_version=torch.backends.cudnn.version())
         finally:
-            matmul.allow_tf32 = saved
+            setattr(matmul, setting, saved)
 
 
 @contextlib.contextmanager

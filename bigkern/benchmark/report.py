@@ -87,8 +87,8 @@ def _merge(documents):
     # cases in the order the runs ran them, the oldest run's order first
     order = list(dict.fromkeys(key for document in reversed(documents) for key in grouped(document)))
     rows = [row | {"source": chosen[key][0]} for key in order for row in chosen[key][1].values()]
-    newest = documents[0]
-    merged = dict(newest, rows=rows, sources=sources)
+    newest = next(d for d in documents if d["_path"] == sources[0]["path"]) if sources else documents[0]
+    merged = dict(newest, rows=rows, sources=sources)  # described by the newest run it holds rows of
     if len(sources) > 1:
         merged.pop("partial", None)  # said per run in the sources instead
     return merged
