@@ -138,15 +138,19 @@ def _attention_launches(arch):
                                kernels.dkdv_tiles(meta, hopper), rows="BLOCK_N"))  # key rows
         launches.append(launch(f"backward dQ hd{d}", kernels.attention_backward_dq_kernel, meta,
                                kernels.dq_tiles(meta, hopper)))
-        if d <= 128:  # causal: the diagonal blocks' masking, the skipped blocks' bounds
-            causal = dict(meta, IS_CAUSAL=1)
-            launches += [
-                launch(f"forward hd{d} seq 4k causal", kernels.attention_forward_kernel, dict(causal, SPLIT=False),
-                       kernels.forward_tiles(dict(causal, q_bucket=4096), hopper)),
-                launch(f"backward dK/dV hd{d} causal", kernels.attention_backward_dkdv_kernel, causal,
-                       kernels.dkdv_tiles(causal, hopper), rows="BLOCK_N"),
-                launch(f"backward dQ hd{d} causal", kernels.attention_backward_dq_kernel, causal,
-                       kernels.dq_tiles(causal, hopper))]
+        # causal: the diagonal blocks' masking, the skipped blocks' bounds
+        causal = dict(meta, IS_CAUSAL=1)
+        launches += [
+            launch(f"forward hd{d} seq 4k causal", kernels.attention_forward_kernel, dict(causal, SPLIT=False),
+                   kernels.forward_tiles(dict(causal, q_bucket=4096), hopper)),
+            launch(f"backward dK/dV hd{d} causal", kernels.attention_backward_dkdv_kernel, causal,
+                   kernels.dkdv_tiles(causal, hopper), rows="BLOCK_N"),
+            launch(f"backward dQ hd{d} causal", kernels.attention_backward_dq_kernel, causal,
+                   kernels.dq_tiles(causal, hopper))]
+        for kind in (meta, causal):  # 17-64 query rows: their own tiles
+            launches.append(launch(f"forward hd{d} 64 query rows{' causal' if kind is causal else ''}",
+                                   kernels.attention_forward_kernel, dict(kind, SPLIT=False),
+                                   kernels.forward_tiles(dict(kind, q_bucket=64), hopper)))
         if not hopper:
             continue
         # TMA: the tiles that keep the launcher's walked tile (the first one's), as the pruning does

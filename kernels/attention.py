@@ -790,7 +790,11 @@ def forward_tiles(args, hopper):
     if args["q_bucket"] <= 64:
         if _fp32(args) and d == 128:  # 64x64 in 3 stages needs 176 KB (sm_80 has 163)
             return [(64, 64, 4, 2), (64, 32, 4, 3)]
-        return [(64, 64, 4, 3), (64, 128, 4, 3)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 8, 2)]
+        if d == 64:
+            return [(64, 64, 4, 3), (64, 128, 4, 3)]
+        # 8 warps: with 4, 64x64 spills 8 bytes at hd128 on sm_80, 64x128 40-96 bytes, and 64x32
+        # 8-32 bytes at hd256 (Triton 3.6)
+        return [(64, 64, 8, 3), (64, 128, 8, 2)] if d == 128 else [(64, 32, 8, 2), (64, 64, 8, 2)]
     if d == 64:
         if not hopper:  # causal masking holds registers: 128x64 spills 8 bytes on sm_80
             return [(128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3)] if _causal(args) else \
@@ -827,6 +831,8 @@ def dkdv_tiles(args, hopper):
                [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2)]
     if _fp32(args) and not hopper:  # 16x64 needs 164 KB on sm_80 (163 KB there)
         return [(32, 32, 4, 1)]
+    if hopper and _causal(args):  # 16x64 spills 72-104 bytes, 16x32 of 4 warps 120
+        return [(16, 32, 8, 2), (32, 32, 8, 1)]
     return [(16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)] if hopper else [(16, 64, 8, 1), (32, 32, 4, 1)]
 
 
