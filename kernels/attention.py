@@ -104,19 +104,25 @@ def _load_tile(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.cons
 
 @triton.jit
 def _mask_scores(s, mask_ptrs, rows, cols, seq_q, seq_k, MASK_KIND: tl.constexpr):
-    """Add the explicit mask (in base-2 units) to a score tile; rows/cols broadcastable index tiles."""
+    """Add the explicit mask to a score tile; rows/cols broadcastable index tiles. A bool mask adds
+    -inf (scores in either unit); a float mask adds its values to natural-unit scores, rounding as
+    torch's s * scale + mask does (see _natural)."""
     if MASK_KIND == 1:
         keep = tl.load(mask_ptrs, mask=(rows < seq_q) & (cols < seq_k), other=0) != 0
         s = s + tl.where(keep, 0.0, float("-inf"))
     elif MASK_KIND == 2:
-        bias = tl.load(mask_ptrs, mask=(rows < seq_q) & (cols < seq_k), other=0.0).to(tl.float32)
-        # a finite bias stays finite in base 2 (finfo.min * log2(e) would overflow to -inf, and a row
-        # masked by finfo.min everywhere must average its values as torch's softmax does, not give 0)
-        bias2 = bias * LOG2E
-        bias2 = tl.where((bias2 == float("-inf")) & (bias != float("-inf")), -3.4028234663852886e38, bias2)
-        bias2 = tl.where((bias2 == float("inf")) & (bias != float("inf")), 3.4028234663852886e38, bias2)
-        s = s + bias2
+        s = s + tl.load(mask_ptrs, mask=(rows < seq_q) & (cols < seq_k), other=0.0).to(tl.float32)
     return s
+
+
+@triton.jit
+def _natural(MASK_KIND: tl.constexpr):
+    """Whether scores stay in natural units until the row's max is subtracted: under a float mask.
+    Scores are otherwise kept in base 2 (the scale folded with log2 e, one multiply fewer per score),
+    but a mask added in base 2 rounds at the step of |mask| * log2 e: twice torch's step for about
+    half of all magnitudes, which rows dominated by large mask values (a fully masked row under
+    -1e4) show as twice torch's error."""
+    return MASK_KIND == 2
 
 
 @triton.jit
@@ -144,19 +150,24 @@ def _causal_shift(seq_q, seq_k, IS_CAUSAL: tl.constexpr):
 # Forward
 
 @triton.jit
-def _online_softmax_step(s, m_i, l_i):
-    """One key block of the online softmax (base 2): (p, alpha, l, m) for running max m_i and sum l_i."""
+def _online_softmax_step(s, m_i, l_i, NATURAL: tl.constexpr):
+    """One key block of the online softmax: (p, alpha, l, m) for running max m_i and sum l_i, with s
+    and m in base 2, or in natural units (NATURAL: converted after the max is subtracted)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row that has seen only masked keys so far keeps m = -inf: subtract 0 instead (no inf - inf)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
+    if NATURAL:
+        p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
+        alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
+    else:
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
     return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
 
 
 @triton.jit
 def _forward_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kv_head, mask_base, n0, offs_m, offs_n,
-                   offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
+                   offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn, stride_mm, stride_mn, score_scale,
                    dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -176,7 +187,7 @@ def _forward_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kv_head,
                          col_ok[None, :], HEAD_DIM != BLOCK_D, BOUNDARY, 0.0)
         v = _load_tile(v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
                        (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY, HEAD_DIM_V != BLOCK_DV, 0.0)
-    s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+    s = tl.dot(q, k_t, input_precision=PRECISION) * score_scale  # natural units or base 2: _natural
     rows2 = offs_m[:, None]
     cols2 = cols[None, :]
     if MASK_KIND != 0:
@@ -187,7 +198,7 @@ def _forward_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kv_head,
         if IS_CAUSAL:
             visible = visible & (cols2 <= rows2 + causal_shift)
         s = tl.where(visible, s, float("-inf"))
-    p, alpha, l_i, m_new = _online_softmax_step(s, m_i, l_i)
+    p, alpha, l_i, m_new = _online_softmax_step(s, m_i, l_i, _natural(MASK_KIND))
     acc = acc * alpha[:, None]
     if DROPOUT:
         keep = dropout_keep(rows2, cols2, stream, seed_lo, seed_hi, dropout_threshold)
@@ -208,7 +219,7 @@ def attention_forward_kernel(
     stride_lb, stride_lh,
     stride_os, stride_ls, keys_per_split,  # SPLIT only: a split's offset in Out and Lse, its keys
     n_heads, group_size, seq_q, seq_k,
-    qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi,
+    sm_scale, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi,  # qk_scale = sm_scale * log2 e
     q_bucket, k_bucket,  # autotuning keys only
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
@@ -256,6 +267,10 @@ def attention_forward_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    if _natural(MASK_KIND):
+        score_scale = sm_scale
+    else:
+        score_scale = qk_scale
 
     # Key blocks [0, full_end) are whole and (causal) entirely at or below the diagonal of every
     # row of this block; [full_end, end) need the bounds / diagonal masks.
@@ -273,14 +288,14 @@ def attention_forward_kernel(
     for n0 in range(start, full_end, BLOCK_N):
         acc, l_i, m_i = _forward_block(
             acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, n0, offs_m, offs_n,
-            offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
+            offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn, stride_mm, stride_mn, score_scale,
             dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
             False)
     for n0 in range(full_end, end, BLOCK_N):
         acc, l_i, m_i = _forward_block(
             acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, n0, offs_m, offs_n,
-            offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn, stride_mm, stride_mn, qk_scale,
+            offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn, stride_mm, stride_mn, score_scale,
             dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
             True)
@@ -290,18 +305,24 @@ def attention_forward_kernel(
     l_safe = tl.where(empty_row, 1.0, l_i)
     inv_l = tl.where(empty_row, 0.0, 1.0 / l_safe)
     out = acc * inv_l[:, None]
+    if _natural(MASK_KIND):  # m in natural units; the log of l converted alone
+        m_natural = m_i
+        row_lse = m_i + tl.math.log2(l_safe) * LN2
+    else:
+        m_natural = m_i * LN2
+        row_lse = (m_i + tl.math.log2(l_safe)) * LN2
     if SPLIT:
         # the split's max and log l apart (m at `split`, log l at `split + n_splits`): a max near the
         # float range's end (finfo.min masks) would round log l away in their sum, and the merge
         # must weigh each split by its l. A split that saw no key weighs nothing (max -inf).
         o_base = Out + split.to(tl.int64) * stride_os
         lse_base = Lse + split.to(tl.int64) * stride_ls
-        lse = tl.where(empty_row, float("-inf"), m_i * LN2)
+        lse = tl.where(empty_row, float("-inf"), m_natural)
         log_l_base = (Lse + (split + n_splits).to(tl.int64) * stride_ls + b64 * stride_lb
                       + h.to(tl.int64) * stride_lh + q_start.to(tl.int64))
         tl.store(log_l_base + offs_m, tl.math.log2(l_safe) * LN2, mask=row_ok)
     else:
-        lse = tl.where(empty_row, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+        lse = tl.where(empty_row, float("inf"), row_lse)
         o_base = Out
         lse_base = Lse
     o_base += b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
@@ -395,8 +416,9 @@ def attention_backward_delta_kernel(
 # A float mask can put a row's scores near the float range's end (Hugging Face masks with
 # finfo.min): there lse = max + log l, one fp32 number, has rounded log l away (and ln/log2
 # conversions move it by whole units of a huge ulp), so exp(s - lse) is no probability. The
-# backward then reads each row as (center, offset) in base 2, p = 2^((s - center) - offset): lse
-# itself (offset 0) for ordinary rows; the row's max and log2 l, recomputed, for rows whose
+# backward then reads each row as (center, offset) in natural units (as a float mask's scores are,
+# _natural), p = exp((s - center) - offset): lse itself (offset 0) for ordinary rows; the row's max
+# and log l, recomputed, for rows whose
 # |lse| is at least ROW_STATS_RECOMPUTE_FROM (its ulp, 2^-13 there, is already coarser than a
 # fresh pass gets). Blocks without such rows read lse and leave.
 ROW_STATS_RECOMPUTE_FROM = tl.constexpr(1024.0)
@@ -409,7 +431,7 @@ def attention_backward_row_stats_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_stats,
-    group_size, seq_q, seq_k, qk_scale,
+    group_size, seq_q, seq_k, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -427,7 +449,7 @@ def attention_backward_row_stats_kernel(
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < seq_q
     lse_offsets = b64 * stride_lb + h64 * stride_lh + q_start.to(tl.int64) + rows
-    center = tl.load(Lse + lse_offsets, mask=row_ok, other=0.0) * LOG2E
+    center = tl.load(Lse + lse_offsets, mask=row_ok, other=0.0)
     offset = tl.zeros((BLOCK_M,), tl.float32)
     magnitude = tl.abs(center)
     recompute = (magnitude >= ROW_STATS_RECOMPUTE_FROM) & (magnitude < float("inf")) & row_ok
@@ -448,7 +470,7 @@ def attention_backward_row_stats_kernel(
             cols = n0 + offs_n
             k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
                         mask=(cols < seq_k)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
             rows2 = rows[:, None]
             cols2 = cols[None, :]
             s = _mask_scores(s, mask_base + rows2.to(tl.int64) * stride_mm + cols2.to(tl.int64) * stride_mn,
@@ -457,17 +479,17 @@ def attention_backward_row_stats_kernel(
             if IS_CAUSAL:
                 visible = visible & (cols2 <= rows2 + causal_shift)
             s = tl.where(visible, s, float("-inf"))
-            _, _, l_i, m_i = _online_softmax_step(s, m_i, l_i)
+            _, _, l_i, m_i = _online_softmax_step(s, m_i, l_i, True)
         center = tl.where(recompute, m_i, center)
-        offset = tl.where(recompute, tl.math.log2(tl.where(recompute, l_i, 1.0)), offset)
+        offset = tl.where(recompute, tl.math.log2(tl.where(recompute, l_i, 1.0)) * LN2, offset)
     tl.store(Stats + lse_offsets, center, mask=row_ok)
     tl.store(Stats + stride_stats + lse_offsets, offset, mask=row_ok)
 
 
 @triton.jit
 def _row_stats(lse_ptrs, stats_ptrs, stride_stats, row_ok, MASK_KIND: tl.constexpr):
-    """(center, offset) of rows, in base 2: from Stats under a float mask, else (lse * log2 e, 0).
-    Rows past seq_q read center +inf: their p is 0."""
+    """(center, offset) of rows: from Stats under a float mask (natural units), else (lse * log2 e, 0)
+    in base 2. Rows past seq_q read center +inf: their p is 0."""
     if MASK_KIND == 2:
         center = tl.load(stats_ptrs, mask=row_ok, other=float("inf"))
         offset = tl.load(stats_ptrs + stride_stats, mask=row_ok, other=0.0)
@@ -479,9 +501,10 @@ def _row_stats(lse_ptrs, stats_ptrs, stride_stats, row_ok, MASK_KIND: tl.constex
 
 @triton.jit
 def _recomputed_probabilities(s, center, offset, MASK_KIND: tl.constexpr):
-    """p = 2^((s - center) - offset); center and offset broadcast against s."""
+    """p = 2^((s - center) - offset), or under a float mask, in natural units, e^((s - center) - offset);
+    center and offset broadcast against s."""
     if MASK_KIND == 2:
-        return tl.math.exp2((s - center) - offset)
+        return tl.math.exp2(((s - center) - offset) * LOG2E)
     else:
         return tl.math.exp2(s - center)
 
@@ -490,7 +513,7 @@ def _recomputed_probabilities(s, center, offset, MASK_KIND: tl.constexpr):
 def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, stats_base, stride_stats,
                          delta_base, mask_base,
                          m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_qm, stride_dom, stride_mm,
-                         stride_mn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+                         stride_mn, score_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr,
                          IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
@@ -510,7 +533,7 @@ def _backward_dkdv_block(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, l
                      mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
     center, offset = _row_stats(lse_base + rows, stats_base + rows, stride_stats, row_ok, MASK_KIND)
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * score_scale  # (BLOCK_N, BLOCK_M): _natural
     rows2 = rows[None, :]
     cols2 = cols[:, None]
     if MASK_KIND != 0:
@@ -556,6 +579,10 @@ def attention_backward_dkdv_kernel(
     tensor descriptors (never with VARLEN)."""
     kv_head = tl.program_id(1)
     b = tl.program_id(2)
+    if _natural(MASK_KIND):
+        score_scale = sm_scale
+    else:
+        score_scale = qk_scale
     q_start, seq_q = _sequence(CuSeqQ, b, seq_q, VARLEN)
     k_start, seq_k = _sequence(CuSeqK, b, seq_k, VARLEN)
     n0 = tl.program_id(0) * BLOCK_N
@@ -596,7 +623,7 @@ def attention_backward_dkdv_kernel(
                 dk, dv, k, v, q_base, do_base, QDesc, GradOutDesc, b, h, Lse + lse_offset, Stats + lse_offset, stride_stats,
                 Delta + lse_offset,
                 mask_base, m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_qm, stride_gm, stride_mm,
-                stride_mn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+                stride_mn, score_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
                 True)
         for m0 in range(tl.maximum(start, diag_end), seq_q, BLOCK_M):
@@ -604,7 +631,7 @@ def attention_backward_dkdv_kernel(
                 dk, dv, k, v, q_base, do_base, QDesc, GradOutDesc, b, h, Lse + lse_offset, Stats + lse_offset, stride_stats,
                 Delta + lse_offset,
                 mask_base, m0, cols, offs_m, offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_qm, stride_gm, stride_mm,
-                stride_mn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+                stride_mn, score_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, IS_CAUSAL, DROPOUT, PRECISION, TMA,
                 False)
 
@@ -619,7 +646,7 @@ def attention_backward_dkdv_kernel(
 @triton.jit
 def _backward_dq_block(dq, q, do, center, offset, delta, k_base, v_base, k_desc, v_desc, b, kv_head, mask_base,
                        grad_mask_base, n0, rows, offs_n, offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn,
-                       stride_mm, stride_mn, stride_gmm, stride_gmn, qk_scale, dropout_threshold, dropout_scale,
+                       stride_mm, stride_mn, stride_gmm, stride_gmn, score_scale, dropout_threshold, dropout_scale,
                        seed_lo, seed_hi, stream,
                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -636,7 +663,7 @@ def _backward_dq_block(dq, q, do, center, offset, delta, k_base, v_base, k_desc,
                        (offs_d < HEAD_DIM)[None, :], BOUNDARY, HEAD_DIM != BLOCK_D, 0.0)
         v = _load_tile(v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :], col_ok[:, None],
                        (offs_dv < HEAD_DIM_V)[None, :], BOUNDARY, HEAD_DIM_V != BLOCK_DV, 0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * score_scale  # natural units or base 2: _natural
     rows2 = rows[:, None]
     cols2 = cols[None, :]
     if MASK_KIND != 0:
@@ -685,6 +712,10 @@ def attention_backward_dq_kernel(
     and value tiles through tensor descriptors, never with VARLEN)."""
     h = tl.program_id(1)
     b = tl.program_id(2)
+    if _natural(MASK_KIND):
+        score_scale = sm_scale
+    else:
+        score_scale = qk_scale
     q_start, seq_q = _sequence(CuSeqQ, b, seq_q, VARLEN)
     k_start, seq_k = _sequence(CuSeqK, b, seq_k, VARLEN)
     if IS_CAUSAL:
@@ -728,14 +759,14 @@ def attention_backward_dq_kernel(
         dq = _backward_dq_block(
             dq, q, do, center, offset, delta, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, grad_mask_base, n0, rows,
             offs_n, offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm,
-            stride_gmn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+            stride_gmn, score_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION,
             TMA, False)
     for n0 in range(full_end, end, BLOCK_N):
         dq = _backward_dq_block(
             dq, q, do, center, offset, delta, k_base, v_base, KDesc, VDesc, b, kv_head, mask_base, grad_mask_base, n0, rows,
             offs_n, offs_d, offs_dv, seq_q, seq_k, causal_shift, stride_kn, stride_vn, stride_mm, stride_mn, stride_gmm,
-            stride_gmn, qk_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
+            stride_gmn, score_scale, dropout_threshold, dropout_scale, seed_lo, seed_hi, stream,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION,
             TMA, True)
     dq = dq * sm_scale
@@ -974,7 +1005,7 @@ def attention_forward(q, k, v, mask, out, lse, *, scale, is_causal, dropout=None
     cu_k = cu_seqlens_k if varlen else q
     inputs = (*_batch_strides(q, 3, varlen), *_batch_strides(k, 3, varlen), *_batch_strides(v, 3, varlen),
               *_strides(mask, 4))
-    scalars = (heads, heads // kv_heads, seq_q, seq_k, scale * 1.4426950408889634, threshold, dropout_scale,
+    scalars = (heads, heads // kv_heads, seq_q, seq_k, scale, scale * 1.4426950408889634, threshold, dropout_scale,
                seed_lo, seed_hi, _bucket(seq_q), _bucket(seq_k))
     mask_arg = mask if mask is not None else q
     descriptors = tma_descriptors("forward", k, v, seq_q, meta, varlen)
@@ -1132,7 +1163,7 @@ def attention_backward(grad_out, q, k, v, mask, out, lse, grad_lse, delta, grad_
         attention_backward_row_stats_kernel[(triton.cdiv(seq_q, block_m), heads, batch)](
             q, k, mask_arg, lse, stats, cu_q, cu_k, *_batch_strides(q, 3, varlen), *_batch_strides(k, 3, varlen),
             *_strides(mask, 4), *_batch_strides(lse, 2, varlen), stride_stats, heads // kv_heads, seq_q, seq_k,
-            scale * 1.4426950408889634, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
+            scale, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
             IS_CAUSAL=meta["IS_CAUSAL"], VARLEN=varlen, PRECISION=meta["PRECISION"], BLOCK_M=block_m,
             BLOCK_N=block_n)
     common = (*_batch_strides(q, 3, varlen), *_batch_strides(k, 3, varlen), *_batch_strides(v, 3, varlen),
