@@ -126,6 +126,16 @@ def _natural(MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def _score_scale(sm_scale, qk_scale, MASK_KIND: tl.constexpr):
+    """What q k^T is multiplied by: sm_scale under a float mask (natural units, _natural), else
+    qk_scale = sm_scale * log2 e (base 2)."""
+    if _natural(MASK_KIND):
+        return sm_scale
+    else:
+        return qk_scale
+
+
+@triton.jit
 def _sequence(CuSeq, b, fixed_len, VARLEN: tl.constexpr):
     """(first row, length) of sequence b: a packed batch's from cu_seqlens, else (0, fixed_len)."""
     if VARLEN:
@@ -267,10 +277,7 @@ def attention_forward_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    if _natural(MASK_KIND):
-        score_scale = sm_scale
-    else:
-        score_scale = qk_scale
+    score_scale = _score_scale(sm_scale, qk_scale, MASK_KIND)
 
     # Key blocks [0, full_end) are whole and (causal) entirely at or below the diagonal of every
     # row of this block; [full_end, end) need the bounds / diagonal masks.
@@ -579,10 +586,7 @@ def attention_backward_dkdv_kernel(
     tensor descriptors (never with VARLEN)."""
     kv_head = tl.program_id(1)
     b = tl.program_id(2)
-    if _natural(MASK_KIND):
-        score_scale = sm_scale
-    else:
-        score_scale = qk_scale
+    score_scale = _score_scale(sm_scale, qk_scale, MASK_KIND)
     q_start, seq_q = _sequence(CuSeqQ, b, seq_q, VARLEN)
     k_start, seq_k = _sequence(CuSeqK, b, seq_k, VARLEN)
     n0 = tl.program_id(0) * BLOCK_N
@@ -712,10 +716,7 @@ def attention_backward_dq_kernel(
     and value tiles through tensor descriptors, never with VARLEN)."""
     h = tl.program_id(1)
     b = tl.program_id(2)
-    if _natural(MASK_KIND):
-        score_scale = sm_scale
-    else:
-        score_scale = qk_scale
+    score_scale = _score_scale(sm_scale, qk_scale, MASK_KIND)
     q_start, seq_q = _sequence(CuSeqQ, b, seq_q, VARLEN)
     k_start, seq_k = _sequence(CuSeqK, b, seq_k, VARLEN)
     if IS_CAUSAL:

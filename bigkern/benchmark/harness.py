@@ -190,8 +190,8 @@ class Unavailable(Exception):
 
 def roofline(case: Case, seconds: float, ceilings: Ceilings) -> dict:
     """The fraction of this machine's roofline a timing reached: the least time the case could take
-    (its FLOPs at the matmul ceiling of its dtype or its bytes at the copy ceiling, whichever is longer) over the
-    time it took, and which of the two bounds it ("compute" or "memory"). A decoding step or a
+    (its FLOPs at the matmul ceiling of its dtype or its bytes at the copy ceiling, whichever is
+    longer) over the time it took, and which of the two bounds it ("compute" or "memory"). A decoding step or a
     depthwise conv is bound by bytes whatever its family: rating it against the matmul ceiling
     would show a kernel running at full bandwidth as a few percent "of ceiling"."""
     compute_s = case.flops / (ceilings.matmul_tflops_for(case.dtype) * 1e12) if case.flops else 0.0
