@@ -151,6 +151,16 @@ def _attention_launches(arch):
             launches.append(launch(f"forward hd{d} 64 query rows{' causal' if kind is causal else ''}",
                                    kernels.attention_forward_kernel, dict(kind, SPLIT=False),
                                    kernels.forward_tiles(dict(kind, q_bucket=64), hopper)))
+        for kind in ((meta, causal) if hopper and d <= 128 else ()):  # a float mask (Hopper's own tiles)
+            masked = dict(kind, MASK_KIND=kernels.MASK_FLOAT)
+            label = f"hd{d} float mask{' causal' if kind is causal else ''}"
+            launches += [
+                launch(f"forward {label}", kernels.attention_forward_kernel, dict(masked, SPLIT=False),
+                       kernels.forward_tiles(dict(masked, q_bucket=4096), hopper)),
+                launch(f"backward dK/dV {label}", kernels.attention_backward_dkdv_kernel, masked,
+                       kernels.dkdv_tiles(masked, hopper), rows="BLOCK_N"),
+                launch(f"backward dQ {label}", kernels.attention_backward_dq_kernel, masked,
+                       kernels.dq_tiles(masked, hopper))]
         if not hopper:
             continue
         # TMA: the tiles that keep the launcher's walked tile (the first one's), as the pruning does

@@ -805,6 +805,34 @@ def _fp32(args):
     return bool(args.get("fp32")) or (q is not None and hasattr(q, "element_size") and q.element_size() == 4)
 
 
+# Hopper tiles under a float mask, 16-bit inputs: the mask tile's loads hold registers, and the
+# tiles below spill where the unmasked ones do not (dK/dV hd64 causal 32x128: 792 bytes with Triton
+# 3.6; forward hd64 causal 128x64 of 4 warps: 680 with 3.8). These spill nothing with Triton 3.6 or
+# 3.8 (dK/dV hd128 causal: 8 bytes with 3.6). (kernel, head dim class, causal) -> tiles.
+_FLOAT_MASK_HOPPER_TILES = {
+    ("forward", 64, False): [(128, 64, 8, 3), (128, 64, 8, 4)],
+    ("forward", 64, True): [(128, 64, 8, 3), (128, 64, 8, 4)],
+    ("forward", 128, False): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    ("forward", 128, True): [(128, 32, 8, 3)],
+    ("dkdv", 64, False): [(16, 128, 8, 2), (16, 128, 8, 3)],
+    ("dkdv", 64, True): [(16, 128, 8, 2)],
+    ("dkdv", 128, False): [(16, 128, 8, 2)],
+    ("dkdv", 128, True): [(16, 64, 8, 2)],
+    ("dq", 64, True): [(128, 32, 8, 3), (64, 32, 4, 3)],
+    ("dq", 128, False): [(128, 32, 8, 2), (64, 32, 4, 2)],
+    ("dq", 128, True): [(128, 32, 8, 2)],
+}
+
+
+def _float_mask_tiles(name, args, hopper):
+    """The tiles of _FLOAT_MASK_HOPPER_TILES that apply to this launch, or None."""
+    if not hopper or args.get("MASK_KIND") != MASK_FLOAT:
+        return None
+    if _fp32(args):  # with the mask's tile the hd128 forward's 128x64 needs 288 KB in fp32
+        return [(128, 32, 8, 3), (64, 64, 4, 2)] if name == "forward" and _head_dim_class(args) == 128 else None
+    return _FLOAT_MASK_HOPPER_TILES.get((name, _head_dim_class(args), _causal(args)))
+
+
 def forward_tiles(args, hopper):
     """(BLOCK_M, BLOCK_N, warps, stages) for the forward kernel, best guess first. Hopper: 128-row
     tiles of 8 warps (two warpgroups of wgmma) with 3-4 stage pipelines; Ampere: shallower
@@ -827,6 +855,9 @@ def forward_tiles(args, hopper):
         # 8 warps: with 4, 64x64 spills 8 bytes at hd128 on sm_80, 64x128 40-96 bytes, and 64x32
         # 8-32 bytes at hd256 (Triton 3.6)
         return [(64, 64, 8, 3), (64, 128, 8, 2)] if d == 128 else [(64, 32, 8, 2), (64, 64, 8, 2)]
+    masked = _float_mask_tiles("forward", args, hopper)
+    if masked:
+        return masked
     if d == 64:
         if not hopper:  # causal masking holds registers: 128x64 spills 8 bytes on sm_80
             return [(128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3)] if _causal(args) else \
@@ -848,6 +879,9 @@ def forward_tiles(args, hopper):
 def dkdv_tiles(args, hopper):
     """dK/dV: a tall key tile (it accumulates two (BLOCK_N, D) fp32 tiles) walking short query tiles."""
     d = _head_dim_class(args)
+    masked = _float_mask_tiles("dkdv", args, hopper)
+    if masked:
+        return masked
     # causal masking holds registers: the query tile halves where the full one spills (32x128:
     # 48 bytes on sm_80 at hd64 and 32-80 bytes on sm_90 at hd128; 32x64: 184 bytes on sm_80 at
     # hd128; 64x128 up to 360 bytes on sm_90 at hd64; Triton 3.6 and 3.8)
@@ -871,6 +905,9 @@ def dkdv_tiles(args, hopper):
 def dq_tiles(args, hopper):
     """dQ: a tall query tile walking short key tiles."""
     d = _head_dim_class(args)
+    masked = _float_mask_tiles("dq", args, hopper)
+    if masked:
+        return masked
     if d == 64:
         if not hopper:  # causal: 128x32 spills 8 bytes on sm_80
             return [(64, 32, 4, 2), (128, 32, 4, 2)] if _causal(args) else [(128, 32, 4, 2), (64, 32, 4, 2)]
