@@ -130,37 +130,27 @@ def _attention_launches(arch):
         meta = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, MASK_KIND=0, IS_CAUSAL=False, VARLEN=False,
                     DROPOUT=False, PRECISION="tf32", TMA=False, MASK_GRAD=False)
         long_rows = kernels.forward_tiles(dict(meta, q_bucket=4096), hopper)
-        launches.append(launch(f"forward hd{d} seq 4k", kernels.attention_forward_kernel, dict(meta, SPLIT=False),
-                               long_rows))
+
+        def walks(suffix, constexprs):
+            """The forward over 4k rows and both backward kernels, with these constexprs."""
+            return [
+                launch(f"forward hd{d} seq 4k{suffix}", kernels.attention_forward_kernel,
+                       dict(constexprs, SPLIT=False), kernels.forward_tiles(dict(constexprs, q_bucket=4096), hopper)),
+                launch(f"backward dK/dV hd{d}{suffix}", kernels.attention_backward_dkdv_kernel, constexprs,
+                       kernels.dkdv_tiles(constexprs, hopper), rows="BLOCK_N"),  # key rows
+                launch(f"backward dQ hd{d}{suffix}", kernels.attention_backward_dq_kernel, constexprs,
+                       kernels.dq_tiles(constexprs, hopper))]
+        causal = dict(meta, IS_CAUSAL=1)  # the diagonal blocks' masking, the skipped blocks' bounds
+        launches += walks("", meta) + walks(" causal", causal)
         launches.append(launch(f"forward hd{d} decoding (split)", kernels.attention_forward_kernel,
                                dict(meta, SPLIT=True), kernels.forward_tiles(dict(meta, q_bucket=1), hopper)))
-        launches.append(launch(f"backward dK/dV hd{d}", kernels.attention_backward_dkdv_kernel, meta,
-                               kernels.dkdv_tiles(meta, hopper), rows="BLOCK_N"))  # key rows
-        launches.append(launch(f"backward dQ hd{d}", kernels.attention_backward_dq_kernel, meta,
-                               kernels.dq_tiles(meta, hopper)))
-        # causal: the diagonal blocks' masking, the skipped blocks' bounds
-        causal = dict(meta, IS_CAUSAL=1)
-        launches += [
-            launch(f"forward hd{d} seq 4k causal", kernels.attention_forward_kernel, dict(causal, SPLIT=False),
-                   kernels.forward_tiles(dict(causal, q_bucket=4096), hopper)),
-            launch(f"backward dK/dV hd{d} causal", kernels.attention_backward_dkdv_kernel, causal,
-                   kernels.dkdv_tiles(causal, hopper), rows="BLOCK_N"),
-            launch(f"backward dQ hd{d} causal", kernels.attention_backward_dq_kernel, causal,
-                   kernels.dq_tiles(causal, hopper))]
         for kind in (meta, causal):  # 17-64 query rows: their own tiles
             launches.append(launch(f"forward hd{d} 64 query rows{' causal' if kind is causal else ''}",
                                    kernels.attention_forward_kernel, dict(kind, SPLIT=False),
                                    kernels.forward_tiles(dict(kind, q_bucket=64), hopper)))
-        for kind in ((meta, causal) if hopper and d <= 128 else ()):  # a float mask (Hopper's own tiles)
-            masked = dict(kind, MASK_KIND=kernels.MASK_FLOAT)
-            label = f"hd{d} float mask{' causal' if kind is causal else ''}"
-            launches += [
-                launch(f"forward {label}", kernels.attention_forward_kernel, dict(masked, SPLIT=False),
-                       kernels.forward_tiles(dict(masked, q_bucket=4096), hopper)),
-                launch(f"backward dK/dV {label}", kernels.attention_backward_dkdv_kernel, masked,
-                       kernels.dkdv_tiles(masked, hopper), rows="BLOCK_N"),
-                launch(f"backward dQ {label}", kernels.attention_backward_dq_kernel, masked,
-                       kernels.dq_tiles(masked, hopper))]
+        if hopper and d <= 128:  # a float mask (Hopper's own tiles)
+            launches += walks(" float mask", dict(meta, MASK_KIND=kernels.MASK_FLOAT))
+            launches += walks(" float mask causal", dict(causal, MASK_KIND=kernels.MASK_FLOAT))
         if not hopper:
             continue
         # TMA: the tiles that keep the launcher's walked tile (the first one's), as the pruning does
