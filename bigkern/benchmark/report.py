@@ -74,21 +74,22 @@ def newest_results(results_dir: Path):
 
 def _merge(documents):
     """One document of the newest group of rows per case from `documents` (newest first)."""
-    chosen, sources = {}, []
-    for document in documents:
-        fresh = {key: group for key, group in grouped(document).items() if key not in chosen}
+    groups = [grouped(document) for document in documents]
+    chosen, sources, newest = {}, [], None
+    for document, document_groups in zip(documents, groups):
+        fresh = {key: group for key, group in document_groups.items() if key not in chosen}
         if not fresh:
             continue
         index = len(sources)
+        newest = newest or document  # the newest run that holds rows describes the whole
         sources.append(dict(path=document["_path"], environment=document["environment"],
                             ceilings=document["ceilings"], timer=document.get("timer"),
                             quick=document.get("quick", False), partial=document.get("partial")))
         chosen.update({key: (index, group) for key, group in fresh.items()})
     # cases in the order the runs ran them, the oldest run's order first
-    order = list(dict.fromkeys(key for document in reversed(documents) for key in grouped(document)))
+    order = list(dict.fromkeys(key for document_groups in reversed(groups) for key in document_groups))
     rows = [row | {"source": chosen[key][0]} for key in order for row in chosen[key][1].values()]
-    newest = next(d for d in documents if d["_path"] == sources[0]["path"]) if sources else documents[0]
-    merged = dict(newest, rows=rows, sources=sources)  # described by the newest run it holds rows of
+    merged = dict(newest or documents[0], rows=rows, sources=sources)
     if len(sources) > 1:
         merged.pop("partial", None)  # said per run in the sources instead
     return merged
