@@ -122,8 +122,9 @@ def _attention_launches(arch):
     def launch(name, kernel, constexprs, tiles, **extra):
         tiles = [(dict(BLOCK_M=m, BLOCK_N=n), w, s) for m, n, w, s in tiles]
         strides = tuple(arg for arg in kernel.arg_names if arg.startswith("stride"))  # head dims of 16+
+        rows = "BLOCK_N" if kernel is kernels.attention_backward_dkdv_kernel else "BLOCK_M"  # dK/dV: key rows
         return Launch(f"attention {name}", kernel, constexprs, tiles, extra.pop("types", types),
-                      is_pointer=lambda arg: arg[:1].isupper(), aligned=strides, rows=extra.pop("rows", "BLOCK_M"))
+                      is_pointer=lambda arg: arg[:1].isupper(), aligned=strides, rows=rows)
 
     launches = []
     for d in (64, 128, 256):
@@ -137,7 +138,7 @@ def _attention_launches(arch):
                 launch(f"forward hd{d} seq 4k{suffix}", kernels.attention_forward_kernel,
                        dict(constexprs, SPLIT=False), kernels.forward_tiles(dict(constexprs, q_bucket=4096), hopper)),
                 launch(f"backward dK/dV hd{d}{suffix}", kernels.attention_backward_dkdv_kernel, constexprs,
-                       kernels.dkdv_tiles(constexprs, hopper), rows="BLOCK_N"),  # key rows
+                       kernels.dkdv_tiles(constexprs, hopper)),
                 launch(f"backward dQ hd{d}{suffix}", kernels.attention_backward_dq_kernel, constexprs,
                        kernels.dq_tiles(constexprs, hopper))]
         causal = dict(meta, IS_CAUSAL=1)  # the diagonal blocks' masking, the skipped blocks' bounds
@@ -164,8 +165,7 @@ def _attention_launches(arch):
             descriptor = f"tensordesc<bf16[1,1,{rows},{d}]>"
             launches.append(launch(f"{name} hd{d} TMA", kernel, dict(meta, TMA=True, **extra),
                                    [t for t in tiles if t[fixed] == rows],
-                                   types=dict(types, **{arg: descriptor for arg in descriptors}),
-                                   rows="BLOCK_N" if kernel is kernels.attention_backward_dkdv_kernel else "BLOCK_M"))
+                                   types=dict(types, **{arg: descriptor for arg in descriptors})))
     return launches
 
 
