@@ -222,7 +222,9 @@ def test_op_samples_match_torch(name, backend, dtype):
         if "attention" in name:
             (query, key, *_), kwargs = call64
             floor = _attention_gradient_floor(dtype, _logit_magnitude(query, key, kwargs.get("scale")))
-        values = _aligned_values([Run(out, call), reference, same_dtype])
+        with _forced(backend), bigkern.record() as backward_calls:  # the backward pass is the backend's too
+            values = _aligned_values([Run(out, call), reference, same_dtype])
+        assert all(b == backend for _, b in backward_calls), f"sample {i}: backward served by {dict(backward_calls)}"
         for result in _compare_runs(values, _largest_magnitude(reference, values), floor):
             assert result.ok, f"sample {i} {sample.summary() if hasattr(sample, 'summary') else ''}: {result}"
     _skip_unless_served(served, unsupported)
@@ -270,7 +272,9 @@ def _check_module_call(torch_module, args, kwargs, backend, dtype):
     assert calls and all(b == backend for _, b in calls), f"served by {dict(calls)}"
     runs = [Run(module(*c[0], **c[1]) if o is None else o, c, dict(module.named_parameters()))
             for module, c, o in ((mine, call, out), (reference, call64, None), (torch_module, call_t, None))]
-    values = _aligned_values(runs)
+    with _forced(backend), bigkern.record() as backward_calls:  # the backward pass is the backend's too
+        values = _aligned_values(runs)
+    assert all(b == backend for _, b in backward_calls), f"backward served by {dict(backward_calls)}"
     floor = _attention_gradient_floor(dtype, max(magnitudes)) if magnitudes else None
     for result in _compare_runs(values, _largest_magnitude(runs[1], values), floor):
         assert result.ok, str(result)
