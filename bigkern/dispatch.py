@@ -207,14 +207,21 @@ _FUNC_TRANSFORM = ("torch.func's grad/jvp transforms (grad, jacrev, jacfwd, hess
 _GRAD, _JVP = torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp
 
 
+@torch.compiler.assume_constant_result
+def _differentiating_transform_active() -> bool:
+    """A torch.func grad/jvp level is active. dynamo traces those transforms into the graph and runs
+    this at trace time (it cannot trace the interpreter stack itself: a silent zero jvp tangent was the
+    result of assuming a compiled graph is never under one)."""
+    return any(level.key() in (_GRAD, _JVP) for level in torch._C._functorch.get_interpreter_stack() or ())
+
+
 def autodiff_transform_reason(*tensors) -> Optional[str]:
     """Why bigkern's ops cannot serve a call differentiated by torch.func.grad/jvp (and the
     transforms built on them) or carrying forward-mode tangents, or None. vmap alone is served."""
-    if torch.compiler.is_compiling():  # the graph is differentiated as a whole, by torch
-        return None
-    stack = torch._C._functorch.get_interpreter_stack()
-    if stack and any(level.key() in (_GRAD, _JVP) for level in stack):
+    if _differentiating_transform_active():
         return _FUNC_TRANSFORM
+    if torch.compiler.is_compiling():  # otherwise the graph is differentiated as a whole, by torch
+        return None
     if forward_ad._current_level >= 0 and any(  # (tensors may come in tuples and lists, as LSTM states)
             isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
             for t in torch.utils._pytree.tree_leaves(tensors)):
