@@ -54,13 +54,17 @@ def empty_strided(shape, stride, *, dtype, device):
     return out
 
 
-def empty(shape, *, dtype, device):
-    shape = tuple(shape)
+def contiguous_strides(shape) -> tuple:
+    """The strides torch gives a contiguous tensor of `shape`."""
     stride, step = [], 1
-    for size in reversed(shape):
+    for size in reversed(tuple(shape)):
         stride.insert(0, step)
         step *= max(size, 1)
-    return empty_strided(shape, tuple(stride), dtype=dtype, device=device)
+    return tuple(stride)
+
+
+def empty(shape, *, dtype, device):
+    return empty_strided(tuple(shape), contiguous_strides(shape), dtype=dtype, device=device)
 
 
 def empty_like(t, **kwargs):

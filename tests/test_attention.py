@@ -235,6 +235,21 @@ def test_torch_implementation_is_torch_sdpa(what):
         torch.testing.assert_close(mine.grad, theirs.grad)
 
 
+def test_output_may_be_modified_in_place_like_torchs(backend):
+    """torch's output is a fresh tensor: code after attention may scale it in place with grad on
+    (evaluation without no_grad). bigkern's was a permuted view of its storage, which autograd
+    forbids modifying. (Then differentiating raises the version error torch's fused backends raise:
+    both keep the output for backward.)"""
+    q, k, v = (make_tensor((2, 3, 5, 8), torch.float32, DEVICE, requires_grad=True).transpose(1, 2)
+               for _ in range(3))  # (B, L, H, D) storage, the layout the output copies
+    skip_unless_served(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v)
+    expected = torch_F.scaled_dot_product_attention(q, k, v)
+    assert out.stride() == expected.stride()
+    out.mul_(2)
+    torch.testing.assert_close(out, 2 * expected)
+
+
 # S=100: the Triton forward splits the key walk in the interpreter (flash-decoding), so the merge
 # of partial results must keep these semantics too.
 @pytest.mark.parametrize("S", [6, 100])

@@ -243,23 +243,28 @@ def _dim_order(shape, stride):
     return sorted(range(len(shape) - 1), key=key) + [len(shape) - 1]
 
 
-def empty_like_layout(like: Tensor, shape, dtype, allocate=memory.empty):
-    """A dense tensor of `shape` whose dimensions lie in memory in the order `like`'s do."""
+def empty_like_layout(like: Tensor, shape, dtype, allocate=memory.empty_strided):
+    """A dense tensor of `shape` whose dimensions lie in memory in the order `like`'s do. Allocated
+    with those strides, not permuted from a contiguous one: a view would be an output autograd
+    forbids changing in place (torch's outputs may be)."""
     order = _dim_order(like.shape, like.stride())
-    storage = allocate([shape[d] for d in order], dtype=dtype, device=like.device)
-    return storage.permute([order.index(d) for d in range(len(shape))])
+    stride = dict(zip(order, memory.contiguous_strides([shape[d] for d in order])))
+    return allocate(tuple(shape), tuple(stride[d] for d in range(len(shape))), dtype=dtype, device=like.device)
+
+
+def _plain_empty(shape, stride, dtype, device):
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
 
 
 def _fake_like_layout(like, shape, dtype):
-    return empty_like_layout(like, shape, dtype, allocate=lambda s, dtype, device: torch.empty(s, dtype=dtype,
-                                                                                               device=device))
+    return empty_like_layout(like, shape, dtype, allocate=_plain_empty)
 
 
 def in_layout_of(t: Tensor, like: Tensor) -> Tensor:
     """t itself if it lies in memory as empty_like_layout(like, ...) would, else such a copy: the
     layout every implementation returns (the fake implementations promise it to torch.compile)."""
-    want = empty_like_layout(like, t.shape, t.dtype,
-                             allocate=lambda s, dtype, device: torch.empty(s, dtype=dtype, device="meta"))
+    want = empty_like_layout(like, t.shape, t.dtype, allocate=lambda shape, stride, dtype, device:
+                             torch.empty_strided(shape, stride, dtype=dtype, device="meta"))
     if all(size <= 1 or a == b for size, a, b in zip(t.shape, t.stride(), want.stride())):
         return t
     return empty_like_layout(like, t.shape, t.dtype).copy_(t)
@@ -385,18 +390,15 @@ def _forward_torch(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
     return empty_like_layout(q, out.shape, out.dtype, allocate=_plain_empty).copy_(out), lse
 
 
-def _plain_empty(shape, dtype, device):
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _backward_outputs(q, k, v, attn_mask, mask_grad, allocate=memory.empty):
+def _backward_outputs(q, k, v, attn_mask, mask_grad, allocate=memory.empty_strided):
     grad_q = empty_like_layout(q, q.shape, q.dtype, allocate)
     grad_k = empty_like_layout(k, k.shape, k.dtype, allocate)
     grad_v = empty_like_layout(v, v.shape, v.dtype, allocate)
     if mask_grad:
-        grad_mask = allocate(tuple(attn_mask.shape), dtype=attn_mask.dtype, device=q.device)
+        shape = tuple(attn_mask.shape)
+        grad_mask = allocate(shape, memory.contiguous_strides(shape), dtype=attn_mask.dtype, device=q.device)
     else:
-        grad_mask = allocate((0,), dtype=q.dtype, device=q.device)
+        grad_mask = allocate((0,), (1,), dtype=q.dtype, device=q.device)
     return grad_q, grad_k, grad_v, grad_mask
 
 
