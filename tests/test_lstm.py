@@ -302,6 +302,23 @@ def test_cell_state_of_another_dtype_promotes_like_torch(state):
         ours(x, (h0.to(getattr(torch, state)), c0))
 
 
+def test_cell_output_may_be_changed_in_place_like_torchs(backend):
+    """Zoneout-style loops scale the h a cell returns in place before the next step: torch's cell
+    keeps no such output for backward; bigkern's kept it (the version error at backward)."""
+    theirs = torch.nn.LSTMCell(3, 4, device=DEVICE)
+    ours = bigkern.patch(copy.deepcopy(theirs))
+    xs = make_tensor((3, 2, 3), device=DEVICE)
+    for cell in (theirs, ours):
+        state = None
+        for x in xs:
+            h, c = cell(x, state)
+            h.mul_(0.9)
+            state = (h, c)
+        (h.sum() + c.sum()).backward()
+    for name, param in theirs.named_parameters():
+        torch.testing.assert_close(ours.get_parameter(name).grad, param.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def _flatten(result):
     out, (h, c) = result
     return [out.data if isinstance(out, PackedSequence) else out, h, c]

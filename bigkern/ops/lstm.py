@@ -734,8 +734,10 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
         dtype = torch.promote_types(input.dtype, c0.dtype)
         input, w_ih, w_hh, b_ih, b_hh, h0, c0, gates_bias = _cast_floats(
             (input, w_ih, w_hh, b_ih, b_hh, h0, c0, gates_bias), dtype)
-    out, _, cn = _run_layer(input, w_ih, w_hh, b_ih, b_hh, None, h0, c0, [], False, gates_bias)
-    return out, cn
+    # h_n, not the step's output rows (the same values): those are kept for backward, and torch's
+    # cell lets code change the h it returns in place (zoneout)
+    _, hn, cn = _run_layer(input, w_ih, w_hh, b_ih, b_hh, None, h0, c0, [], False, gates_bias)
+    return hn, cn
 
 
 @_autocast_like_torch(("cuda", "cpu"), cpu_paths=True)
