@@ -426,6 +426,7 @@ def _bad_calls():
         ("groups", (x, w), dict(groups=1.0)),
         ("padding", (x, w), dict(padding=torch.tensor([1, 1]))),  # a tensor is an int only when 0-d
         ("input", (make_tensor((2, 4, 0, 7)), w), dict(padding=2)),  # empty spatial dims, though padded
+        ("weight", (x, make_tensor((6, 4, 0, 3))), {}),  # an empty kernel (Triton returned the bias)
     ]
 
 
@@ -553,6 +554,17 @@ def test_bias_and_residual_may_change_in_place_before_backward(backend, activati
         grads.append(torch.autograd.grad(y.sum(), (x, w, b, r)))
     for unchanged, changed in zip(*grads):
         torch.testing.assert_close(changed, unchanged)
+
+
+def test_fused_conv_takes_int_attributes_as_torchs_conv_does(backend):
+    """torch's Conv2d runs with `conv.padding = 1` (or stride, dilation) set after construction;
+    FusedConv2d's residual path read them as pairs (TypeError)."""
+    x, r = make_tensor((2, 3, 6, 6)), make_tensor((2, 4, 3, 3))
+    for attr in ("padding", "stride", "dilation"):
+        fused = bigkern.nn.FusedConv2d(3, 4, 3, padding=1, stride=2, activation="relu")
+        setattr(fused, attr, 2 if attr == "stride" else 1)
+        expected = torch.relu(torch.nn.Conv2d._conv_forward(fused, x, fused.weight, fused.bias) + r)
+        torch.testing.assert_close(fused(x, r), expected, msg=attr)
 
 
 def test_negative_slope_is_a_number_as_torch_takes_it():

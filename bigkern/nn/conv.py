@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 from bigkern.nn import functional, register_drop_in
 from bigkern.ops import conv as conv_ops
@@ -118,16 +119,19 @@ class FusedConv2d(Conv2d):
             return False
 
     def _output_shape(self, input):
-        hw = tuple(input.shape[-2:])
+        # the attributes as the conv reads them: ints are pairs (torch's Conv2d takes `conv.padding = 1`),
+        # the kernel is the weight's
+        hw, kernel = tuple(input.shape[-2:]), tuple(self.weight.shape[2:])
+        stride, dilation = _pair(self.stride), _pair(self.dilation)
         if self.padding_mode != "zeros":
             pads = self._reversed_padding_repeated_twice
             hw = (hw[0] + pads[2] + pads[3], hw[1] + pads[0] + pads[1])
             padding = (0, 0, 0, 0)
         elif isinstance(self.padding, str):
-            padding = conv_ops._resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+            padding = conv_ops._resolve_padding(self.padding, kernel, stride, dilation)
         else:
-            padding = tuple(self.padding) * 2
-        pq = conv_ops.output_size(hw, self.kernel_size, self.stride, padding, self.dilation)
+            padding = _pair(self.padding) * 2
+        pq = conv_ops.output_size(hw, kernel, stride, padding, dilation)
         return tuple(input.shape[:-3]) + (self.out_channels,) + pq
 
     def extra_repr(self):

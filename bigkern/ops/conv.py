@@ -622,6 +622,9 @@ def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, re
         raise RuntimeError(f"conv2d(): argument 'input': Given groups={groups}, weight of size {list(weight.shape)}, "
                            f"expected input{list(input.shape)} to have {weight.shape[1] * groups} channels, but got "
                            f"{input.shape[1]} channels instead")
+    if 0 in weight.shape[2:]:  # torch's kernels refuse it (an output of bias alone would be a wrong answer)
+        raise RuntimeError(f"conv2d(): argument 'weight': kernel size should be greater than zero, but got "
+                           f"kernel_height: {weight.shape[2]} kernel_width: {weight.shape[3]}")
     padded = [input.shape[2 + i] + padding[i] + padding[i + 2] for i in range(2)]
     dilated = [dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(2)]
     if any(d > p for d, p in zip(dilated, padded)):
