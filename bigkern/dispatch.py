@@ -150,9 +150,15 @@ def _capability_reason(tensors, backend, minimum=(8, 0)):
     return None
 
 
+def layout_reason(*tensors) -> Optional[str]:
+    """Why kernels that index memory by strides cannot take these tensors (sparse, oneDNN), or None."""
+    layouts = sorted({str(t.layout) for t in tensors if isinstance(t, torch.Tensor) and t.layout != torch.strided})
+    return f"bigkern's kernels take strided tensors, not {', '.join(layouts)}" if layouts else None
+
+
 def triton_unsupported(*tensors) -> Optional[str]:
-    """Why the Triton kernels cannot take these tensors (device, toolchain), or None."""
-    reason = triton_unavailable()
+    """Why the Triton kernels cannot take these tensors (device, toolchain, layout), or None."""
+    reason = triton_unavailable() or layout_reason(*tensors)
     if reason:
         return reason
     devices = _devices(tensors)
@@ -180,7 +186,7 @@ def triton_dot_unsupported(*tensors) -> Optional[str]:
 
 def cuda_unsupported(*tensors) -> Optional[str]:
     """Why bigkern._C's kernels cannot take these tensors, or None."""
-    reason = _ext.unavailable_reason()
+    reason = _ext.unavailable_reason() or layout_reason(*tensors)
     if reason:
         return reason
     devices = _devices(tensors)

@@ -8,6 +8,7 @@ by the tests after each test) raises if a kernel wrote past either end of an out
 """
 
 import contextlib
+import math
 import os
 
 import torch
@@ -31,11 +32,15 @@ def poisoned_outputs(enabled: bool = True):
 
 
 def _poison_value(dtype):
-    return float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max
+    if dtype.is_floating_point or dtype.is_complex:  # (torch's CPU paths serve complex calls)
+        return complex(math.nan, math.nan) if dtype.is_complex else math.nan
+    return True if dtype == torch.bool else torch.iinfo(dtype).max
 
 
 def _sentinel(dtype):
-    return _SENTINEL if dtype.is_floating_point else torch.iinfo(dtype).min
+    if dtype.is_floating_point or dtype.is_complex:
+        return complex(_SENTINEL, _SENTINEL) if dtype.is_complex else _SENTINEL
+    return False if dtype == torch.bool else torch.iinfo(dtype).min
 
 
 def empty_strided(shape, stride, *, dtype, device):

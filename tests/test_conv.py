@@ -567,6 +567,32 @@ def test_fused_conv_takes_int_attributes_as_torchs_conv_does(backend):
         torch.testing.assert_close(fused(x, r), expected, msg=attr)
 
 
+def test_complex_inputs_are_torchs_own():
+    """torch's CPU conv2d computes in complex64; so does bigkern's auto (torch's path), poisoned
+    outputs included (the poison of a complex dtype crashed: torch.iinfo)."""
+    x, w = torch.randn(1, 2, 5, 5, dtype=torch.complex64), torch.randn(3, 2, 3, 3, dtype=torch.complex64)
+    with memory.poisoned_outputs():
+        torch.testing.assert_close(F.conv2d(x, w, padding=1), torch.nn.functional.conv2d(x, w, padding=1))
+
+
+def test_non_strided_layouts_are_torchs_own():
+    """A oneDNN-layout input (torch.utils.mkldnn's CPU inference) gets torch's conv and its layout
+    (bigkern's copied torch's result into a dense tensor and raised); a sparse one torch's error;
+    a forced kernel backend says why it cannot serve, instead of failing inside the launch."""
+    x, w = make_tensor((1, 2, 5, 5)), make_tensor((3, 2, 3, 3))
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.functional.conv2d(x.to_sparse(), w)
+    with pytest.raises(theirs.type):
+        F.conv2d(x.to_sparse(), w)
+    with bigkern.use_backend("triton"), pytest.raises(bigkern.UnsupportedError, match="strided"):
+        F.conv2d(x.to_sparse(), w)
+    if torch.backends.mkldnn.is_available():
+        with torch.backends.mkldnn.flags(enabled=True):  # (torch's test utilities may have turned it off)
+            got, expected = F.conv2d(x.to_mkldnn(), w), torch.nn.functional.conv2d(x.to_mkldnn(), w)
+        assert got.layout == expected.layout == torch._mkldnn
+        torch.testing.assert_close(got.to_dense(), expected.to_dense())
+
+
 def test_negative_slope_is_a_number_as_torch_takes_it():
     x, w = make_tensor((1, 3, 5, 5)), make_tensor((4, 3, 3, 3))
     for slope in ("0.1", "nan", torch.tensor([0.1]), True):

@@ -319,6 +319,28 @@ def test_cell_output_may_be_changed_in_place_like_torchs(backend):
         torch.testing.assert_close(ours.get_parameter(name).grad, param.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_complex_inputs_are_torchs_own():
+    """torch's CPU LSTM and LSTMCell compute in complex64 (forward and backward); bigkern's refused
+    them. auto leaves them to torch; a forced kernel backend says why it cannot serve."""
+    torch.manual_seed(0)
+    for cls, x in ((torch.nn.LSTM, torch.randn(3, 2, 3, dtype=torch.complex64)),
+                   (torch.nn.LSTMCell, torch.randn(2, 3, dtype=torch.complex64))):
+        theirs = cls(3, 4).to(torch.complex64)
+        ours = bigkern.patch(copy.deepcopy(theirs))
+        expected, got = theirs(x), ours(x)
+        torch.testing.assert_close(got, expected)
+        got[0].abs().sum().backward()
+        expected[0].abs().sum().backward()
+        for name, param in theirs.named_parameters():
+            torch.testing.assert_close(ours.get_parameter(name).grad, param.grad, msg=name)
+        with bigkern.use_backend("triton"), pytest.raises(bigkern.UnsupportedError, match="complex"):
+            ours(x)
+    cell = torch.nn.LSTMCell(3, 4).to(torch.complex64)
+    x, hx = torch.randn(2, 3, dtype=torch.complex64), (torch.randn(2, 4, dtype=torch.complex64),) * 2
+    torch.testing.assert_close(F.lstm_cell(x, hx, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh),
+                               torch.lstm_cell(x, hx, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh))
+
+
 def _flatten(result):
     out, (h, c) = result
     return [out.data if isinstance(out, PackedSequence) else out, h, c]

@@ -14,6 +14,7 @@ and direction (fullgraph). LSTMCell and the functional API need nothing.
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
+from bigkern import dispatch
 from bigkern.nn import register_drop_in
 from bigkern.ops import lstm as ops
 
@@ -49,6 +50,8 @@ class LSTM(torch.nn.LSTM):
                                    "Expected hidden[1] size {}, got {}")
 
     def forward(self, input, hx=None):
+        if ops.is_complex_call(input):
+            return dispatch.served_by_torch("lstm", ops.COMPLEX_REASON, super().forward, input, hx)
         weights = self._weights()
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -96,6 +99,8 @@ class LSTMCell(torch.nn.LSTMCell):
     __doc__ = "bigkern's drop-in for torch.nn.LSTMCell (one fused step).\n\n" + (torch.nn.LSTMCell.__doc__ or "")
 
     def forward(self, input, hx=None):
+        if ops.is_complex_call(input):
+            return dispatch.served_by_torch("lstm_cell", ops.COMPLEX_REASON, super().forward, input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:

@@ -494,6 +494,15 @@ def _check_packed_hx_dims(hx, fn):
                 raise _size_read_error(fn, f"hx[{i}]", t, 2, "3-D")
 
 
+# torch's CPU LSTM computes in complex dtypes too (its composite ops): such calls are its own
+COMPLEX_REASON = "complex inputs: bigkern's LSTM kernels compute in real dtypes (torch's CPU LSTM serves complex)"
+
+
+def is_complex_call(input) -> bool:
+    data = input.data if isinstance(input, torch.nn.utils.rnn.PackedSequence) else input
+    return isinstance(data, Tensor) and data.is_complex()
+
+
 def _check_input(input, fn):
     check_tensor(input, "input", f"{fn}()")
     if not input.is_floating_point():
@@ -697,6 +706,8 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
     """One LSTM step, torch.lstm_cell's signature: input (B, input_size), hx (h (B, H), c (B, H))
     or None for zeros; returns (h_1, c_1)."""
     fn = "lstm_cell"
+    if is_complex_call(input):
+        return dispatch.served_by_torch(fn, COMPLEX_REASON, torch.lstm_cell, input, hx, w_ih, w_hh, b_ih, b_hh)
     _check_input(input, fn)
     for name, t in (("input", input), ("weight_ih", w_ih)):
         if isinstance(t, Tensor) and t.dim() < 2:  # torch reads their size(1) first: IndexError
@@ -753,6 +764,9 @@ def lstm(input: Tensor, hx, params, has_biases: bool, num_layers: int, dropout: 
     Returns (output, h_n, c_n). Dropout between layers uses torch's dropout (and RNG).
     """
     fn = "lstm"
+    if is_complex_call(input):
+        return dispatch.served_by_torch(fn, COMPLEX_REASON, torch.lstm, input, hx, params, has_biases, num_layers,
+                                        dropout, train, bidirectional, batch_first)
     if isinstance(hx, Tensor):  # the packed overload: (data, batch_sizes, hx, params, ...)
         if not (params is None or isinstance(params, (tuple, list))) or not isinstance(has_biases, (tuple, list)):
             # neither overload fits (e.g. a bare tensor as hx): torch's argument parser's TypeError
