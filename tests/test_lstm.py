@@ -803,11 +803,12 @@ def test_functional_bad_input_like_torch_functional():
 
 
 def test_lstm_cell_biases_broadcast_like_torch(backend):
-    """torch.lstm_cell adds its biases by broadcasting: a (1, 4H) or per-row (B, 4H) bias works."""
+    """torch.lstm_cell adds its biases by broadcasting: a (1,), (1, 4H) or per-row (B, 4H) bias works."""
     x, h, c = (make_tensor(s, device=DEVICE, requires_grad=True) for s in ((3, 4), (3, 5), (3, 5)))
     w_ih, w_hh = make_tensor((20, 4), device=DEVICE), make_tensor((20, 5), device=DEVICE)
     for b_ih, b_hh in [(make_tensor((1, 20), device=DEVICE), make_tensor((20,), device=DEVICE)),
-                       (make_tensor((3, 20), device=DEVICE), make_tensor((1, 20), device=DEVICE))]:
+                       (make_tensor((3, 20), device=DEVICE), make_tensor((1, 20), device=DEVICE)),
+                       (make_tensor((1,), device=DEVICE), make_tensor((20,), device=DEVICE))]:
         b_ih.requires_grad_()
         expected = torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
         got = F.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)

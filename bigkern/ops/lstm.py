@@ -714,11 +714,12 @@ def lstm_cell(input: Tensor, hx: Optional[tuple], w_ih: Tensor, w_hh: Tensor, b_
             raise _size_read_error(fn, name, t, 1, "2-D")
     if input.dim() != 2:
         raise RuntimeError(f"{fn}(): 'input' must have 2 dimensions (batch, input_size), got {input.dim()}")
-    # torch adds the biases by broadcasting, so (1, 4H) and per-row (B, 4H) biases work too: those
-    # join the input projection (where any bias may go: the gates sum them all)
+    # torch adds the biases by broadcasting, so (1,), (1, 4H) and per-row (B, 4H) biases work too:
+    # those join the input projection (where any bias may go: the gates sum them all)
     gates_bias = None
     for name, b in (("bias_ih", b_ih), ("bias_hh", b_hh)):
-        if isinstance(b, Tensor) and b.dim() != 1 and isinstance(w_ih, Tensor) and w_ih.dim() == 2:
+        if (isinstance(b, Tensor) and isinstance(w_ih, Tensor) and w_ih.dim() == 2
+                and (b.dim() != 1 or b.shape[0] != w_ih.shape[0])):
             check_like(b, name, input, "input", f"{fn}()")
             try:
                 b = b.expand(input.shape[0], w_ih.shape[0])
