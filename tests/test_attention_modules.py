@@ -117,6 +117,17 @@ def test_need_weights_takes_torch_path_under_auto_and_raises_when_forced():
     assert bigkern.explain(module, x, x, x, need_weights=False).backend == "torch"  # CPU tensors under auto
 
 
+def test_masks_that_are_not_tensors_raise_torchs_type_error():
+    module, reference = bigkern.nn.MultiheadAttention(8, 2), torch.nn.MultiheadAttention(8, 2)
+    x = make_tensor((3, 2, 8))
+    for name in ("key_padding_mask", "attn_mask"):
+        for value in ((1, 2), [[True] * 3] * 2):
+            with pytest.raises(TypeError):
+                reference(x, x, x, need_weights=False, **{name: value})
+            with pytest.raises(TypeError, match=f"'{name}'"):
+                module(x, x, x, need_weights=False, **{name: value})
+
+
 def test_nested_input_runs_through_the_padded_batch():
     """A batch_first layer given a NestedTensor (torch's TransformerEncoder makes one of a padded batch
     and its padding mask in inference) runs bigkern's attention on the padded batch and mask; what

@@ -88,6 +88,20 @@ def test_state_dict_round_trips_between_patched_and_unpatched(linear_drop_in, tm
     torch.testing.assert_close(plain(x), patched(x))
 
 
+@pytest.mark.parametrize("torch_class", list(DROP_INS), ids=lambda c: c.__name__)
+def test_drop_ins_have_torchs_signatures(torch_class):
+    """Config tools (jsonargparse, LightningCLI) and inspect.signature(...).bind read the class's
+    signature: a drop-in's constructor and forward take torch's parameters, names and defaults."""
+    import inspect
+
+    def parameters(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    drop_in = DROP_INS[torch_class]
+    assert parameters(drop_in) == parameters(torch_class)
+    assert parameters(drop_in.forward) == parameters(torch_class.forward)
+
+
 def test_register_drop_in_requires_a_subclass():
     with pytest.raises(TypeError):
         register_drop_in(torch.nn.Linear, torch.nn.Conv2d)

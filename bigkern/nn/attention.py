@@ -17,12 +17,15 @@ whatever its class: a child left torch's (bigkern.patch(..., exclude=["*.self_at
 torch's, its hooks with it.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as torch_F
 from torch import Tensor
 
 from bigkern import dispatch
 from bigkern.nn import register_drop_in
+from bigkern.ops.checks import check_tensor
 from bigkern.ops import attention as ops
 
 _NEED_WEIGHTS = ("MultiheadAttention with need_weights=True returns the (L, S) attention weights, which the fused "
@@ -44,6 +47,8 @@ def _sdpa_arguments(module, query, key, value, key_padding_mask, attn_mask, is_c
     """What torch's MultiheadAttention (need_weights=False) does before its attention call, step for
     step: returns the SDPA arguments and what is needed to finish (shapes, batch_first, batched)."""
     is_batched = query.dim() == 3
+    for mask, name in ((key_padding_mask, "key_padding_mask"), (attn_mask, "attn_mask")):
+        check_tensor(mask, name, "MultiheadAttention.forward()", optional=True)  # (torch: a TypeError too)
     key_padding_mask = torch_F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
                                                other_type=torch_F._none_or_dtype(attn_mask), other_name="attn_mask",
                                                target_type=query.dtype)
@@ -242,6 +247,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     inference fast path is not taken (bigkern's kernels are the fast path); NestedTensor inputs run as
     their padded batch and padding mask (batch_first, no src_mask or causal hint; else torch's path)."""
 
+    @functools.wraps(torch.nn.TransformerEncoderLayer.__init__)  # torch's signature, for tools that read it (config parsers)
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _swap_attention_children(self, "self_attn")
@@ -254,6 +260,7 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
     """torch.nn.TransformerDecoderLayer with bigkern's attention (same constructor and state): torch's
     forward, whose attention children are bigkern's."""
 
+    @functools.wraps(torch.nn.TransformerDecoderLayer.__init__)  # torch's signature, for tools that read it (config parsers)
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _swap_attention_children(self, "self_attn", "multihead_attn")
