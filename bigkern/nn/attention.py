@@ -25,8 +25,8 @@ from torch import Tensor
 
 from bigkern import dispatch
 from bigkern.nn import register_drop_in
-from bigkern.ops.checks import check_tensor
 from bigkern.ops import attention as ops
+from bigkern.ops.checks import check_tensor
 
 _NEED_WEIGHTS = ("MultiheadAttention with need_weights=True returns the (L, S) attention weights, which the fused "
                  "kernels never form: pass need_weights=False, or use the auto or torch backend")
@@ -247,7 +247,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     inference fast path is not taken (bigkern's kernels are the fast path); NestedTensor inputs run as
     their padded batch and padding mask (batch_first, no src_mask or causal hint; else torch's path)."""
 
-    @functools.wraps(torch.nn.TransformerEncoderLayer.__init__)  # torch's signature, for tools that read it (config parsers)
+    @functools.wraps(torch.nn.TransformerEncoderLayer.__init__)  # torch's signature: config tools read it
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _swap_attention_children(self, "self_attn")
@@ -260,7 +260,7 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
     """torch.nn.TransformerDecoderLayer with bigkern's attention (same constructor and state): torch's
     forward, whose attention children are bigkern's."""
 
-    @functools.wraps(torch.nn.TransformerDecoderLayer.__init__)  # torch's signature, for tools that read it (config parsers)
+    @functools.wraps(torch.nn.TransformerDecoderLayer.__init__)  # torch's signature: config tools read it
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _swap_attention_children(self, "self_attn", "multihead_attn")

@@ -671,10 +671,10 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     """
     check_tensor(input, "input", "conv2d()")
     check_tensor(weight, "weight", "conv2d()")
-    if dispatch.layout_reason(input, weight, bias, residual):  # oneDNN (to_mkldnn), sparse: torch's own conv
-        return dispatch.served_by_torch("conv2d", dispatch.layout_reason(input, weight, bias, residual), reference,
-                                        input, weight, bias, stride, padding, dilation, groups, activation, residual,
-                                        negative_slope)
+    layout_reason = dispatch.layout_reason(input, weight, bias, residual)
+    if layout_reason:  # oneDNN (to_mkldnn), sparse: torch's own conv
+        return dispatch.served_by_torch("conv2d", layout_reason, reference, input, weight, bias, stride, padding,
+                                        dilation, groups, activation, residual, negative_slope)
     _check_weight_dims(input, weight)
     autocast_dtype = _autocast_dtype(input)
     if autocast_dtype is not None:
