@@ -10,6 +10,7 @@ a registered torch class are swapped: a user's subclass with its own forward is 
 import contextlib
 import fnmatch
 import threading
+import warnings
 import weakref
 from typing import Iterable, Optional
 
@@ -253,6 +254,10 @@ def _patch_huggingface(modules, include, exclude):
         if not all(_runs_on_sdpa(m) for m in [model] + inner):
             continue
         if not _attention_selected(name, modules, include, exclude) or not huggingface.register():
+            continue
+        if huggingface.tests_the_sdpa_name(model):  # it would compute something else under another name
+            warnings.warn(f"bigkern.patch leaves {type(model).__name__} on transformers' SDPA attention: its code "
+                          f"takes another path when the attention implementation is not named 'sdpa'")
             continue
         setattr(model, "_bigkern_original_attn_implementation", model.config._attn_implementation)
         huggingface.set_attention(model, "bigkern")

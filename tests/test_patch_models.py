@@ -152,6 +152,29 @@ def test_huggingface_gpt2_patched():
     assert patched.config._attn_implementation == original
 
 
+def test_huggingface_model_testing_the_sdpa_name_stays_on_sdpa():
+    """DeepSeek-V3.2 folds its sparse key selection into the mask only under the names "eager" and
+    "sdpa"; under "bigkern" it passed the selection as `indices=`, which an SDPA drop-in cannot
+    honour: the patched model attended to every key (logits off by 0.1). Such models stay on SDPA,
+    with a warning, and compute what they computed."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DeepseekV32Config"):
+        pytest.skip("this transformers has no DeepSeek-V3.2")
+    torch.manual_seed(0)
+    config = transformers.DeepseekV32Config(
+        vocab_size=97, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=8,
+        index_topk=3, index_head_dim=8, index_n_heads=2, first_k_dense_replace=1, max_position_embeddings=64)
+    model = transformers.DeepseekV32ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    tokens = torch.randint(3, 90, (2, 10))
+    with pytest.warns(UserWarning, match="leaves DeepseekV32ForCausalLM on transformers' SDPA"):
+        patched = bigkern.patch(copy.deepcopy(model))
+    assert patched.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(patched(tokens).logits, model(tokens).logits)
+
+
 def test_huggingface_patched_model_loaded_in_a_new_process(tmp_path):
     """A patched model saved whole (torch.save / pickle) says "bigkern" in its config; in a process
     where transformers has not heard of bigkern's attention, patching it again registers it (it

@@ -11,12 +11,21 @@ the key/value heads. Calls that change the attention itself (sinks, soft-capping
 model's own eager attention under `auto`, and raise UnsupportedError with a forced backend.
 """
 
+import functools
+import inspect
+import re
 import sys
 import warnings
 
 import torch
 
 NAME = "bigkern"
+
+# Model code that tests the implementation's name -- `config._attn_implementation == "sdpa"`, `in
+# ("eager", "sdpa")` -- takes another path under any other name: DeepSeek-V3.2's sparse attention
+# passes its key selection as `indices=` instead of folding it into the mask; Gemma 4's KV-shared
+# layers trim their queries where SDPA's mask was skipped for is_causal. Such models stay on SDPA.
+_TESTS_THE_SDPA_NAME = re.compile(r"""_attn_implementation[^\n]{0,60}?(==|!=|\bin\b)[^\n]{0,40}?["']sdpa["']""")
 
 # Keyword arguments with which some models change the attention itself -- attention sinks (gpt-oss),
 # logit soft-capping (Gemma 2), ALiBi biases -- which neither bigkern's kernel nor transformers' SDPA
@@ -89,6 +98,20 @@ def _model_eager_attention(module, query, key, value, attention_mask, dropout, s
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def tests_the_sdpa_name(model: torch.nn.Module) -> bool:
+    """Whether code of the model's modules compares the attention implementation's name with "sdpa"."""
+    return any(_module_tests_the_sdpa_name(type(m).__module__) for m in model.modules())
+
+
+@functools.lru_cache(maxsize=None)
+def _module_tests_the_sdpa_name(module_name: str) -> bool:
+    try:
+        source = inspect.getsource(sys.modules[module_name])
+    except (KeyError, OSError, TypeError):  # no source to read: nothing known to branch
+        return False
+    return _TESTS_THE_SDPA_NAME.search(source) is not None
 
 
 def register() -> bool:
