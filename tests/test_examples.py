@@ -26,11 +26,14 @@ def test_example_trains_with_matching_losses(script):
     assert "throughput" in result.stdout
 
 
-@pytest.mark.parametrize("flag", ["--steps", "--print-every"])
-def test_example_refuses_no_steps(flag):
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "cnn.py"), "--tiny", flag, "0"],
+@pytest.mark.parametrize("flag,value,message", [("--steps", "0", "must be at least 1"),
+                                                ("--print-every", "0", "must be at least 1"),
+                                                ("--dtype", "float", "invalid choice")])
+def test_example_refuses_bad_arguments(flag, value, message):
+    """argparse's usage error (exit 2), not a traceback from deep inside the run."""
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "cnn.py"), "--tiny", flag, value],
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and f"argument {flag}: must be at least 1" in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2 and f"argument {flag}: {message}" in result.stderr, result.stderr[-2000:]
 
 
 def test_workloads_run_forward_and_backward():
