@@ -14,19 +14,27 @@ Patterns (each part after the conv optional, each intermediate used by nothing e
                                       torch.add or Tensor.add (a ResNet block's `out += identity`;
                                       never an in-place add into the identity, which others see)
 
+A chain is left whole where something else writes in place, between its conv and its end, into what
+the fused conv reads (its input, the residual): the fused conv runs where the chain ended.
+
 A module with hooks (forward, pre-forward or backward; spectral_norm's pre-hook among them) is
 never fused away: a conv, batch norm or activation with hooks ends the chain, and any other module
 with hooks keeps its identity (its children are fused inside it), so every hook still runs.
 
 The model is traced with torch.fx (bigkern's own modules, from bigkern.patch, and modules with
-hooks as leaves like torch's); where it cannot be traced (data-dependent control flow), or where
-its traced code reads `self.training` (F.dropout(training=self.training), stochastic depth: a trace
-would fix the mode it was fused in), each child module is fused on its own. nn.Sequential
-containers are matched module by module. Each chain becomes one `bigkern.nn.FusedConv2d` under the
+hooks as leaves like torch's); where it cannot be traced (data-dependent control flow), where its
+forward has optional or variadic parameters, where tracing changes its state (buffer updates: fx
+would run them once instead of recording them; the state is restored), or where its traced code
+reads `self.training` (F.dropout(training=self.training), stochastic depth: a trace would fix the
+mode it was fused in), each child module is fused on its own. nn.Sequential containers are matched
+module by module where they run whole (the model itself, or called only as one): code that iterates
+or indexes one sees each child's output. Each chain becomes one `bigkern.nn.FusedConv2d` under the
 conv's own name; folded batch norms disappear from the module tree (and the state_dict), nothing else.
 """
 
+import contextlib
 import copy
+import inspect
 import operator
 
 import torch
@@ -48,6 +56,9 @@ _ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "s
                        "tanh": "tanh", "tanh_": "tanh"}
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
+_IN_PLACE_OPERATORS = tuple(getattr(operator, f"i{name}") for name in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift", "rshift"))
+_ACTIVATION_KWARGS = {"inplace", "approximate", "negative_slope"}  # any other (out=...) is not an activation's
 
 
 def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -68,12 +79,11 @@ class _Proxy(fx.Proxy):
     loses the write into a (which other names may hold). Here they are recorded as what they are."""
 
 
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift",
-              "rshift"):
-    def _in_place(self, other, _op=getattr(operator, f"i{_name}")):
+for _operator in _IN_PLACE_OPERATORS:
+    def _in_place(self, other, _op=_operator):
         return self.tracer.create_proxy("call_function", _op, (self, other), {})
 
-    setattr(_Proxy, f"__i{_name}__", _in_place)
+    setattr(_Proxy, f"__{_operator.__name__}__", _in_place)
 
 
 class _Tracer(fx.Tracer):
@@ -88,26 +98,33 @@ class _Tracer(fx.Tracer):
         return _Proxy(node, self)
 
 
+class _WholeSequentialTracer(_Tracer):
+    """Keeps nn.Sequential calls as one node each, to tell which ones a forward calls only whole."""
+
+    def is_leaf_module(self, m, module_qualified_name):
+        return type(m) is nn.Sequential or super().is_leaf_module(m, module_qualified_name)
+
+
 def _has_hooks(module) -> bool:
     """Whether hooks run around this module's forward or backward (a fused module would drop them)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
 
 
-def _fuse(model, model_training):
+def _fuse(model, model_training, called_whole=True):
+    """`called_whole`: whether `model` only runs as one (the root, a Sequential's child, a leaf of a
+    traced graph that never reaches inside it), rather than iterated or indexed by untraced code."""
     if isinstance(model, _CONVS) or not any(True for _ in model.children()):
         return model
     if type(model) is nn.Sequential or _has_hooks(model):
         # a chain: module patterns find everything, and keep it a Sequential; a module with hooks
         # stays itself (a traced copy would not carry them), fused inside
-        return _fuse_children(model, model_training)
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # fx cannot trace it: fuse inside each child instead
-        return _fuse_children(model, model_training)
-    if _traced_code_reads_the_mode(model, graph):
-        # a trace bakes `self.training` in (F.dropout(training=self.training), stochastic depth): the
-        # fused model would keep the mode it was fused in through .train()/.eval(); fuse inside instead
+        return _fuse_children(model, model_training, called_whole)
+    graph = _trace(model)
+    if graph is None or _traced_code_reads_the_mode(model, graph):
+        # fx cannot trace it, or its trace would bake `self.training` in (F.dropout(training=
+        # self.training), stochastic depth: the fused model would keep the mode it was fused in
+        # through .train()/.eval()): fuse inside each child instead
         return _fuse_children(model, model_training)
     traced = fx.GraphModule(model, graph, type(model).__name__)
     _adopt_untraced_submodules(traced, model)
@@ -116,27 +133,125 @@ def _fuse(model, model_training):
         if node.op == "call_module":
             leaf = traced.get_submodule(node.target)
             if _has_hooks(leaf) and not isinstance(leaf, _CONVS):
-                _fuse_children(leaf, model_training)
+                _fuse(leaf, model_training, _called_whole(traced.graph, node.target))
     if not changed:
         return model  # the trace saw every module: nothing to fuse at this level
     traced.training = model.training
     return traced
 
 
-def _traced_code_reads_the_mode(model, graph) -> bool:
-    """Whether tracing `model` in the other mode (every module's flag flipped) gives another graph, or
-    none: then the traced code reads `training`, which a trace fixes as a constant."""
+def _trace(model, tracer=_Tracer):
+    """fx's graph of `model`'s forward, or None where fx cannot trace it, or its graph would not do
+    what the forward does:
+    - optional or variadic parameters: fx passes a proxy for each, so `if scale is not None:` is
+      always taken;
+    - the forward changes the model's state: fx runs buffer updates for real instead of recording
+      them (`self.calls += 1`, a BatchNorm subclass's num_batches_tracked), so tracing would change
+      the model once and the graph never again. The state is restored."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a compiled forward
+        return None
+    if any(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return None
+    before = _State(model)
+    try:
+        graph = tracer().trace(model)
+    except Exception:
+        graph = None
+    if before.changed():
+        before.restore()
+        return None
+    return graph
+
+
+_REGISTRIES = ("_parameters", "_buffers", "_modules")
+
+
+class _State:
+    """What a forward could change in `model` outside the graph fx records: each module's attributes
+    and registered entries (by identity), and its buffers and plain tensor attributes (by version, with
+    copies to put back)."""
+
+    def __init__(self, model):
+        self.modules = {module: self._entries(module) for module in model.modules()}
+        self.tensors = [(t, _version(t), t.detach().clone()) for module in self.modules
+                        for t in (*module._buffers.values(), *vars(module).values()) if isinstance(t, torch.Tensor)]
+
+    @staticmethod
+    def _entries(module):
+        entries = {(None, name): value for name, value in vars(module).items() if name not in _REGISTRIES}
+        for registry in _REGISTRIES:
+            entries.update(((registry, name), value) for name, value in getattr(module, registry).items())
+        return entries
+
+    def changed(self) -> bool:
+        return (any(self._changed(module, entries) for module, entries in self.modules.items())
+                or any(_version(t) != version for t, version, _ in self.tensors))
+
+    def _changed(self, module, entries):
+        now = self._entries(module)
+        return now.keys() != entries.keys() or any(now[key] is not value for key, value in entries.items())
+
+    def restore(self):
+        for module, entries in self.modules.items():
+            for name in [name for name in vars(module) if name not in _REGISTRIES]:
+                delattr(module, name)
+            for registry in _REGISTRIES:
+                getattr(module, registry).clear()
+            for (registry, name), value in entries.items():
+                (vars(module) if registry is None else getattr(module, registry))[name] = value
+        with torch.no_grad():
+            for t, version, copied in self.tensors:
+                if _version(t) != version:
+                    t.copy_(copied)
+
+
+def _version(t):
+    """t's version counter, which every in-place write bumps (None for an inference tensor, which has
+    none: outside inference mode nothing can write into it)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+@contextlib.contextmanager
+def _modes_flipped(model):
+    """Every module of `model` in the other mode, for a trace to show whether its code reads it."""
     modes = {module: module.training for module in model.modules()}
     try:
-        for module in modes:
-            module.training = not modes[module]
-        other = _Tracer().trace(model)
-    except Exception:
-        return True
+        for module, training in modes.items():
+            module.training = not training
+        yield
     finally:
         for module, training in modes.items():
             module.training = training
-    return other.python_code("self").src != graph.python_code("self").src
+
+
+def _traced_code_reads_the_mode(model, graph) -> bool:
+    """Whether tracing `model` in the other mode (every module's flag flipped) gives another graph, or
+    none: then the traced code reads `training`, which a trace fixes as a constant."""
+    with _modes_flipped(model):
+        other = _trace(model)
+    return other is None or other.python_code("self").src != graph.python_code("self").src
+
+
+def _called_whole(graph, target) -> bool:
+    """Whether `graph` uses the module `target` only by calling it, never reaching inside."""
+    return not any(node.op in ("call_module", "get_attr") and node.target.startswith(target + ".")
+                   for node in graph.nodes)
+
+
+def _sequentials_called_whole(module):
+    """Names of `module`'s nn.Sequential children its forward calls only whole, in either mode (none
+    where it cannot be traced)."""
+    def whole(graph):
+        return set() if graph is None else {name for name, child in module.named_children()
+                                            if type(child) is nn.Sequential and _called_whole(graph, name)}
+    called = whole(_trace(module, _WholeSequentialTracer))
+    with _modes_flipped(module):
+        return called & whole(_trace(module, _WholeSequentialTracer))
 
 
 def _adopt_untraced_submodules(traced, model):
@@ -158,12 +273,19 @@ def _adopt_untraced_submodules(traced, model):
     adopt(traced, model)
 
 
-def _fuse_children(module, model_training):
+def _fuse_children(module, model_training, called_whole=False):
+    """Fuse inside `module`, kept as it is. A Sequential's chains across its children are fused only
+    where it runs whole: code that iterates or indexes it (taps of intermediate features) would see
+    the fused values."""
+    if type(module) is nn.Sequential:
+        whole = {name for name, _ in module.named_children()} if called_whole else set()
+    else:
+        whole = _sequentials_called_whole(module)
     for name, child in list(module.named_children()):
-        fused = _fuse(child, model_training)
+        fused = _fuse(child, model_training, name in whole)
         if fused is not child:
             setattr(module, name, fused)
-    if isinstance(module, nn.Sequential):
+    if type(module) is nn.Sequential and called_whole:
         _fuse_sequential(module, model_training)
     return module
 
@@ -183,6 +305,8 @@ def _activation(node, modules, source):
     if node.op == "call_module":
         return _activation_module(modules[node.target])  # (None for one with hooks)
     if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
+        if node.kwargs.keys() - _ACTIVATION_KWARGS:  # torch.tanh(y, out=buffer) writes where others read
+            return None
         name = _ACTIVATION_FUNCTIONS[node.target]
         if name == "gelu":
             approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
@@ -215,6 +339,69 @@ def _residual(node, source):
     if not isinstance(other, fx.Node) or other is source:
         return None
     return other
+
+
+_OUTSIDE = "outside"  # the model's inputs and attributes, all one: a caller may pass one tensor twice
+
+
+def _memory(node, modules):
+    """What `node`'s value may share memory with: the conv and batch norm outputs (new tensors) it may
+    be a view of, and _OUTSIDE where it may be a view of the model's inputs or attributes."""
+    found, seen, todo = set(), set(), [node]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and type(modules[node.target]) in (*_CONVS, nn.BatchNorm2d) \
+                and not _has_hooks(modules[node.target]):
+            found.add(node)
+        elif not node.all_input_nodes:
+            found.add(_OUTSIDE)
+        else:
+            todo.extend(node.all_input_nodes)
+    return found
+
+
+def _writes_into(node, memory, modules) -> bool:
+    """Whether `node` may write in place into `memory` (as _memory gives it): in-place operators,
+    methods and functions (a trailing underscore, `out=`, `inplace=True`), modules with `inplace`, and
+    any module but torch's and bigkern's own (fx does not show what they do)."""
+    written = None
+    if node.op == "call_module":
+        module = modules[node.target]
+        if _has_hooks(module) or not type(module).__module__.startswith(("torch.nn.", "bigkern.nn.")):
+            return True
+        if getattr(module, "inplace", False) is not False:
+            written = node.args[0] if node.args else node.kwargs
+    elif node.op in ("call_method", "call_function"):
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        try:  # inplace may be passed by position: F.relu(x, True)
+            inplace = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments.get("inplace", False)
+        except (TypeError, ValueError):  # methods, and builtins (torch.relu) have no signature
+            inplace = node.kwargs.get("inplace", False)
+        if "out" in node.kwargs:
+            written = node.kwargs["out"]
+        elif ((name.endswith("_") and not name.endswith("__")) or inplace is not False
+              or node.target in _IN_PLACE_OPERATORS or node.target is operator.setitem):
+            written = node.args[0] if node.args else node.kwargs
+    if written is None:
+        return False
+    return not isinstance(written, fx.Node) or bool(_memory(written, modules) & memory)
+
+
+def _writes_between(first, last, chain, reads, modules) -> bool:
+    """Whether a node between `first` and `last`, other than the chain's, may write into what the
+    fused node reads (`reads`, or the weights): it runs where `last` did, so it would read them after
+    the write. (Writes into other convs' and batch norms' outputs, a residual branch's in-place ReLUs,
+    are harmless.)"""
+    read = {_OUTSIDE}.union(*(_memory(n, modules) for n in reads if isinstance(n, fx.Node)))
+    node = first.next
+    while node is not last:
+        if node not in chain and _writes_into(node, read, modules):
+            return True
+        node = node.next
+    return False
 
 
 def _foldable_batch_norm(module, conv, model_training):
@@ -251,11 +438,11 @@ def _fuse_graph(gm: fx.GraphModule, model_training: bool) -> bool:
             batch_norm, tail = modules[user.target], user
             chain.append(tail)
         activation = _activation(_only_user(tail), modules, tail)
-        residual = None
+        residual = add = None
         if activation is None:
             residual = _residual(_only_user(tail), tail)
             if residual is not None:
-                tail = _only_user(tail)
+                add = tail = _only_user(tail)
                 chain.append(tail)
                 activation = _activation(_only_user(tail), modules, tail)
         if activation is not None:
@@ -263,11 +450,15 @@ def _fuse_graph(gm: fx.GraphModule, model_training: bool) -> bool:
             chain.append(tail)
         if batch_norm is None and activation is None and residual is None:
             continue
+        args = (node.args[0],) if residual is None else (node.args[0], residual)
+        if _writes_between(node, tail, chain, args, modules):
+            continue
         name, slope = activation if activation is not None else (None, 0.01)
         fused = FusedConv2d.from_conv(modules[node.target], batch_norm, name, slope)
+        # `residual + y` takes the residual's layout, which FusedConv2d follows only when told
+        fused.residual_first = add is not None and add.args[0] is residual
         _set_submodule(gm, node.target, fused)
         with gm.graph.inserting_after(tail):
-            args = (node.args[0],) if residual is None else (node.args[0], residual)
             replacement = gm.graph.call_module(node.target, args)
         tail.replace_all_uses_with(replacement)
         for dead in reversed(chain):

@@ -169,7 +169,7 @@ def test_functional_activations_and_residuals():
 
 
 class Untraceable(nn.Module):
-    """Data-dependent control flow: fx cannot trace it; its Sequential children still fuse."""
+    """Data-dependent control flow: fx cannot trace it; its other children still fuse."""
 
     def __init__(self):
         super().__init__()
@@ -185,9 +185,35 @@ class Untraceable(nn.Module):
 
 
 def test_untraceable_model_fuses_its_children():
+    """Its Sequential is left whole: untraced code may iterate or index it (see the taps test)."""
     model = randomize_batch_norms(Untraceable()).double().eval()
-    fused = fused_equals_original(model, make_tensor((2, 3, 7, 7), torch.float64, DEVICE), expect=4)
-    assert isinstance(fused, Untraceable) and isinstance(fused.features[2], nn.Identity)
+    fused = fused_equals_original(model, make_tensor((2, 3, 7, 7), torch.float64, DEVICE), expect=2)
+    assert isinstance(fused, Untraceable) and isinstance(fused.head.conv1, FusedConv2d)
+    assert [type(m) for m in fused.features] == [type(m) for m in model.features]
+
+
+class Taps(nn.Module):
+    """A feature extractor iterating its Sequential for pre-activation taps, not traceable."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                                      nn.ReLU())
+
+    def forward(self, x):
+        taps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in (0, 2):
+                taps.append(x)
+        if x.mean() > 100:  # data-dependent: fx cannot trace it
+            x = x * 0
+        return taps
+
+
+def test_a_sequential_an_untraced_parent_iterates_is_not_fused():
+    """Fused across its children, the Sequential's index 0 would give relu(conv(x)), not conv(x)."""
+    fused_equals_original(Taps().double().eval(), make_tensor((1, 3, 6, 6), torch.float64, DEVICE), expect=0)
 
 
 class NotFusable(nn.Module):
@@ -346,6 +372,22 @@ def test_spectral_norm_conv_is_not_fused():
     torch.testing.assert_close(fused(x), expected)
 
 
+def test_a_frozen_batch_norm_folded_in_training_mode_refuses_a_later_train():
+    """After model.eval(); model.train() the original's batch norm normalizes with batch statistics,
+    which the folded weights cannot: the fused model raises rather than keep the running ones."""
+    model = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).double()
+    model.train()
+    model[1].eval()
+    model.requires_grad_(False)
+    x = make_tensor((2, 3, 6, 6), torch.float64, DEVICE)
+    fused = fused_equals_original(model, x, expect=1)  # in training mode, untouched: still right
+    fused.eval()
+    torch.testing.assert_close(fused(x), model.eval()(x))
+    fused.train()
+    with pytest.raises(RuntimeError, match="BatchNorm2d"):
+        fused(x)
+
+
 def test_a_model_fused_in_eval_mode_refuses_training_mode():
     model = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).double().eval()
     fused = bigkern.fuse(model)
@@ -402,3 +444,158 @@ def test_fusing_keeps_modules_the_trace_did_not_reach():
     model = randomize_batch_norms(WithSpareHead()).double().eval()
     fused = fused_equals_original(model, make_tensor((2, 3, 6, 6), torch.float64, DEVICE), expect=1)
     assert set(fused.state_dict()) == {k for k in model.state_dict() if not k.startswith("bn.")}
+
+
+class Counting(nn.Module):
+    """A forward that updates a buffer: fx runs `self.calls += 1` while tracing instead of recording it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.relu(self.conv(x))
+
+
+class TracedBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm2d subclass (as timm's BatchNormAct2d): fx traces into it, running its updates."""
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_tracing_never_changes_the_models_state(inplace):
+    """A forward that updates its own state is not traced: the trace would update it once, at fuse
+    time, and the graph never again (wrong running statistics with momentum=None)."""
+    counting = Counting().double()
+    x = make_tensor((2, 3, 6, 6), torch.float64, DEVICE)
+    fused = bigkern.fuse(counting, inplace=inplace)
+    assert fused.calls == 0 and counting.calls == 0
+    for _ in range(3):
+        fused(x)
+    assert fused.calls == 3
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), TracedBatchNorm(4, momentum=None), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                          nn.ReLU()).double()
+    original = copy.deepcopy(model)
+    fused = bigkern.fuse(model, inplace=inplace)
+    assert_parameters_untouched(model, original)
+    assert sum(isinstance(m, FusedConv2d) for m in fused.modules()) == 1
+    for _ in range(3):
+        x = make_tensor((4, 3, 6, 6), torch.float64, DEVICE)
+        torch.testing.assert_close(fused(x), original(x))
+    assert_parameters_untouched(fused, original)
+
+
+class WriteBetween(nn.Module):
+    """The conv's input written in place after the conv ran, before its residual add."""
+
+    def __init__(self, write):
+        super().__init__()
+        self.conv, self.write = nn.Conv2d(3, 3, 3, padding=1), write
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = x * 1.0
+        y = self.conv(x)
+        if self.write == "method":
+            x.mul_(2)
+        elif self.write == "module":
+            self.act(x)
+        else:
+            Fn.relu(x, True)
+        return torch.relu(y + x)
+
+
+@pytest.mark.parametrize("write", ["method", "module", "functional"])
+def test_in_place_writes_inside_a_chain_are_not_fused(write):
+    """The fused conv runs where the chain ends: it would read the input after the write."""
+    model = WriteBetween(write).double().eval()
+    fused_equals_original(model, make_tensor((1, 3, 5, 5), torch.float64, DEVICE), expect=0)
+
+
+class ProjectionFirst(nn.Module):
+    """torchvision's RegNet block: the projection's chain ends after the residual branch, whose in-place
+    ReLUs write into its own batch norms' outputs only."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        self.f = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                               nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.proj(x) + self.f(x))
+
+
+def test_in_place_writes_into_another_branch_still_fuse():
+    model = randomize_batch_norms(ProjectionFirst()).double().eval()
+    fused_equals_original(model, make_tensor((2, 3, 5, 5), torch.float64, DEVICE), expect=3)
+
+
+class OptionalSkip(nn.Module):
+    """A forward with an optional argument: fx passes a proxy for it, so `skip is None` is never true."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, skip=None):
+        y = self.conv(x)
+        if skip is None:
+            return torch.relu(y)
+        return torch.tanh(y + skip)
+
+
+def test_a_forward_with_optional_arguments_is_not_traced():
+    model = OptionalSkip().double().eval()
+    x, skip = make_tensor((1, 3, 5, 5), torch.float64, DEVICE), make_tensor((1, 4, 5, 5), torch.float64, DEVICE)
+    fused = fused_equals_original(model, x, expect=0)
+    torch.testing.assert_close(fused(x, skip), model(x, skip))
+
+
+class TanhInto(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, out):
+        torch.tanh(self.conv(x), out=out)
+        return out * 2
+
+
+def test_an_activation_writing_into_out_is_not_fused():
+    model = TanhInto().double().eval().requires_grad_(False)
+    x = make_tensor((1, 3, 5, 5), torch.float64, DEVICE)
+    expected = model(x, torch.zeros(1, 3, 5, 5, dtype=torch.float64, device=DEVICE))
+    fused = bigkern.fuse(model)
+    assert not any(isinstance(m, FusedConv2d) for m in fused.modules())
+    torch.testing.assert_close(fused(x, torch.zeros(1, 3, 5, 5, dtype=torch.float64, device=DEVICE)), expected)
+
+
+class ResidualFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, residual):
+        return torch.relu(residual + self.conv(x))
+
+
+@pytest.mark.parametrize("layouts", ["x", "residual", "weight", "x weight", "x residual weight"])
+def test_residual_first_gives_torchs_layout(layouts):
+    """torch's `residual + y` follows the residual's layout where the two differ, the fused kernel
+    the conv's: fused results must come in torch's layout too."""
+    def laid_out(t, name):
+        return t.contiguous(memory_format=torch.channels_last if name in layouts.split() else torch.contiguous_format)
+
+    model = ResidualFirst().double().eval()
+    model.conv.weight.data = laid_out(model.conv.weight.data, "weight")
+    x = laid_out(make_tensor((2, 4, 5, 6), torch.float64, DEVICE), "x")
+    residual = laid_out(make_tensor((2, 4, 5, 6), torch.float64, DEVICE), "residual")
+    expected = model(x, residual)
+    fused = bigkern.fuse(model)
+    assert sum(isinstance(m, FusedConv2d) for m in fused.modules()) == 1
+    y = fused(x, residual)
+    torch.testing.assert_close(y, expected)
+    assert y.stride() == expected.stride()

@@ -58,7 +58,9 @@ class FusedConv2d(Conv2d):
 
     A residual that cannot be fused -- another dtype or device, or a shape the output would be
     broadcast up to -- takes the unfused path (conv, then torch's add and activation), so the
-    result is always what the unfused composition gives.
+    result is always what the unfused composition gives. `residual_first = True` stands for
+    act(residual + conv2d(x)): the same values, in the residual's layout as torch's add gives it (the
+    fused kernel writes the conv's, so a residual laid out otherwise takes the unfused path).
     """
 
     def __init__(self, *args, activation: Optional[str] = None, negative_slope: float = 0.01, **kwargs):
@@ -89,12 +91,20 @@ class FusedConv2d(Conv2d):
         bias_source = conv.bias if conv.bias is not None else conv.weight
         fused.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=bias_source.requires_grad)
         # the statistics are frozen into the weights: right while the batch norm would be in eval
-        # mode. Folded in an eval-mode model, training mode later would need batch statistics
+        # mode. Folded in an eval-mode model, training mode later would need batch statistics; so
+        # would a later .train() of a model fused in training mode (the batch norm frozen in eval)
         fused.folded_batch_norm_in_eval_model = not conv.training
+        fused.folded_batch_norm_would_train = False
         return fused
 
+    def train(self, mode: bool = True):
+        if hasattr(self, "folded_batch_norm_would_train"):  # the batch norm would follow the model's mode
+            self.folded_batch_norm_would_train = mode
+        return super().train(mode)
+
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        if self.training and getattr(self, "folded_batch_norm_in_eval_model", False):
+        if self.training and (getattr(self, "folded_batch_norm_in_eval_model", False)
+                              or getattr(self, "folded_batch_norm_would_train", False)):
             raise RuntimeError("FusedConv2d: this conv folded a BatchNorm2d's running statistics (bigkern.fuse of a "
                                "model in eval mode); in training mode that batch norm would normalize with batch "
                                "statistics and update its running ones, which folded weights cannot. Fuse the "
@@ -104,7 +114,8 @@ class FusedConv2d(Conv2d):
         if residual is None or self._fusable(input, residual):
             return self._conv_forward(input, self.weight, self.bias, activation=activation, residual=residual,
                                       negative_slope=negative_slope)
-        y = self._conv_forward(input, self.weight, self.bias) + residual
+        y = self._conv_forward(input, self.weight, self.bias)
+        y = residual + y if getattr(self, "residual_first", False) else y + residual
         return torch_activation(y, activation_code(activation), negative_slope)
 
     def _fusable(self, input: Tensor, residual) -> bool:
@@ -113,6 +124,13 @@ class FusedConv2d(Conv2d):
         if residual.dtype != input.dtype or residual.device != input.device or input.dim() not in (3, 4):
             return False
         shape = self._output_shape(input)
+        if getattr(self, "residual_first", False):
+            # the fused output takes the conv's layout (torch's rule, on the input as given: another
+            # padding mode pads it first, which may change it); torch's `residual + y` the residual's
+            if self.padding_mode != "zeros" or input.dim() != 4 or tuple(residual.shape) != tuple(shape):
+                return False
+            strides = conv_ops.dense_strides(shape, conv_ops.output_channels_last(input, self.weight))
+            return conv_ops.same_storage_order(residual, residual.new_empty_strided(shape, strides, device="meta"))
         try:
             return tuple(torch.broadcast_shapes(residual.shape, shape)) == tuple(shape)
         except RuntimeError:
