@@ -106,9 +106,10 @@ class FusedConv2d(Conv2d):
         if self.training and (getattr(self, "folded_batch_norm_in_eval_model", False)
                               or getattr(self, "folded_batch_norm_would_train", False)):
             raise RuntimeError("FusedConv2d: this conv folded a BatchNorm2d's running statistics (bigkern.fuse of a "
-                               "model in eval mode); in training mode that batch norm would normalize with batch "
-                               "statistics and update its running ones, which folded weights cannot. Fuse the "
-                               "training model instead (its batch norms stay separate), or use this one in eval mode")
+                               "model in eval mode, or of a frozen batch norm in eval mode switched by .train() "
+                               "since); in training mode that batch norm would normalize with batch statistics and "
+                               "update its running ones, which folded weights cannot. Fuse the training model "
+                               "instead (its trainable batch norms stay separate), or use this one in eval mode")
         activation = getattr(self, "activation", None)
         negative_slope = getattr(self, "negative_slope", 0.01)
         if residual is None or self._fusable(input, residual):
