@@ -246,9 +246,9 @@ def _patch_huggingface(modules, include, exclude):
     # bigkern's attention is an SDPA drop-in: a model transformers does not run on SDPA (built with
     # eager attention, which returns the weights; flash; one whose attention SDPA cannot take; or
     # already bigkern's, by an earlier patch) keeps its own attention
-    switched = []
+    switched, left = [], []  # (left on SDPA by the check below: its inner models too, said once)
     for name, model in models:
-        if any(_inside(name, outer) for outer in switched):
+        if any(_inside(name, outer) for outer in switched + left):
             continue
         inner = [m for n, m in models if _inside(n, name)]
         if not all(_runs_on_sdpa(m) for m in [model] + inner):
@@ -257,7 +257,8 @@ def _patch_huggingface(modules, include, exclude):
             continue
         if huggingface.tests_the_sdpa_name(model):  # it would compute something else under another name
             warnings.warn(f"bigkern.patch leaves {type(model).__name__} on transformers' SDPA attention: its code "
-                          f"takes another path when the attention implementation is not named 'sdpa'")
+                          f"takes another path when the attention implementation is not named 'sdpa'", stacklevel=3)
+            left.append(name)
             continue
         setattr(model, "_bigkern_original_attn_implementation", model.config._attn_implementation)
         huggingface.set_attention(model, "bigkern")

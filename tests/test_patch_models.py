@@ -156,7 +156,8 @@ def test_huggingface_model_testing_the_sdpa_name_stays_on_sdpa():
     """DeepSeek-V3.2 folds its sparse key selection into the mask only under the names "eager" and
     "sdpa"; under "bigkern" it passed the selection as `indices=`, which an SDPA drop-in cannot
     honour: the patched model attended to every key (logits off by 0.1). Such models stay on SDPA,
-    with a warning, and compute what they computed."""
+    with a warning, and compute what they computed; one built with attn_implementation="bigkern" keeps
+    to the selection."""
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "DeepseekV32Config"):
         pytest.skip("this transformers has no DeepSeek-V3.2")
@@ -171,8 +172,15 @@ def test_huggingface_model_testing_the_sdpa_name_stays_on_sdpa():
     with pytest.warns(UserWarning, match="leaves DeepseekV32ForCausalLM on transformers' SDPA"):
         patched = bigkern.patch(copy.deepcopy(model))
     assert patched.config._attn_implementation == "sdpa"
+    # chosen by name instead, bigkern's attention gets the selection as indices= and must keep to it
+    from bigkern.integrations import huggingface
+
+    huggingface.register()
+    chosen = copy.deepcopy(model)
+    chosen.set_attn_implementation("bigkern")
     with torch.no_grad():
         torch.testing.assert_close(patched(tokens).logits, model(tokens).logits)
+        torch.testing.assert_close(chosen(tokens).logits, model(tokens).logits)
 
 
 def test_huggingface_patched_model_loaded_in_a_new_process(tmp_path):

@@ -35,8 +35,18 @@ EAGER_ONLY = ("s_aux", "sinks", "softcap", "alibi")
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       **kwargs):
+    from bigkern import dispatch
     from bigkern.nn import functional
 
+    if kwargs.get("block_indices") is not None:
+        raise dispatch.UnsupportedError(f"{type(module).__name__} passes block_indices (block-sparse attention), which "
+                                        f"bigkern's attention does not compute: use attn_implementation='sdpa'")
+    indices = kwargs.pop("indices", None)
+    if indices is not None:  # sparse attention (DeepSeek-V3.2): the selected keys, as the SDPA path masks them
+        causal = attention_mask is None and query.shape[2] > 1 and (
+            is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        attention_mask = _keep_selected_keys(_top_left_causal(query, key) if causal else attention_mask, indices,
+                                             query, key)
     eager_only = [k for k in EAGER_ONLY if kwargs.get(k) is not None]
     if eager_only:
         return _model_eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
@@ -55,6 +65,17 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal,
         enable_gqa=query.shape[1] != key.shape[1])
     return output.transpose(1, 2).contiguous(), None
+
+
+def _keep_selected_keys(attention_mask, indices, query, key):
+    """The mask with only the keys `indices` (B, L, top-k) selects per query row kept (True keeps)."""
+    keep = torch.zeros((*indices.shape[:2], key.shape[2]), dtype=torch.bool, device=key.device)
+    keep = keep.scatter(-1, indices.long(), True).unsqueeze(1)
+    if attention_mask is None:
+        return keep
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & keep
+    return attention_mask.masked_fill(~keep, torch.finfo(query.dtype).min)
 
 
 def _position_bias_mask(position_bias, attention_mask, is_causal, query, key):
