@@ -18,12 +18,20 @@ def _positive(text):
     return value
 
 
+def _floating_dtype(name):
+    """A torch floating-point dtype by any of its names (float32, float, half, ...)."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise argparse.ArgumentTypeError(f"not a torch floating-point dtype: {name!r}")
+    return name
+
+
 def parse_args(description):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=_positive, default=300)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                        choices=["float32", "float16", "bfloat16", "float64"])
+    parser.add_argument("--dtype", type=_floating_dtype,
+                        default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--print-every", type=_positive, default=25)
     parser.add_argument("--tiny", action="store_true", help="a tiny model (for a quick check on the CPU)")
     return parser.parse_args()
