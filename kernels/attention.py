@@ -808,7 +808,7 @@ def _fp32(args):
 # Hopper tiles under a float mask, 16-bit inputs: the mask tile's loads hold registers, and the
 # tiles below spill where the unmasked ones do not (dK/dV hd64 causal 32x128: 792 bytes with Triton
 # 3.6; forward hd64 causal 128x64 of 4 warps: 680 with 3.8). These spill nothing with Triton 3.6 or
-# 3.8 (dK/dV hd128 causal: 8 bytes with 3.6). (kernel, head dim class, causal) -> tiles.
+# 3.8 (dK/dV hd128 causal in 2 stages: 8 bytes with 3.6). (kernel, head dim class, causal) -> tiles.
 _FLOAT_MASK_HOPPER_TILES = {
     ("forward", 64, False): [(128, 64, 8, 3), (128, 64, 8, 4)],
     ("forward", 64, True): [(128, 64, 8, 3), (128, 64, 8, 4)],
@@ -817,7 +817,7 @@ _FLOAT_MASK_HOPPER_TILES = {
     ("dkdv", 64, False): [(16, 128, 8, 2), (16, 128, 8, 3)],
     ("dkdv", 64, True): [(16, 128, 8, 2)],
     ("dkdv", 128, False): [(16, 128, 8, 2)],
-    ("dkdv", 128, True): [(16, 64, 8, 2)],
+    ("dkdv", 128, True): [(16, 64, 8, 1), (16, 64, 8, 2)],
     ("dq", 64, True): [(128, 32, 8, 3), (64, 32, 4, 3)],
     ("dq", 128, False): [(128, 32, 8, 2), (64, 32, 4, 2)],
     ("dq", 128, True): [(128, 32, 8, 2)],
