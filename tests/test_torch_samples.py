@@ -131,10 +131,18 @@ def _aligned_values(runs):
     return values
 
 
-def _forward_only(runs):
-    """The runs with their outputs detached: _aligned_values then compares outputs alone."""
-    return [dataclasses.replace(r, out=pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
-                                                       r.out)) for r in runs]
+def _values_with_backward_forced(runs, backend):
+    """(_aligned_values(runs) with the backward pass under the forced backend too, None); where the
+    backend refuses that backward (UnsupportedError, with its reason): (the outputs' values, the error)."""
+    try:
+        with _forced(backend), bigkern.record() as calls:
+            values = _aligned_values(runs)
+    except bigkern.UnsupportedError as error:
+        detached = [dataclasses.replace(r, out=pytree.tree_map(
+            lambda t: t.detach() if isinstance(t, torch.Tensor) else t, r.out)) for r in runs]
+        return _aligned_values(detached), error
+    assert all(b == backend for _, b in calls), f"backward served by {dict(calls)}"
+    return values, None
 
 
 def _largest_magnitude(run: Run, values):
@@ -227,15 +235,11 @@ def test_op_samples_match_torch(name, backend, dtype):
         if "attention" in name:
             (query, key, *_), kwargs = call64
             floor = _attention_gradient_floor(dtype, _logit_magnitude(query, key, kwargs.get("scale")))
-        runs = [Run(out, call), reference, same_dtype]
-        try:
-            with _forced(backend), bigkern.record() as backward_calls:  # the backward pass is the backend's too
-                values = _aligned_values(runs)
-            assert all(b == backend for _, b in backward_calls), f"sample {i}: backward served by {dict(backward_calls)}"
+        values, refused = _values_with_backward_forced([Run(out, call), reference, same_dtype], backend)
+        if refused:
+            unsupported.append(f"sample {i} backward: {refused}")
+        else:
             served += 1
-        except bigkern.UnsupportedError as error:  # a backward the backend refuses (with its reason): outputs only
-            unsupported.append(f"sample {i} backward: {error}")
-            values = _aligned_values(_forward_only(runs))
         for result in _compare_runs(values, _largest_magnitude(reference, values), floor):
             assert result.ok, f"sample {i} {sample.summary() if hasattr(sample, 'summary') else ''}: {result}"
     _skip_unless_served(served, unsupported)
@@ -283,18 +287,12 @@ def _check_module_call(torch_module, args, kwargs, backend, dtype):
     assert calls and all(b == backend for _, b in calls), f"served by {dict(calls)}"
     runs = [Run(module(*c[0], **c[1]) if o is None else o, c, dict(module.named_parameters()))
             for module, c, o in ((mine, call, out), (reference, call64, None), (torch_module, call_t, None))]
-    try:
-        with _forced(backend), bigkern.record() as backward_calls:  # the backward pass is the backend's too
-            values = _aligned_values(runs)
-    except bigkern.UnsupportedError:  # a backward the backend refuses: its outputs checked, then the refusal
-        forward_values = _aligned_values(_forward_only(runs))
-        for result in _compare_runs(forward_values, _largest_magnitude(runs[1], forward_values)):
-            assert result.ok, str(result)
-        raise
-    assert all(b == backend for _, b in backward_calls), f"backward served by {dict(backward_calls)}"
+    values, refused = _values_with_backward_forced(runs, backend)
     floor = _attention_gradient_floor(dtype, max(magnitudes)) if magnitudes else None
     for result in _compare_runs(values, _largest_magnitude(runs[1], values), floor):
         assert result.ok, str(result)
+    if refused:  # its outputs checked, the refusal is the caller's to count
+        raise refused
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
