@@ -214,8 +214,11 @@ def test_dynamo_rnn_flag_is_on_while_patched_lstms_live():
     """patch turns on torch._dynamo.config.allow_rnn (patched LSTMs then compile without graph breaks);
     it also sends torch's own LSTMs into dynamo's experimental tracing, so unpatching the last patched
     LSTM turns it back off -- unless it was on before."""
+    import gc
+
     import torch._dynamo
 
+    gc.collect()  # patched LSTMs that earlier tests left in reference cycles are alive until collected
     with torch._dynamo.config.patch(allow_rnn=False):
         first = bigkern.patch(torch.nn.Sequential(torch.nn.LSTM(2, 3)))
         second = bigkern.patch(torch.nn.LSTMCell(2, 3))  # a cell: no flag needed, none counted
