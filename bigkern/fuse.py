@@ -98,11 +98,16 @@ class _Tracer(fx.Tracer):
         return _Proxy(node, self)
 
 
-class _WholeSequentialTracer(_Tracer):
-    """Keeps nn.Sequential calls as one node each, to tell which ones a forward calls only whole."""
+class _ChildrenAsLeavesTracer(_Tracer):
+    """Keeps each call of the traced module's own children as one node, to tell which children its
+    forward calls only whole."""
+
+    def trace(self, root, concrete_args=None):
+        self.children = {id(child) for child in root.children()}
+        return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m, module_qualified_name):
-        return type(m) is nn.Sequential or super().is_leaf_module(m, module_qualified_name)
+        return id(m) in self.children or super().is_leaf_module(m, module_qualified_name)
 
 
 def _has_hooks(module) -> bool:
@@ -112,10 +117,14 @@ def _has_hooks(module) -> bool:
 
 
 def _fuse(model, model_training, called_whole=True):
-    """`called_whole`: whether `model` only runs as one (the root, a Sequential's child, a leaf of a
-    traced graph that never reaches inside it), rather than iterated or indexed by untraced code."""
+    """`called_whole`: whether `model` only runs as one (the root, a Sequential's child, a child its
+    parent's forward only calls), rather than iterated, indexed or reached into: otherwise it keeps
+    its identity and is fused inside only (a traced replacement cannot be iterated, and folded batch
+    norms are gone)."""
     if isinstance(model, _CONVS) or not any(True for _ in model.children()):
         return model
+    if not called_whole and type(model) is not nn.Sequential:
+        return _fuse_children(model, model_training)
     if type(model) is nn.Sequential or _has_hooks(model):
         # a chain: module patterns find everything, and keep it a Sequential; a module with hooks
         # stays itself (a traced copy would not carry them), fused inside
@@ -140,11 +149,11 @@ def _fuse(model, model_training, called_whole=True):
     return traced
 
 
-def _trace(model, tracer=_Tracer):
+def _trace(model, tracer=_Tracer, defaults_as_given=False):
     """fx's graph of `model`'s forward, or None where fx cannot trace it, or its graph would not do
     what the forward does:
     - optional or variadic parameters: fx passes a proxy for each, so `if scale is not None:` is
-      always taken;
+      always taken (`defaults_as_given`: traced with the defaults, for the structure alone);
     - the forward changes the model's state: fx runs buffer updates for real instead of recording
       them (`self.calls += 1`, a BatchNorm subclass's num_batches_tracked), so tracing would change
       the model once and the graph never again. The state is restored."""
@@ -152,11 +161,14 @@ def _trace(model, tracer=_Tracer):
         parameters = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):  # a compiled forward
         return None
-    if any(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return None
+    defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
+    if defaults and not defaults_as_given:
         return None
     before = _State(model)
     try:
-        graph = tracer().trace(model)
+        graph = tracer().trace(model, concrete_args=defaults or None)
     except Exception:
         graph = None
     if before.changed():
@@ -169,12 +181,15 @@ _REGISTRIES = ("_parameters", "_buffers", "_modules")
 
 
 class _State:
-    """What a forward could change in `model` outside the graph fx records: each module's attributes
-    and registered entries (by identity), and its buffers and plain tensor attributes (by version, with
-    copies to put back)."""
+    """What a forward could change in `model` outside the graph fx records: each module's attributes,
+    slots and registered entries (by identity), the contents of its list, dict and set attributes
+    (`self.stats["calls"] += 1`), and its buffers and plain tensor attributes (by version, with copies
+    to put back)."""
 
     def __init__(self, model):
         self.modules = {module: self._entries(module) for module in model.modules()}
+        self.containers = [(c, copy.copy(c)) for module in self.modules for c in vars(module).values()
+                           if type(c) in (list, dict, set)]
         self.tensors = [(t, _version(t), t.detach().clone()) for module in self.modules
                         for t in (*module._buffers.values(), *vars(module).values()) if isinstance(t, torch.Tensor)]
 
@@ -183,10 +198,16 @@ class _State:
         entries = {(None, name): value for name, value in vars(module).items() if name not in _REGISTRIES}
         for registry in _REGISTRIES:
             entries.update(((registry, name), value) for name, value in getattr(module, registry).items())
+        for cls in type(module).__mro__:
+            slots = cls.__dict__.get("__slots__", ())
+            for name in (slots,) if isinstance(slots, str) else slots:
+                if name not in ("__dict__", "__weakref__") and hasattr(module, name):
+                    entries[(_SLOT, name)] = getattr(module, name)
         return entries
 
     def changed(self) -> bool:
         return (any(self._changed(module, entries) for module, entries in self.modules.items())
+                or any(not _same_contents(now, before) for now, before in self.containers)
                 or any(_version(t) != version for t, version, _ in self.tensors))
 
     def _changed(self, module, entries):
@@ -200,11 +221,28 @@ class _State:
             for registry in _REGISTRIES:
                 getattr(module, registry).clear()
             for (registry, name), value in entries.items():
-                (vars(module) if registry is None else getattr(module, registry))[name] = value
+                if registry is _SLOT:
+                    object.__setattr__(module, name, value)
+                else:
+                    (vars(module) if registry is None else getattr(module, registry))[name] = value
+        for container, before in self.containers:
+            container.clear()
+            container.update(before) if hasattr(container, "update") else container.extend(before)
         with torch.no_grad():
             for t, version, copied in self.tensors:
                 if _version(t) != version:
                     t.copy_(copied)
+
+
+_SLOT = "slot"  # (an entry of _State: a __slots__ attribute)
+
+
+def _same_contents(now, before) -> bool:
+    if isinstance(now, set):
+        return now == before
+    if isinstance(now, dict):
+        return now.keys() == before.keys() and all(now[k] is before[k] for k in now)
+    return len(now) == len(before) and all(a is b for a, b in zip(now, before))
 
 
 def _version(t):
@@ -243,15 +281,16 @@ def _called_whole(graph, target) -> bool:
                    for node in graph.nodes)
 
 
-def _sequentials_called_whole(module):
-    """Names of `module`'s nn.Sequential children its forward calls only whole, in either mode (none
-    where it cannot be traced)."""
-    def whole(graph):
-        return set() if graph is None else {name for name, child in module.named_children()
-                                            if type(child) is nn.Sequential and _called_whole(graph, name)}
-    called = whole(_trace(module, _WholeSequentialTracer))
+def _children_called_whole(module):
+    """Names of `module`'s children its forward only calls, never reaching inside, in either mode
+    and with its optional arguments left out. Where it cannot be traced, its children that cannot be
+    iterated (a Sequential, subclasses too, may be walked for taps of intermediate values)."""
+    graphs = [_trace(module, _ChildrenAsLeavesTracer, defaults_as_given=True)]
     with _modes_flipped(module):
-        return called & whole(_trace(module, _WholeSequentialTracer))
+        graphs.append(_trace(module, _ChildrenAsLeavesTracer, defaults_as_given=True))
+    if None in graphs:
+        return {name for name, child in module.named_children() if not hasattr(type(child), "__iter__")}
+    return {name for name, _ in module.named_children() if all(_called_whole(graph, name) for graph in graphs)}
 
 
 def _adopt_untraced_submodules(traced, model):
@@ -280,7 +319,7 @@ def _fuse_children(module, model_training, called_whole=False):
     if type(module) is nn.Sequential:
         whole = {name for name, _ in module.named_children()} if called_whole else set()
     else:
-        whole = _sequentials_called_whole(module)
+        whole = _children_called_whole(module)
     for name, child in list(module.named_children()):
         fused = _fuse(child, model_training, name in whole)
         if fused is not child:
@@ -366,7 +405,7 @@ def _memory(node, modules):
 def _writes_into(node, memory, modules) -> bool:
     """Whether `node` may write in place into `memory` (as _memory gives it): in-place operators,
     methods and functions (a trailing underscore, `out=`, `inplace=True`), modules with `inplace`, and
-    any module but torch's and bigkern's own (fx does not show what they do)."""
+    any module or function but torch's and bigkern's own (fx does not show what they do)."""
     written = None
     if node.op == "call_module":
         module = modules[node.target]
@@ -374,6 +413,8 @@ def _writes_into(node, memory, modules) -> bool:
             return True
         if getattr(module, "inplace", False) is not False:
             written = node.args[0] if node.args else node.kwargs
+    elif node.op == "call_function" and _opaque(node.target):
+        return True
     elif node.op in ("call_method", "call_function"):
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
         try:  # inplace may be passed by position: F.relu(x, True)
@@ -388,6 +429,21 @@ def _writes_into(node, memory, modules) -> bool:
     if written is None:
         return False
     return not isinstance(written, fx.Node) or bool(_memory(written, modules) & memory)
+
+
+def _opaque(function) -> bool:
+    """A function whose writes fx cannot see: anything but torch's, Python's operators and builtins
+    (an fx.wrap'd helper), and torch ops whose schema says they mutate an argument (a custom op)."""
+    if isinstance(function, torch._ops.OpOverloadPacket):
+        function = function.default
+    if isinstance(function, torch._ops.OpOverload):
+        return function._schema.is_mutable
+    if isinstance(getattr(function, "__objclass__", None), type) and issubclass(function.__objclass__,
+                                                                              torch._C.TensorBase):
+        return False  # a Tensor method (its name says whether it writes)
+    module = getattr(function, "__module__", None) or ""
+    return not (module == "torch" or module.startswith("torch.") or module in ("operator", "_operator", "builtins",
+                                                                               "math"))
 
 
 def _writes_between(first, last, chain, reads, modules) -> bool:

@@ -599,3 +599,83 @@ def test_residual_first_gives_torchs_layout(layouts):
     y = fused(x, residual)
     torch.testing.assert_close(y, expected)
     assert y.stride() == expected.stride()
+
+
+# ---------------------------------------------------------------------------------------------
+# From the review of the fixes above: what a forward does outside fx's sight.
+
+class _ConvBlock(nn.Sequential):
+    """A Sequential subclass (torchvision's Conv2dNormActivation is one)."""
+
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+
+class _WalksItsBlock(nn.Module):
+    """Optional arguments (not traced) and a forward that iterates its block for taps."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _ConvBlock()
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x, taps=None):
+        for layer in self.stem:
+            x = layer(x)
+            if taps is not None:
+                taps.append(x)
+        return self.body(x)
+
+
+def test_children_an_untraced_parent_walks_keep_their_identity_and_the_rest_fuses():
+    """The stem is iterated (a traced replacement raised TypeError: not iterable); the body is only
+    called, so it still fuses, even though the forward's optional argument keeps it untraced."""
+    model = randomize_batch_norms(_WalksItsBlock()).double().eval()
+    fused = fused_equals_original(model, make_tensor((1, 3, 6, 6), torch.float64, DEVICE), expect=1)
+    assert type(fused.stem) is _ConvBlock
+    taps = []
+    fused(make_tensor((1, 3, 6, 6), torch.float64, DEVICE).detach(), taps)
+    assert len(taps) == 3
+
+
+def _scale_in_place(t):
+    t.mul_(2)
+    return t
+
+
+torch.fx.wrap("_scale_in_place")
+
+
+class _OpaqueWrite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = _scale_in_place(x)  # fx records a call it cannot see into
+        return torch.relu(y) + z.sum()
+
+
+def test_a_function_fx_cannot_see_into_ends_the_chain():
+    fused_equals_original(_OpaqueWrite().double().eval(), make_tensor((1, 3, 6, 6), torch.float64, DEVICE), expect=0)
+
+
+class _CountsInADict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.stats = {"calls": 0}
+
+    def forward(self, x):
+        self.stats["calls"] += 1
+        return torch.relu(self.conv(x))
+
+
+def test_tracing_never_changes_the_models_containers():
+    model = _CountsInADict().double().eval()
+    fused = bigkern.fuse(model, inplace=True)
+    assert model.stats == {"calls": 0}
+    fused(make_tensor((1, 3, 6, 6), torch.float64, DEVICE))
+    fused(make_tensor((1, 3, 6, 6), torch.float64, DEVICE))
+    assert fused.stats == {"calls": 2}
