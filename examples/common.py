@@ -19,10 +19,10 @@ def _positive(text):
 
 
 def _floating_dtype(name):
-    """A torch floating-point dtype by any of its names (float32, float, half, ...)."""
+    """A torch floating-point dtype of 16 bits or more by any of its names (float32, float, half, ...)."""
     dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise argparse.ArgumentTypeError(f"not a torch floating-point dtype: {name!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:  # (no float8 math)
+        raise argparse.ArgumentTypeError(f"not a torch floating-point dtype of 16 bits or more: {name!r}")
     return name
 
 

@@ -29,7 +29,8 @@ def test_example_trains_with_matching_losses(script):
 @pytest.mark.parametrize("flag,value,message", [("--steps", "0", "must be at least 1"),
                                                 ("--print-every", "0", "must be at least 1"),
                                                 ("--dtype", "float33", "not a torch floating-point dtype"),
-                                                ("--dtype", "int8", "not a torch floating-point dtype")])
+                                                ("--dtype", "int8", "not a torch floating-point dtype"),
+                                                ("--dtype", "float8_e4m3fn", "not a torch floating-point dtype")])
 def test_example_refuses_bad_arguments(flag, value, message):
     """argparse's usage error (exit 2), not a traceback from deep inside the run."""
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "cnn.py"), "--tiny", flag, value],
