@@ -123,11 +123,9 @@ def _fuse(model, model_training, called_whole=True):
     norms are gone)."""
     if isinstance(model, _CONVS) or not any(True for _ in model.children()):
         return model
-    if not called_whole and type(model) is not nn.Sequential:
-        return _fuse_children(model, model_training)
-    if type(model) is nn.Sequential or _has_hooks(model):
+    if not called_whole or type(model) is nn.Sequential or _has_hooks(model):
         # a chain: module patterns find everything, and keep it a Sequential; a module with hooks
-        # stays itself (a traced copy would not carry them), fused inside
+        # stays itself (a traced copy would not carry them), fused inside, as does one not called whole
         return _fuse_children(model, model_training, called_whole)
     graph = _trace(model)
     if graph is None or _traced_code_reads_the_mode(model, graph):
