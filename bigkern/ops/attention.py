@@ -323,8 +323,8 @@ def _cuda_forward_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, s
     module, reason = _cuda_module()
     if module is None:
         return reason
-    return (dispatch.cuda_unsupported(q, k, v) or _cuda_causal_reason(is_causal)
-            or module.unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale))
+    return (module.unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale)  # device, dtype, shapes
+            or _cuda_causal_reason(is_causal))
 
 
 def _cuda_causal_reason(is_causal):
@@ -342,8 +342,8 @@ def _cuda_backward_unsupported(grad_out, grad_lse, q, k, v, attn_mask, out, lse,
         return "the CUDA kernels give no gradient for attn_mask"
     if grad_lse is not None:
         return "the CUDA kernels take no gradient through lse"
-    return (dispatch.cuda_unsupported(q, k, v) or _cuda_causal_reason(is_causal)
-            or module.unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, backward=True))
+    return (module.unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, backward=True)
+            or _cuda_causal_reason(is_causal))
 
 
 def _dropout_arg(dropout_p, seed):
