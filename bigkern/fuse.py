@@ -28,14 +28,18 @@ would run them once instead of recording them; the state is restored), or where 
 reads `self.training` (F.dropout(training=self.training), stochastic depth: a trace would fix the
 mode it was fused in), each child module is fused on its own. nn.Sequential containers are matched
 module by module where they run whole (the model itself, or called only as one): code that iterates
-or indexes one sees each child's output. Each chain becomes one `bigkern.nn.FusedConv2d` under the
-conv's own name; folded batch norms disappear from the module tree (and the state_dict), nothing else.
+or indexes one sees each child's output; a child that the code of its parent's class reaches into
+(`self.head.compute_loss(...)`, `self.head.stride`, in any method) keeps its identity and is fused
+inside only. Each chain becomes one `bigkern.nn.FusedConv2d` under the conv's own name; folded batch
+norms disappear from the module tree (and the state_dict), nothing else.
 """
 
+import ast
 import contextlib
 import copy
 import inspect
 import operator
+import textwrap
 
 import torch
 from torch import fx, nn
@@ -63,8 +67,10 @@ _ACTIVATION_KWARGS = {"inplace", "approximate", "negative_slope"}  # any other (
 
 def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace each conv (-> batch norm) (-> activation | -> add -> activation) chain in `model` with
-    one bigkern.nn.FusedConv2d; returns the fused model (a torch.fx GraphModule when traced, else
-    the model itself with fused children: an nn.Sequential stays one, its indices kept). Outputs are
+    one bigkern.nn.FusedConv2d; returns the fused model (a torch.fx GraphModule when traced, which,
+    like torch.fx's own, has none of the model's other methods or plain attributes: call those on
+    the original; else the model itself with fused children: an nn.Sequential stays one, its
+    indices kept). Outputs are
     preserved. Batch norms are folded only in eval mode, so fuse an inference model after
     `model.eval()`. `inplace=False` leaves `model` as it is; `inplace=True` reuses and changes its
     modules (use the returned model either way).
@@ -281,14 +287,59 @@ def _called_whole(graph, target) -> bool:
 
 def _children_called_whole(module):
     """Names of `module`'s children its forward only calls, never reaching inside, in either mode
-    and with its optional arguments left out. Where it cannot be traced, its children that cannot be
-    iterated (a Sequential, subclasses too, may be walked for taps of intermediate values)."""
+    and with its optional arguments left out, and that no other code of its class reaches into.
+    Where it cannot be traced, its children that cannot be iterated (a Sequential, subclasses too,
+    may be walked for taps of intermediate values) and that its code does not reach into."""
+    reached = _children_its_code_reaches_into(module)
     graphs = [_trace(module, _ChildrenAsLeavesTracer, defaults_as_given=True)]
     with _modes_flipped(module):
         graphs.append(_trace(module, _ChildrenAsLeavesTracer, defaults_as_given=True))
     if None in graphs:
-        return {name for name, child in module.named_children() if not hasattr(type(child), "__iter__")}
-    return {name for name, _ in module.named_children() if all(_called_whole(graph, name) for graph in graphs)}
+        return {name for name, child in module.named_children()
+                if not hasattr(type(child), "__iter__") and name not in reached}
+    return {name for name, _ in module.named_children()
+            if name not in reached and all(_called_whole(graph, name) for graph in graphs)}
+
+
+def _children_its_code_reaches_into(module):
+    """Names of `module`'s children that the methods of its class (other than __init__) use other than
+    by calling or testing them: `self.head.compute_loss(...)`, `self.head.stride`, `self.blocks[0]`,
+    `f(self.head)`. A traced replacement of such a child would have none of its methods or plain
+    attributes, nor the batch norms it folded. Every child where the source cannot be read."""
+    names = set(module._modules)
+    reached = set()
+    for cls in type(module).__mro__:
+        if cls is object or cls.__module__.split(".")[0] == "torch":
+            continue  # nn.Module and torch's containers reach into no child
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        except (OSError, TypeError, SyntaxError, IndentationError):
+            return names
+        for method in tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else ():
+            if isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef)) and method.name != "__init__":
+                reached |= _reached_through_self(method, names)
+    return reached
+
+
+_TESTS = (ast.Compare, ast.BoolOp, ast.If, ast.IfExp, ast.While, ast.Assert)
+
+
+def _reached_through_self(function, names):
+    """The `names` that `function` uses as `self.name` other than calling it (`self.name(...)`),
+    testing it (`if self.name is not None`) or assigning it."""
+    parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
+    reached = set()
+    for node in ast.walk(function):
+        if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+                and node.attr in names):
+            continue
+        parent = parents.get(node)
+        if ((isinstance(parent, ast.Call) and parent.func is node) or isinstance(parent, _TESTS)
+                or (isinstance(parent, ast.UnaryOp) and isinstance(parent.op, ast.Not))
+                or isinstance(node.ctx, (ast.Store, ast.Del))):
+            continue
+        reached.add(node.attr)
+    return reached
 
 
 def _adopt_untraced_submodules(traced, model):

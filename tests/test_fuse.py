@@ -679,3 +679,59 @@ def test_tracing_never_changes_the_models_containers():
     fused(make_tensor((1, 3, 6, 6), torch.float64, DEVICE))
     fused(make_tensor((1, 3, 6, 6), torch.float64, DEVICE))
     assert fused.stats == {"calls": 2}
+
+
+class _HeadWithMethods(nn.Module):
+    """A detection-style head: the parent calls it and also its own methods and attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.scale = 0.5
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+    def logits(self, x):
+        return self.bn(self.conv(x)) * self.scale
+
+
+class _Tail(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _ReachesIntoItsHead(nn.Module):
+    def __init__(self, untraceable):
+        super().__init__()
+        self.head, self.tail = _HeadWithMethods(), _Tail()
+        self.untraceable = untraceable
+
+    def forward(self, x):
+        y = self.tail(self.head(x))
+        if self.untraceable and x.sum() > 0:  # data-dependent: fx cannot trace it
+            y = y + self.extra(x)
+        return y
+
+    def extra(self, x):
+        return self.head.logits(x).mean() * self.head.scale
+
+
+@pytest.mark.parametrize("untraceable", [True, False], ids=["untraced", "hooked"])
+def test_children_whose_methods_the_parent_calls_keep_their_identity(untraceable):
+    """A traced replacement of the head has none of its methods or attributes (AttributeError: no
+    'logits'), nor its folded batch norm: the head is fused inside only, its sibling still fuses.
+    The parent is kept as itself either way: untraceable, or with a hook (its forward only calls the
+    head; its other method, called after fusing, reaches into it)."""
+    model = randomize_batch_norms(_ReachesIntoItsHead(untraceable)).double().eval()
+    if not untraceable:
+        model.register_forward_hook(lambda module, args, output: None)
+    x = make_tensor((1, 3, 6, 6), torch.float64, DEVICE)
+    fused = fused_equals_original(model, x, expect=1)
+    assert type(fused.head) is _HeadWithMethods and isinstance(fused.tail.conv, FusedConv2d)
+    torch.testing.assert_close(fused.extra(x), model.extra(x), atol=1e-10, rtol=1e-10)
