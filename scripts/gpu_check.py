@@ -152,11 +152,16 @@ def main(argv=None):
 
     python = sys.executable
     results = []
+    notes = []
+    if not os.environ.get("BIGKERN_GIT_REVISION") and not (ROOT / ".git").exists():
+        notes.append("note: no .git here and BIGKERN_GIT_REVISION unset: the results say git 'unknown' (run it as "
+                     "BIGKERN_GIT_REVISION=<git rev-parse --short=12 HEAD, where the source came from> ...)")
+        print(notes[-1], flush=True)
 
     def record(result):
         results.append(result)
         LOGS.mkdir(parents=True, exist_ok=True)
-        (LOGS / "summary.txt").write_text("\n".join(summary(results)) + "\n")
+        (LOGS / "summary.txt").write_text("\n".join(notes + summary(results)) + "\n")
         if out:
             package(out, args.results, args.readme)
         return result
@@ -191,7 +196,7 @@ def main(argv=None):
                            "--readme", str(args.readme)], 60))
 
     print("\n=== gpu-check summary")
-    print("\n".join(summary(results)))
+    print("\n".join(notes + summary(results)))
     return 0 if all(r["rc"] == 0 for r in results) else 1
 
 

@@ -620,3 +620,174 @@ def test_the_report_describes_the_runs_its_rows_come_from(tmp_path):
     header = report.markdown(document).split("###")[0]
     assert "git old" in header and "git new" not in header
     assert "quick" not in header and "Partial" not in header
+
+
+# ---------------------------------------------------------------------------------------------
+# The check before timing: a wrong result is never a figure.
+
+def checked_case(bigkern_result, references=("torch-eager",), tolerance=None):
+    """Providers that build their inputs from the global generator (as every suite does) and return
+    what they computed; bigkern-triton returns bigkern_result(inputs)."""
+    def provider(compute, label):
+        def make():
+            x = torch.randn(5, 7)
+            return lambda: _Labelled(compute(x), label)
+        return make
+    providers = {"bigkern-triton": provider(bigkern_result, "triton"), "torch-eager": provider(torch.relu, "eager"),
+                 "torch-compile": provider(torch.relu, "compile")}
+    return harness.Case("demo", "checked", {}, torch.float32, "forward", flops=1e9, bytes=1e9, providers=providers,
+                        baselines=("torch-eager", "torch-compile"), references=references, tolerance=tolerance)
+
+
+class _Labelled(tuple):
+    """A provider's result (a tensor) that also names the provider for FakeTimer."""
+
+    def __new__(cls, tensor, label):
+        result = super().__new__(cls, (tensor,))
+        result.label = label
+        return result
+
+    def __hash__(self):
+        return hash(self.label)
+
+    def __eq__(self, other):
+        return self.label == other
+
+
+class LabelTimer(FakeTimer):
+    def __call__(self, fn):
+        median = self.medians[fn().label]
+        return harness.Stats(median, median * 0.9, median * 1.1, 10)
+
+
+TIMES = LabelTimer({"triton": 1.0, "eager": 5.0, "compile": 3.0})
+
+
+def test_every_provider_gets_the_same_inputs_and_bigkern_is_checked_before_it_is_timed():
+    [triton, eager, compiled] = harness.run_case(checked_case(torch.relu), TIMES, CEILINGS)
+    assert triton["status"] == "ok" and triton["check"] == dict(against="torch-eager", error=0.0, tolerance=1e-3)
+    assert triton["speedup"] == {"torch-eager": 5.0, "torch-compile": 3.0}
+    assert "check" not in eager and "check" not in compiled
+
+
+@pytest.mark.parametrize("wrong", ["garbage", "unwritten", "nan", "shape", "slightly"])
+def test_a_wrong_result_is_reported_wrong_never_timed_nor_the_best(tmp_path, wrong):
+    """Nothing compared a provider's result with anything: a kernel that wrote nothing was timed,
+    reported "ok" with a speedup, and could be the table's best bigkern."""
+    compute = {"garbage": lambda x: torch.randn_like(x), "unwritten": torch.empty_like,
+               "nan": lambda x: torch.relu(x).index_fill(0, torch.tensor([2]), float("nan")),
+               "shape": lambda x: torch.relu(x)[1:], "slightly": lambda x: torch.relu(x) * 1.01}[wrong]
+    timed = []
+
+    class Recording(LabelTimer):
+        def __call__(self, fn):
+            timed.append(fn().label)
+            return super().__call__(fn)
+    rows = harness.run_case(checked_case(compute), Recording(TIMES.medians), CEILINGS)
+    triton = rows[0]
+    assert triton["status"] == "wrong" and "differs from torch-eager" in triton["reason"], triton
+    assert "median_ms" not in triton and "speedup" not in triton and "triton" not in timed
+    assert report.best_bigkern({r["provider"]: r for r in rows}) == (None, None)
+    env = dict(timestamp="2026-11-20T12:00:00+00:00", device="NVIDIA Test GPU", git="abc", torch="x", triton="y",
+               cuda="z")
+    path = harness.write_results(tmp_path, env, CEILINGS, rows, "fake", quick=False)
+    text = report.markdown(json.loads(path.read_text()))
+    assert "Wrong results, not timed" in text and "bigkern-triton on checked" in text
+
+
+def test_the_check_accepts_roundings_apart_and_uses_the_first_reference_that_runs():
+    def unavailable():
+        raise harness.Unavailable("no flash here")
+    case = checked_case(lambda x: torch.relu(x) * (1 + 5e-4))  # within float32's 1e-3
+    case.providers = {"torch-flash": unavailable, **case.providers}
+    rows = {r["provider"]: r for r in harness.run_case(dataclasses.replace(
+        case, references=("torch-flash", "torch-compile")), TIMES, CEILINGS)}
+    assert rows["bigkern-triton"]["status"] == "ok" and rows["bigkern-triton"]["check"]["against"] == "torch-compile"
+    assert rows["torch-flash"]["status"] == "unavailable"
+
+
+def test_a_reference_left_out_by_provider_still_checks_and_is_not_reported():
+    rows = harness.run_case(checked_case(torch.empty_like), TIMES, CEILINGS, only={"bigkern-triton"})
+    assert [r["provider"] for r in rows] == ["bigkern-triton"] and rows[0]["status"] == "wrong"
+
+
+def test_without_a_reference_a_timing_is_reported_unchecked(tmp_path):
+    case = checked_case(torch.relu, references=("torch-nothing",))
+    rows = harness.run_case(case, TIMES, CEILINGS)
+    assert rows[0]["status"] == "ok" and rows[0]["check"] == dict(against=None)
+    env = dict(timestamp="2026-11-20T12:00:00+00:00", device="NVIDIA Test GPU", git="abc", torch="x", triton="y",
+               cuda="z")
+    text = report.markdown(json.loads(harness.write_results(tmp_path, env, CEILINGS, rows, "fake", False).read_text()))
+    assert "Timed without a check" in text
+
+
+@pytest.mark.parametrize("family", ["epilogue", "conv", "attention", "lstm"])
+def test_each_suite_checks_its_bigkern_results_forward_and_backward(family, monkeypatch):
+    """Every suite returns what each provider computed (training steps: the gradients too) from the
+    same inputs, so a bigkern result is checked against torch's; a wrong gradient is caught."""
+    import importlib
+
+    suite = importlib.import_module(benchmark.SUITES[family])
+    shapes = dict(TINY_SHAPES, lstm={"inference": [dict(hidden=8, batch=2, steps=3, input=5)],
+                                     "training": [dict(hidden=8, batch=2, steps=3, input=5)]})
+    for case in suite.cases(shapes, "cpu", [torch.float32]):
+        rows = {r["provider"]: r for r in harness.run_case(case, harness.CpuTimer(0, 1), CEILINGS,
+                                                           only={"bigkern-triton"})}
+        row = rows["bigkern-triton"]
+        assert row["status"] == "ok" and row["check"]["error"] < 1e-4, (case.name, case.mode, row)
+        assert row["check"]["against"] == ("torch-flash" if family == "attention" else "torch-eager")
+        if case.mode != "forward" and case.mode != "inference":
+            # the gradients are part of the result: a training step that got one wrong is "wrong"
+            make = case.providers["bigkern-triton"]
+
+            def off_by_a_bit(make=make):
+                step = make()
+
+                def wrong_gradient():
+                    result = step()
+                    result[1].mul_(1.5) if isinstance(result[1], torch.Tensor) else result[1][0].mul_(1.5)
+                    return result
+                return wrong_gradient
+            wrong = dataclasses.replace(case, providers=dict(case.providers, **{"bigkern-triton": off_by_a_bit}))
+            [row] = harness.run_case(wrong, harness.CpuTimer(0, 1), CEILINGS, only={"bigkern-triton"})
+            assert row["status"] == "wrong", (case.name, row)
+
+
+def test_lstm_inference_baseline_runs_torch_in_eval_mode(monkeypatch):
+    """torch's LSTM in training mode runs cuDNN's training forward (a reserve for backward) even
+    under no_grad: the inference baseline was slower than what a user's model.eval() runs."""
+    from bigkern.benchmark import lstm as suite
+
+    modes = []
+    original = torch.nn.LSTM.forward
+    monkeypatch.setattr(torch.nn.LSTM, "forward", lambda self, *a, **k: modes.append(
+        (type(self).__name__, self.training)) or original(self, *a, **k))
+    shapes = {"inference": [dict(hidden=8, batch=2, steps=3)], "training": [dict(hidden=8, batch=2, steps=3)]}
+    for case in suite.cases({"lstm": shapes}, "cpu", [torch.float32]):
+        modes.clear()
+        case.providers["torch-eager"]()()
+        case.providers["bigkern-triton"]()()
+        assert modes and all(training == (case.mode == "training") for _, training in modes), (case.mode, modes)
+
+
+def test_timing_refuses_poisoned_outputs_and_names_other_settings(tmp_path, monkeypatch, capsys):
+    from bigkern import memory
+
+    shapes_path = tmp_path / "shapes.json"
+    shapes_path.write_text(json.dumps({"epilogue": {"cases": [{"shape": [4, 6], "dim": 1, "layout": "contiguous",
+                                                               "activation": "relu"}]}}))
+    argv = ["--cpu", "--family", "epilogue", "--shapes", str(shapes_path), "--results", str(tmp_path / "results"),
+            "--provider", "torch-eager"]
+    with memory.poisoned_outputs(), monkeypatch.context() as gpu:
+        gpu.setattr(torch.cuda, "is_available", lambda: True)  # refused before anything touches it
+        assert benchmark.main(argv[1:]) == 2
+    assert "BIGKERN_POISON_OUTPUTS is on" in capsys.readouterr().err
+    for name in [name for name in os.environ if name.startswith("BIGKERN_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("BIGKERN_TRITON_AUTOTUNE", "0")
+    monkeypatch.setenv("BIGKERN_GIT_REVISION", "abc")
+    with memory.poisoned_outputs(False):
+        assert benchmark.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "not the defaults" in out and "BIGKERN_TRITON_AUTOTUNE=0" in out
+    assert "Settings not the defaults**: `BIGKERN_TRITON_AUTOTUNE=0`." in out  # the report's header too

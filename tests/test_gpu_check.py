@@ -205,3 +205,19 @@ def _started_by(proc, out):
         return f"OUT={out}".encode() in (proc / "environ").read_bytes().split(b"\0") and _alive(int(proc.name))
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("revision", [None, "abc123"])
+def test_a_copy_without_git_or_revision_says_its_results_will_name_no_revision(gpu_check, tmp_path, monkeypatch,
+                                                                               capsys, revision):
+    """A lent machine gets the working tree without .git: its results said git 'unknown' silently."""
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)  # no .git there
+    if revision:
+        monkeypatch.setenv("BIGKERN_GIT_REVISION", revision)
+    else:
+        monkeypatch.delenv("BIGKERN_GIT_REVISION", raising=False)
+    monkeypatch.setattr(gpu_check, "step", FakeSteps())
+    _main(gpu_check, tmp_path, "--skip-build")
+    said = "BIGKERN_GIT_REVISION unset" in capsys.readouterr().out.split("gpu-check summary")[-1]
+    assert said == (revision is None)
+    assert ("BIGKERN_GIT_REVISION unset" in (gpu_check.LOGS / "summary.txt").read_text()) == (revision is None)

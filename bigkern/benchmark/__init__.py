@@ -37,6 +37,14 @@ def load_shapes(path=None) -> dict:
     raise FileNotFoundError("bench/shapes.json not found (set BIGKERN_SHAPES)")
 
 
+def run_settings(environment) -> dict:
+    """The BIGKERN_* settings in `environment` that change what a run times (BIGKERN_TRITON_AUTOTUNE=0:
+    each kernel's first tile; BIGKERN_BACKEND: what the patched models run; kernel switches), not
+    the ones that only say where things are."""
+    return {k: v for k, v in sorted(environment.items())
+            if k.startswith("BIGKERN_") and k not in ("BIGKERN_GIT_REVISION", "BIGKERN_SHAPES")}
+
+
 def _progress(total):
     """A rich progress bar on a terminal; elsewhere (a log, a pipe) a line per case, as rich draws
     nothing on a pipe until the run ends."""
@@ -83,6 +91,16 @@ def run(args) -> int:
             print("bigkern bench: no op family among " + ", ".join(args.family), flush=True)
             return 1
         return cli.main(["verify", "--op", *families] + (["--dtype", *args.dtype] if args.dtype else []))
+    from bigkern import memory
+
+    if memory._poison[-1] and device == "cuda":  # (--cpu timings, harness tests, are never figures)
+        print("bigkern bench: BIGKERN_POISON_OUTPUTS is on, a test switch (every bigkern output is filled and "
+              "guarded, work the baselines do not do): unset it to time", file=sys.stderr, flush=True)
+        return 2
+    switches = run_settings(os.environ)
+    if switches:
+        print("bigkern bench: timing with bigkern settings that are not the defaults (the results and the "
+              "report say so): " + " ".join(f"{k}={v}" for k, v in switches.items()), flush=True)
     if args.results is None:  # CPU timings (--cpu) are never figures to keep
         args.results = Path(tempfile.gettempdir()) / "bigkern-bench-cpu" if args.cpu else default_results_dir()
     dtypes = [getattr(torch, d) for d in (args.dtype or (["bfloat16"] if device == "cuda" else ["float32"]))]

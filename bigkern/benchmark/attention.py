@@ -5,7 +5,8 @@ baselines measured in the same run. Each timing is rated against the machine's r
 cache) is bound by reading the cache.
 
 FLOPs (FlashAttention's convention): forward 4 * B * Hq * L * S * D (two matmuls of 2 * L * S * D
-each per head), times the fraction of the (L, S) matrix a causal mask keeps ((L + 1) / 2L when L = S);
+each per head), times the fraction of the (L, S) matrix a causal mask keeps ((L + 1) / 2L when L = S,
+where FlashAttention takes exactly 1/2: +0.2% at seq 512);
 backward 2.5x the forward (five matmuls to the forward's two); "forward+backward" counts both.
 Bytes: the forward reads q, k, v and writes o; the backward reads q, k, v, o, dO and writes dq,
 dk, dv, so forward+backward moves 3x the forward's bytes. Shapes: bench/shapes.json "attention"
@@ -115,7 +116,9 @@ def cases(shapes, device, dtypes, quick=False):
 
                         def step():
                             q.grad = k.grad = v.grad = None
-                            call(q, k, v, causal, gqa).backward(grad)
+                            out = call(q, k, v, causal, gqa)
+                            out.backward(grad)
+                            return out, q.grad, k.grad, v.grad  # for the check against the reference
                         return wrap(step)
                     return make
 
@@ -133,7 +136,7 @@ def cases(shapes, device, dtypes, quick=False):
                     providers[provider] = timed(_torch_provider(backend))
                 baselines = tuple(p for p in providers if p.startswith("torch-"))
                 yield Case("attention", name, params, dtype, mode, flops=flops, bytes=bytes_moved,
-                           providers=providers, baselines=baselines)
+                           providers=providers, baselines=baselines, references=baselines)
 
 
 __all__ = ["cases", "Unavailable"]

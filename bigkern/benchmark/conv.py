@@ -111,7 +111,9 @@ def cases(shapes, device, dtypes, quick=False):
                             for t in (x, w, b, r):
                                 if t is not None:
                                     t.grad = None
-                            call(x, w, b, r, stride, padding, groups).backward(grad)
+                            y = call(x, w, b, r, stride, padding, groups)
+                            y.backward(grad)
+                            return y, [t.grad for t in (x, w, b, r) if t is not None]  # for the check
                         return wrap(step)
                     return make
 
@@ -123,7 +125,7 @@ def cases(shapes, device, dtypes, quick=False):
                 compile_name = "torch-compile" if quick else "torch-compile-max-autotune"
                 providers[compile_name] = timed(compiled(_eager, mode=None if quick else "max-autotune"))
                 yield Case("conv", name, params, dtype, mode, flops=work, bytes=moved, providers=providers,
-                           baselines=("torch-eager", "torch-eager-conv", compile_name))
+                           baselines=("torch-eager", "torch-eager-conv", compile_name), references=("torch-eager",))
 
 
 __all__ = ["cases", "Unavailable"]

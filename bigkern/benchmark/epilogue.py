@@ -47,7 +47,9 @@ def cases(shapes, device, dtypes, quick=False):
 
                         def step():
                             x.grad = bias.grad = None
-                            call(x, bias).backward(grad)
+                            y = call(x, bias)
+                            y.backward(grad)
+                            return y, x.grad, bias.grad  # for the check against the reference
                         return wrap(step)
                     return make
 
@@ -59,7 +61,7 @@ def cases(shapes, device, dtypes, quick=False):
                 providers["torch-compile"] = timed(compiled(
                     lambda x, b, activation=activation, dim=dim: _eager(x, b, activation, dim)))
                 yield Case("epilogue", name, params, dtype, mode, flops=0.0, bytes=bytes_moved,
-                           providers=providers, baselines=("torch-eager", "torch-compile"))
+                           providers=providers, baselines=("torch-eager", "torch-compile"), references=("torch-eager",))
 
 
 __all__ = ["cases", "Unavailable"]

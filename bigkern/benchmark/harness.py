@@ -5,7 +5,9 @@ Rules it enforces (see bench/NOTES.md for the numbers it produced):
     on the same inputs, one after another;
   * GPU timing uses CUDA events through triton.testing.do_bench (warm-up, then repeats for a fixed
     time, L2 flushed before each repeat), reporting the median and the 20th/80th percentiles;
-  * inputs are random normal, never zeros;
+  * inputs are random normal, never zeros, and the same for every provider (one seed);
+  * each bigkern provider's first result (its output; a training step's gradients too) is checked
+    against a baseline's before it is timed: a wrong one is reported "wrong", never a figure;
   * each run first measures the machine's own ceilings (bf16 matmul TFLOP/s, device copy GB/s),
     and each result is reported as a fraction of them and as a speedup over each baseline.
 A CPU timer stands in where there is no GPU, so the harness itself is tested on CPU.
@@ -182,6 +184,10 @@ class Case:
     providers: dict
     baselines: tuple = ()  # provider names the speedups are reported against
     samples: int = 0  # samples one call processes (a model's batch): throughput = samples / time
+    # providers whose first call's result (the output; a training step's output and gradients) each
+    # bigkern provider must agree with before it is timed: the first of them that runs
+    references: tuple = ()
+    tolerance: Optional[float] = None  # of that check (default: CHECK_TOLERANCE of the dtype)
 
 
 class Unavailable(Exception):
@@ -237,33 +243,108 @@ def _provider_scope():
         torch._dynamo.config.allow_rnn = allow_rnn
 
 
-def run_case(case: Case, timer, ceilings: Ceilings, only: Optional[set] = None):
-    """Time every provider of `case`; one row per provider (unavailable ones with the reason)."""
-    rows, medians = [], {}
-    for provider, make in case.providers.items():
-        if only and provider not in only:
+# ---------------------------------------------------------------------------------------------
+# The check before timing: a timing counts only for a result that is right.
+
+# the largest max|bigkern - reference| / max|reference| a check accepts: far above two roundings of
+# the dtype apart (the tests hold each kernel to FlashAttention's rule against float64), far below
+# what a wrong kernel gives (an unwritten tile, a misaligned mask, a wrong head: errors of order 1)
+CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+INPUT_SEED = 1234  # set before each provider builds its inputs: every provider gets the same ones
+
+
+def result_tensors(result):
+    """The tensors a provider's call returned (a training step returns its output and gradients),
+    in order; None for no tensor (a gradient that is not there)."""
+    if isinstance(result, (tuple, list)):
+        return [t for r in result for t in result_tensors(r)]
+    return [result if isinstance(result, torch.Tensor) else None]
+
+
+def disagreement(result, reference) -> float:
+    """max over the results' tensors of max|a - r| / max|r| (inf where they do not match: a missing
+    tensor, another shape, a NaN or inf where the reference is finite)."""
+    actual, expected = result_tensors(result), result_tensors(reference)
+    if len(actual) != len(expected):
+        return math.inf
+    worst = 0.0
+    for a, r in zip(actual, expected):
+        if a is None or r is None:
+            if a is not r:
+                return math.inf
             continue
+        if a.shape != r.shape:
+            return math.inf
+        if not r.numel():
+            continue
+        a, r = a.detach().float(), r.detach().float()
+        finite = torch.isfinite(r)
+        if not torch.equal(torch.isfinite(a), finite):
+            return math.inf
+        if not finite.any():
+            continue
+        scale = r[finite].abs().max().item()
+        error = (a[finite] - r[finite]).abs().max().item()
+        worst = max(worst, error / scale if scale else (0.0 if error == 0 else math.inf))
+    return worst
+
+
+def _snapshot(result):
+    """A copy of a call's result that later calls cannot change (an output buffer reused, a
+    gradient replaced)."""
+    if isinstance(result, (tuple, list)):
+        return [_snapshot(r) for r in result]
+    return result.detach().clone() if isinstance(result, torch.Tensor) else result
+
+
+def run_case(case: Case, timer, ceilings: Ceilings, only: Optional[set] = None):
+    """Time every provider of `case`; one row per provider (unavailable ones with the reason). Each
+    provider builds its inputs from one seed; each bigkern provider's first result is checked
+    against the case's reference (the first of case.references that runs, run first) and timed only
+    if it agrees ("wrong" otherwise, with the error)."""
+    rows, medians, reference = {}, {}, None
+    wanted = [name for name in case.providers if not only or name in only]
+    if any(name.startswith("bigkern-") for name in wanted):  # a reference runs for the check, if not timed
+        wanted += [name for name in case.references if name in case.providers and name not in wanted]
+    order = sorted(wanted, key=lambda name: name not in case.references)  # references first, in their order
+    tolerance = case.tolerance if case.tolerance is not None else CHECK_TOLERANCE.get(case.dtype, 1e-3)
+    for provider in order:
+        make = case.providers[provider]
         row = dict(family=case.family, case=case.name, params=case.params, dtype=str(case.dtype).removeprefix("torch."),
                    mode=case.mode, provider=provider, flops=case.flops, bytes=case.bytes)
+        rows[provider] = row
         try:
             with _provider_scope():
+                torch.manual_seed(INPUT_SEED)
                 fn = make()
-                fn()  # compile / autotune / first-call work happens here, outside the timing
+                result = fn()  # compile / autotune / first-call work happens here, outside the timing
                 if torch.cuda.is_initialized():  # not with --cpu, though a GPU is there
                     torch.cuda.synchronize()
+                if provider in case.references and reference is None:
+                    reference = (provider, _snapshot(result))
+                if only and provider not in only:  # run for the check alone
+                    continue
+                if case.references and provider.startswith("bigkern-"):
+                    if reference is None:
+                        row["check"] = dict(against=None)  # no reference ran: timed, reported as unchecked
+                    else:
+                        error = disagreement(result, reference[1])
+                        row["check"] = dict(against=reference[0], error=_finite(error), tolerance=tolerance)
+                        if not error <= tolerance:
+                            row.update(status="wrong", reason=f"its result differs from {reference[0]}'s: max error "
+                                       f"{error:.3g} of the largest value (at most {tolerance:g} is accepted)")
+                            continue
+                del result
                 stats = timer(fn)
         except Unavailable as reason:
             row.update(status="unavailable", reason=str(reason))
-            rows.append(row)
             continue
         except Exception as error:  # a failing provider is a result too; keep the others going
             row.update(status="error", reason=f"{type(error).__name__}: {error}"[:500])
-            rows.append(row)
             continue
         if not (math.isfinite(stats.median_ms) and stats.median_ms > 0):
             # a timer that saw nothing (or broke) measured nothing: never a result, never the "best"
             row.update(status="error", reason=f"the timer returned a median of {stats.median_ms} ms")
-            rows.append(row)
             continue
         seconds = stats.median_ms * 1e-3
         row.update(status="ok", median_ms=stats.median_ms, p20_ms=stats.p20_ms, p80_ms=stats.p80_ms,
@@ -273,7 +354,7 @@ def run_case(case: Case, timer, ceilings: Ceilings, only: Optional[set] = None):
         if case.samples:
             row["samples_per_s"] = case.samples / seconds
         medians[provider] = stats.median_ms
-        rows.append(row)
+    rows = [rows[name] for name in case.providers if name in rows and (not only or name in only)]  # in order
     for row in rows:
         if row["status"] == "ok":
             row["speedup"] = {b: medians[b] / row["median_ms"] for b in case.baselines if b in medians}

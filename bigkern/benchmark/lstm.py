@@ -39,7 +39,9 @@ class _Inputs:
 
     def __init__(self, hidden, batch, steps, input_size, dtype, device, training):
         torch.manual_seed(0)
-        self.torch_lstm = torch.nn.LSTM(input_size, hidden, device=device, dtype=dtype)
+        # in the mode a user runs it in: torch's LSTM passes it to cuDNN, whose training mode writes
+        # a reserve for backward even under no_grad (slower than the inference mode eval() gives)
+        self.torch_lstm = torch.nn.LSTM(input_size, hidden, device=device, dtype=dtype).train(training)
         self.x = torch.randn(steps, batch, input_size, device=device, dtype=dtype).requires_grad_(training)
         self.grad = torch.randn(steps, batch, hidden, device=device, dtype=dtype)
         self.h0 = torch.randn(1, batch, hidden, device=device, dtype=dtype)
@@ -52,7 +54,7 @@ class _Inputs:
         module = rnn.LSTM(self.torch_lstm.input_size, self.torch_lstm.hidden_size, device=self.x.device,
                           dtype=self.x.dtype)
         module.load_state_dict(self.torch_lstm.state_dict())
-        return module
+        return module.train(self.training)
 
     def weights(self):
         m = self.torch_lstm
@@ -61,17 +63,23 @@ class _Inputs:
 
 def _timed(make_call, inputs_of, training, graph=False, wrap=None):
     """Provider thunk: build inputs once, return the function to time (forward, or forward then
-    backward; with graph=True, one CUDA-graph replay of the forward). `wrap` (a forced bigkern
-    backend) covers the whole step, backward included."""
+    backward; with graph=True, one CUDA-graph replay of the forward), which returns what it computed
+    (the output; in training, also the gradients of x and of the weights) for the check against the
+    reference. make_call(inputs) gives (x -> output, the weights). `wrap` (a forced bigkern backend)
+    covers the whole step, backward included."""
     wrap = wrap or (lambda fn: fn)
 
     def make():
         inputs = inputs_of()
-        call = make_call(inputs)
+        call, weights = make_call(inputs)
         if training:
             def step():
                 inputs.x.grad = None
-                call(inputs.x).backward(inputs.grad)
+                for weight in weights:
+                    weight.grad = None
+                out = call(inputs.x)
+                out.backward(inputs.grad)
+                return out, inputs.x.grad, [weight.grad for weight in weights]
             return wrap(step)
 
         def forward():
@@ -84,8 +92,12 @@ def _timed(make_call, inputs_of, training, graph=False, wrap=None):
         torch.cuda.synchronize()
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph):
-            forward()
-        return cuda_graph.replay
+            out = forward()
+
+        def replay():
+            cuda_graph.replay()
+            return out
+        return replay
     return make
 
 
@@ -122,7 +134,7 @@ def cases(shapes, device, dtypes, quick=False):
                 def bigkern_call(inputs):
                     module = inputs.bigkern_lstm()
                     state = (inputs.h0, inputs.c0)
-                    return lambda x: module(x, state)[0]
+                    return (lambda x: module(x, state)[0]), list(module.parameters())
                 for backend, wrap in bigkern_backends(("triton", "cuda")).items():
                     providers[f"bigkern-{backend}"] = _timed(bigkern_call, inputs_of, training, graph, wrap)
 
@@ -130,20 +142,20 @@ def cases(shapes, device, dtypes, quick=False):
                     if device == "cuda" and not torch.backends.cudnn.is_available():
                         raise Unavailable("cuDNN is not available")
                     state = (inputs.h0, inputs.c0)
-                    return lambda x: inputs.torch_lstm(x, state)[0]
+                    return (lambda x: inputs.torch_lstm(x, state)[0]), list(inputs.torch_lstm.parameters())
                 providers["torch-eager"] = _timed(eager_call, inputs_of, training, graph)
 
                 def compile_call(inputs, graph=graph):
                     fn = compiled(handwritten_lstm, mode="reduce-overhead" if graph else None)
                     weights = inputs.weights()
-                    return lambda x: fn(x, inputs.h0[0], inputs.c0[0], *weights)[0]
+                    return (lambda x: fn(x, inputs.h0[0], inputs.c0[0], *weights)[0]), list(weights)
                 # reduce-overhead already replays CUDA graphs: time it as it is, not inside another graph
                 providers["torch-compile"] = _timed(compile_call, inputs_of, training, graph=False)
 
                 yield Case("lstm", name, params, dtype, mode,
                            flops=float(forward_flops * (3 if training else 1)),
                            bytes=float(weight_bytes + io_bytes), providers=providers,
-                           baselines=("torch-eager", "torch-compile"))
+                           baselines=("torch-eager", "torch-compile"), references=("torch-eager",))
 
 
 __all__ = ["cases", "handwritten_lstm"]

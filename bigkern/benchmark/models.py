@@ -153,6 +153,10 @@ def workloads(size="bench"):
     return found
 
 
+# a whole model's logits (or loss) against eager torch's: many layers of roundings apart in bf16
+MODEL_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 0.2}
+
+
 def cases(shapes, device, dtypes, quick=False):
     """Training step and inference, eager / bigkern / compile / bigkern+compile (not with quick), per model."""
     import bigkern
@@ -185,8 +189,10 @@ def cases(shapes, device, dtypes, quick=False):
 
                         def step():
                             optimizer.zero_grad(set_to_none=True)
-                            workload.loss(run(inputs), targets).backward()
+                            loss = workload.loss(run(inputs), targets)
+                            loss.backward()
                             optimizer.step()
+                            return loss  # the first step's, from the same weights, is checked
                         return step
                     return make
 
@@ -199,7 +205,8 @@ def cases(shapes, device, dtypes, quick=False):
                 if quick:  # compiling a whole model takes minutes per case
                     providers = {name: make for name, make in providers.items() if not name.endswith("compile")}
                 yield Case("models", workload.name, dict(batch=workload.batch), dtype, mode, flops=0.0, bytes=0.0,
-                           providers=providers, baselines=("torch-eager", "torch-compile"), samples=workload.batch)
+                           providers=providers, baselines=("torch-eager", "torch-compile"), samples=workload.batch,
+                           references=("torch-eager",), tolerance=MODEL_TOLERANCE[dtype])
 
 
 __all__ = ["ExampleCNN", "LSTMClassifier", "TransformerClassifier", "DecoderLM", "workloads", "cases", "Unavailable"]

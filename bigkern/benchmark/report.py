@@ -181,6 +181,16 @@ def markdown(document) -> str:
         if variants:
             lines += ["", "Kernel switches timed in the same run (speedup over the backend's default):", "",
                       "| case | dtype | mode | variant | ms | vs default |", "|---|---|---|---|---|---|", *variants]
+        wrong = [(case, dtype, mode, p, r.get("reason", "")) for (_, case, dtype, mode), ps in entries
+                 for p, r in ps.items() if r["status"] == "wrong"]
+        if wrong:
+            lines += ["", "**Wrong results, not timed** (checked against a baseline before timing): "
+                      + "; ".join(f"{p} on {c} {d} {m}: {r}" for c, d, m, p, r in wrong)]
+        unchecked = [(case, dtype, mode, p) for (_, case, dtype, mode), ps in entries for p, r in ps.items()
+                     if r["status"] == "ok" and (r.get("check") or {"against": ""}).get("against") is None]
+        if unchecked:
+            lines += ["", "Timed without a check (no reference baseline ran): "
+                      + "; ".join(f"{p} on {c} {d} {m}" for c, d, m, p in unchecked)]
         failed = [(case, p, r.get("reason", "")) for (_, case, _, _), ps in entries for p, r in ps.items()
                   if r["status"] == "error"]
         if failed:
@@ -200,6 +210,11 @@ def _describe_run(run):
             + "".join(f" ({dtype}: {tflops:.0f})"
                       for dtype, tflops in ceilings.get("matmul_tflops_by_dtype", {}).items())
             + f", copy {ceilings['copy_gbps']:.0f} GB/s.")
+    from bigkern.benchmark import run_settings
+
+    switches = run_settings(env.get("bigkern_environment") or {})
+    if switches:
+        text += " **Settings not the defaults**: " + ", ".join(f"`{k}={v}`" for k, v in switches.items()) + "."
     if run.get("partial"):
         partial = run["partial"]
         text += (f" **Partial run**: {partial['cases_done']} of {partial['cases']} cases before it was cut "
