@@ -59,11 +59,13 @@ def tanh_parts(z):
     e = tl.exp(-2.0 * a)
     inv = 1.0 / (1.0 + e)
     z2 = z * z
-    series = a * (1.0 + z2 * (-1.0 / 3.0 + z2 * (2.0 / 15.0 + z2 * (-17.0 / 315.0 + z2 * (62.0 / 2835.0)))))
+    # odd in z, so tanh(-0) = -0 as torch gives (a sign taken from |z| afterwards would lose it)
+    series = z * (1.0 + z2 * (-1.0 / 3.0 + z2 * (2.0 / 15.0 + z2 * (-17.0 / 315.0 + z2 * (62.0 / 2835.0)))))
     small = a < 0.25
-    t = tl.where(small, series, (1.0 - e) * inv)
+    large = (1.0 - e) * inv
+    t = tl.where(small, series, tl.where(z < 0, -large, large))  # NaN: not small, not < 0: NaN passes through
     sech2 = tl.where(small, 1.0 - series * series, 4.0 * e * inv * inv)
-    return tl.where(z < 0, -t, t), sech2  # NaN < 0 is false: NaN passes through
+    return t, sech2
 
 
 @triton.jit

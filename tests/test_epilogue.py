@@ -100,6 +100,11 @@ def test_opcheck(op_backend):
         torch.library.opcheck(torch.ops.bigkern.bias_act.default, (x, bias, 2, 1, 0.01))
         torch.library.opcheck(torch.ops.bigkern.bias_act_backward.default,
                               (make_tensor((5, 6, 3), device=DEVICE), x.detach(), bias.detach(), 2, 1, 0.01))
+        # the gradient of a bias in another dtype comes in the bias's dtype, from the fake too
+        for shape in ((5, 6, 3), (0, 6, 3)):
+            torch.library.opcheck(torch.ops.bigkern.bias_act_backward.default,
+                                  (make_tensor(shape, device=DEVICE), make_tensor(shape, device=DEVICE),
+                                   bias.detach().half(), 2, 1, 0.01))
 
 
 def test_torch_compile_fullgraph_and_export():
@@ -265,3 +270,32 @@ def test_tanh_and_its_derivative_within_a_few_ulps():
         ulp = torch.finfo(torch.float32).eps * torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(1e-30))))
         error = (got.double() - want).abs() / ulp
         assert error[series].max() <= 2.0 and error.max() <= 5.0, (error[series].max(), error.max())
+
+
+def test_an_integer_input_with_a_floating_bias_promotes_as_x_plus_bias(backend):
+    """act(x + bias) in the dtype torch's x + bias gives: an int64 or bool input with a float32
+    bias computes in float32 (it raised 'input must be a floating-point tensor')."""
+    bias = make_tensor((6,), torch.float32, DEVICE)
+    for x in (torch.randint(-3, 4, (4, 6), device=DEVICE), torch.rand(4, 6, device=DEVICE) > 0.5):
+        y = F.bias_act(x, bias, "gelu")
+        expected = torch.nn.functional.gelu(x + bias)
+        assert y.dtype == expected.dtype == torch.float32
+        torch.testing.assert_close(y, expected)
+    with pytest.raises(RuntimeError, match="'input'"):
+        F.bias_act(torch.ones(4, 6, dtype=torch.int64), torch.ones(6, dtype=torch.int64), "relu")
+
+
+def test_tanh_keeps_the_sign_of_zero(backend):
+    z = torch.tensor([-0.0, 0.0, -1e-30, 1e-30], device=DEVICE)
+    y = F.bias_act(z, None, "tanh")
+    assert torch.equal(torch.signbit(y), torch.signbit(torch.tanh(z))), y
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_tails_match_fp64(backend, activation):
+    """Only the tails, small outputs against a bound at their own scale: among values of order 1, a
+    gelu that flushed every z < -3 to 0 still passed (its error was below the bound of the largest)."""
+    for tail in (-(3 + 5 * torch.rand(40, 9, dtype=torch.float64)), 3 + 5 * torch.rand(40, 9, dtype=torch.float64)):
+        for dtype in (torch.float32, torch.float16):
+            x = tail.to(device=DEVICE, dtype=dtype).requires_grad_()
+            check_against_reference(x, None, activation, -1)

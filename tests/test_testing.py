@@ -136,3 +136,38 @@ def test_compare_fails_a_lost_or_flipped_negative_infinity():
         actual = ref.float()
         actual[4] = bad
         assert not testing.compare(actual, ref, ref.float()).ok, bad
+
+
+def test_compare_fails_a_result_in_another_dtype_than_torchs():
+    """A kernel returning float32 for float16 inputs passed: the dtype was never compared."""
+    ref = torch.randn(10, dtype=torch.float64)
+    result = testing.compare(ref.float(), ref, ref.half())
+    assert not result.ok and "dtype" in result.detail
+
+
+def test_compare_fails_a_torch_result_of_another_shape():
+    """torch's result broadcast silently into the error bound (a (1, 3) one inflated it)."""
+    ref = torch.randn(4, 3, dtype=torch.float64)
+    result = testing.compare(ref.float() + 1.0, ref, torch.zeros(1, 3))
+    assert not result.ok and "torch's result: shape" in result.detail
+
+
+def test_compare_holds_each_element_where_the_reference_or_torch_is_not_finite():
+    """Where the reference was NaN/Inf but torch finite, any value passed; where torch overflowed
+    (fp16 past 65504) but the reference is finite, any non-finite value passed."""
+    ref = torch.randn(10, dtype=torch.float64)
+    ref[2] = float("nan")
+    torch_result = ref.float().clone()
+    torch_result[2] = 0.0  # torch departs from the math here: its value is the one to match
+    near, far = torch_result.clone(), torch_result.clone()
+    far[2] = 1e30
+    assert testing.compare(near, ref, torch_result).ok
+    assert not testing.compare(far, ref, torch_result).ok
+    big = torch.randn(10, dtype=torch.float64)
+    big[3] = 7e4
+    overflowed = big.half()  # +inf at 3
+    assert testing.compare(overflowed, big, overflowed).ok
+    flipped = overflowed.clone()
+    flipped[3] = float("-inf")
+    result = testing.compare(flipped, big, overflowed)
+    assert not result.ok and "non-finite" in result.detail

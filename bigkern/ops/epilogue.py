@@ -182,7 +182,8 @@ def _bias_act_backward_by_partials(partials, grad_y, x, bias, activation, dim, n
     bias = None if bias is None else bias.contiguous()  # the kernels index bias[c] densely
     grad_y = _same_layout(grad_y, x)
     grad_x = memory.empty_like(x)
-    grad_bias = memory.empty((0 if bias is None else bias.numel(),), dtype=x.dtype, device=x.device)
+    grad_bias = memory.empty((0 if bias is None else bias.numel(),), dtype=x.dtype if bias is None else bias.dtype,
+                             device=x.device)
     if x.numel():
         _, n_channels, n_rows, n_cols, channel_in_rows = channel_layout(x, dim, bias is not None)
         partial = partials(grad_y, x, bias, grad_x, n_rows, n_cols, n_channels, channel_in_rows, activation,
@@ -247,7 +248,9 @@ def bias_act_backward_op(grad_y: Tensor, x: Tensor, bias: Optional[Tensor], acti
 
 @bias_act_backward_op.register_fake
 def _(grad_y, x, bias, activation, dim, negative_slope):
-    return torch.empty_like(memory.dense(x)), x.new_empty((0 if bias is None else bias.numel(),))
+    # grad_bias in bias's dtype, as every implementation gives it
+    grad_bias = x.new_empty((0,)) if bias is None else bias.new_empty((bias.numel(),))
+    return torch.empty_like(memory.dense(x)), grad_bias
 
 
 def _setup_context(ctx, inputs, output):
@@ -279,7 +282,7 @@ def check_bias_act_args(x, bias, dim, negative_slope=0.01):
     """Raise what torch raises for bad input, naming the argument; returns (dim made non-negative,
     negative_slope as a float, the dtype torch's `x + bias` gives)."""
     check_tensor(x, "input", "bias_act()")
-    if not x.is_floating_point():
+    if x.is_complex():
         raise RuntimeError(f"bias_act(): argument 'input' must be a floating-point tensor, not {x.dtype}")
     index = as_int(dim)
     if index is None:
@@ -302,6 +305,9 @@ def check_bias_act_args(x, bias, dim, negative_slope=0.01):
                                f"'input' along dim {index}, but got {tuple(bias.shape)}")
         # x + bias promotes as torch does (an fp32 bias on an autocast bf16 activation: fp32 out)
         dtype = torch.promote_types(x.dtype, bias.dtype)
+    if not dtype.is_floating_point:  # (an integer input with a floating bias computes in the bias's dtype)
+        raise RuntimeError(f"bias_act(): argument 'input' must be a floating-point tensor, not {x.dtype}"
+                           + (f" (nor promote to one with 'bias', {bias.dtype})" if bias is not None else ""))
     return index, slope, dtype
 
 
