@@ -3,6 +3,7 @@ against a float64 reference, forward and every gradient; torch's semantics and e
 
 import inspect
 import math
+import os
 import random
 import types
 from unittest import mock
@@ -1159,6 +1160,43 @@ def test_causal_bias_masks_as_torch(backend, L, S):
     got = torch.func.grad(lambda q: F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, S)).sum())
     want = torch.func.grad(lambda q: torch_F.scaled_dot_product_attention(q, k, v, attn_mask=mask).nan_to_num(0.0).sum())
     torch.testing.assert_close(got(q.detach()), want(q.detach()))
+
+
+def _tile_period():
+    """Every alignment of a causal diagonal against the key blocks repeats after this many keys: the
+    interpreter's tiles, or on a GPU the largest tile any config uses."""
+    if testing.default_device() == "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return 128
+    from bigkern.kernels import attention as kernels
+
+    return math.lcm(*(tile[b] for tile in kernels._INTERPRETER_TILES.values() for b in ("BLOCK_M", "BLOCK_N")))
+
+
+def test_bottom_right_causal_at_every_offset_of_the_diagonal_in_a_tile(backend):
+    """causal_lower_right shifts the diagonal by S - L: each block bound of the causal walk (the last
+    key block a query block sees, the first fully visible one, the dK/dV pass's diagonal block) is
+    off by one only where S - L falls on particular residues of the tile (one in 16 missed them all).
+    Every residue, with several query blocks, forward and every gradient; and rows that see no key."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    if backend == "cuda":
+        pytest.skip("the CUDA kernels align top-left only")
+    period = _tile_period()
+    L = period + 1  # two query blocks, the second partial
+    shapes = [(L, L + d) for d in range(period)] + [(L, L - d) for d in (1, period // 2 - 1, period // 2 + 1)]
+    for L, S in shapes:
+        q = make_tensor((1, 2, L, 8), requires_grad=True)
+        k, v = (make_tensor((1, 2, S, 8), requires_grad=True) for _ in range(2))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, S))
+        grad_out = make_tensor(out.shape)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        mask = torch.ones(L, S, dtype=torch.bool, device=DEVICE).tril(S - L)
+        expected = torch_F.scaled_dot_product_attention(*leaves, attn_mask=mask).nan_to_num(0.0)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"L={L} S={S}: {m}")
+        for name, grad, want in zip("qkv", grads, torch.autograd.grad(expected, leaves, grad_out.double())):
+            torch.testing.assert_close(grad.double(), want, atol=1e-4, rtol=1e-4,
+                                       msg=lambda m: f"L={L} S={S} d{name}: {m}")
 
 
 def test_numbers_and_meta_tensors_torch_accepts():

@@ -143,6 +143,11 @@ def test_many_channels_span_several_tiles(backend, dtype):
 def test_depthwise(backend, multiplier):
     x, w, b, _ = make_case((2, 5, 7, 6), (5 * multiplier, 1, 3, 3), torch.float32, layout="channels_last")
     assert_all_ok(conv.compare_with_reference(x, w, b, 1, 1, 1, 5, "relu"))
+    # the depthwise kernel's own index math along each axis: unequal dilations and paddings (random
+    # geometries reached it about one run in six: a height dilation used for the width passed)
+    for dilation, padding in (((1, 2), (2, 1)), ((2, 1), (1, 2))):
+        x, w, b, _ = make_case((2, 5, 9, 8), (5 * multiplier, 1, 3, 2), torch.float32, layout="channels_last")
+        assert_all_ok(conv.compare_with_reference(x, w, b, 1, padding, dilation, 5, "relu"))
 
 
 def test_stride_larger_than_kernel_and_dilated_dgrad(backend):
@@ -613,6 +618,19 @@ def test_weight_gradient_laid_out_as_torchs(backend):
     expected = torch.autograd.grad(torch.nn.functional.conv2d(x, w, padding=1).sum(), w)[0]
     assert grad_w.stride() == expected.stride()
     torch.testing.assert_close(grad_w, expected)
+
+
+@pytest.mark.parametrize("x_layout,w_layout", [("contiguous", "channels_last"), ("channels_last", "contiguous")])
+def test_input_gradient_laid_out_as_torchs(backend, x_layout, w_layout):
+    """torch lays grad_input out channels_last when either the input or the weight is: a leaf's .grad
+    is restrided to the leaf's layout, which hid the difference; autograd.grad (and a non-leaf input,
+    and the fake op under torch.compile) see it."""
+    x = make_tensor((2, 3, 7, 5), device=DEVICE, layout=x_layout).requires_grad_()
+    w = make_tensor((4, 3, 3, 3), device=DEVICE, layout=w_layout).requires_grad_()
+    grad_x = torch.autograd.grad(F.conv2d(x, w, padding=1).sum(), x)[0]
+    expected = torch.autograd.grad(torch.nn.functional.conv2d(x, w, padding=1).sum(), x)[0]
+    assert grad_x.stride() == expected.stride()
+    torch.testing.assert_close(grad_x, expected)
 
 
 def test_triton_refuses_what_its_indices_or_grid_cannot_address():

@@ -171,3 +171,40 @@ def test_compare_holds_each_element_where_the_reference_or_torch_is_not_finite()
     flipped[3] = float("-inf")
     result = testing.compare(flipped, big, overflowed)
     assert not result.ok and "non-finite" in result.detail
+
+
+def test_compare_fails_an_infinity_where_reference_and_torch_are_finite():
+    ref = torch.randn(10, dtype=torch.float64)
+    for bad in (float("inf"), float("-inf")):
+        actual = ref.float()
+        actual[6] = bad
+        result = testing.compare(actual, ref, ref.float())
+        assert not result.ok and "non-finite" in result.detail, bad
+
+
+def test_compare_floor_is_half_an_ulp_for_16_bit_types_and_four_for_fp32():
+    """Against a reference the dtype holds exactly (torch's error 0), twice the floor fails: one ulp
+    of the largest value past half an ulp (bf16 in the interpreter: two past one), eight past four."""
+    assert testing.default_floor_ulps(torch.float16) == 0.5 and testing.default_floor_ulps(torch.float32) == 4.0
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        ulps = 2 * testing.default_floor_ulps(dtype)
+        ref = torch.tensor([1.0, -0.5, 0.25, 0.75], dtype=torch.float64)
+        wrong = ref.to(dtype)
+        wrong[0] += ulps * torch.finfo(dtype).eps
+        assert not testing.compare(wrong, ref, ref.to(dtype)).ok, dtype
+        assert testing.compare(ref.to(dtype), ref, ref.to(dtype)).ok
+        assert testing.compare(wrong, ref, ref.to(dtype), floor_ulps=ulps).ok, dtype
+
+
+def test_factors_are_flashattentions():
+    assert (testing.OUTPUT_FACTOR, testing.GRADIENT_FACTOR) == (2.0, 3.0)
+
+
+def test_assert_gradients_close_fails_a_missing_extra_or_wrong_gradient():
+    ref = [torch.randn(5, dtype=torch.float64), None]
+    good = [ref[0].float(), None]
+    testing.assert_gradients_close(good, ref, good, ["a", "b"])
+    wrong = [ref[0].float() + 1e-2, None]
+    for actual in (wrong, [None, None], [ref[0].float(), torch.ones(1)]):
+        with pytest.raises(AssertionError):
+            testing.assert_gradients_close(actual, ref, good, ["a", "b"])
