@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -791,3 +792,24 @@ def test_timing_refuses_poisoned_outputs_and_names_other_settings(tmp_path, monk
     out = capsys.readouterr().out
     assert "not the defaults" in out and "BIGKERN_TRITON_AUTOTUNE=0" in out
     assert "Settings not the defaults**: `BIGKERN_TRITON_AUTOTUNE=0`." in out  # the report's header too
+
+
+def test_the_cases_run_under_pytest_benchmark(tmp_path):
+    """`pytest bench/ --benchmark-enable`: each (case, provider) a pytest-benchmark benchmark, each
+    bigkern result checked first (here on the CPU, tiny shapes, in the interpreter)."""
+    import subprocess
+    import sys
+
+    root = Path(benchmark.__file__).resolve().parents[2]
+    saved = tmp_path / "run.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # bench/conftest.py sets it
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "bench"),
+                           "-k", "epilogue", "--benchmark-enable", "--benchmark-min-rounds=1",
+                           "--benchmark-max-time=0.01", "--benchmark-warmup=off", f"--benchmark-json={saved}"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = json.loads(saved.read_text())["benchmarks"]
+    names = {run["name"] for run in runs}
+    assert any("bigkern-triton" in name for name in names) and any("torch-eager" in name for name in names), names
+    checked = [run["extra_info"]["check"] for run in runs if "bigkern-triton" in run["name"]]
+    assert checked and all(c["against"] == "torch-eager" and c["error"] < 1e-5 for c in checked), checked

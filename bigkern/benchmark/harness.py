@@ -297,6 +297,30 @@ def _snapshot(result):
     return result.detach().clone() if isinstance(result, torch.Tensor) else result
 
 
+def first_call(make):
+    """Build a provider's inputs (from the one seed every provider shares) and make its first call:
+    (the function to time, what that call returned)."""
+    torch.manual_seed(INPUT_SEED)
+    fn = make()
+    result = fn()
+    if torch.cuda.is_initialized():  # not with --cpu, though a GPU is there
+        torch.cuda.synchronize()
+    return fn, result
+
+
+def check(case: Case, result, reference):
+    """A bigkern provider's first result against the reference's ((name, result), or None where no
+    reference ran): (the check for the results, why it is wrong or None)."""
+    if reference is None:
+        return dict(against=None), None  # timed, reported as unchecked
+    tolerance = case.tolerance if case.tolerance is not None else CHECK_TOLERANCE.get(case.dtype, 1e-3)
+    error = disagreement(result, reference[1])
+    wrong = None if error <= tolerance else (
+        f"its result differs from {reference[0]}'s: max error {error:.3g} of the largest value (at most "
+        f"{tolerance:g} is accepted)")
+    return dict(against=reference[0], error=_finite(error), tolerance=tolerance), wrong
+
+
 def run_case(case: Case, timer, ceilings: Ceilings, only: Optional[set] = None):
     """Time every provider of `case`; one row per provider (unavailable ones with the reason). Each
     provider builds its inputs from one seed; each bigkern provider's first result is checked
@@ -307,7 +331,6 @@ def run_case(case: Case, timer, ceilings: Ceilings, only: Optional[set] = None):
     if any(name.startswith("bigkern-") for name in wanted):  # a reference runs for the check, if not timed
         wanted += [name for name in case.references if name in case.providers and name not in wanted]
     order = sorted(wanted, key=lambda name: name not in case.references)  # references first, in their order
-    tolerance = case.tolerance if case.tolerance is not None else CHECK_TOLERANCE.get(case.dtype, 1e-3)
     for provider in order:
         make = case.providers[provider]
         row = dict(family=case.family, case=case.name, params=case.params, dtype=str(case.dtype).removeprefix("torch."),
@@ -315,25 +338,16 @@ def run_case(case: Case, timer, ceilings: Ceilings, only: Optional[set] = None):
         rows[provider] = row
         try:
             with _provider_scope():
-                torch.manual_seed(INPUT_SEED)
-                fn = make()
-                result = fn()  # compile / autotune / first-call work happens here, outside the timing
-                if torch.cuda.is_initialized():  # not with --cpu, though a GPU is there
-                    torch.cuda.synchronize()
+                fn, result = first_call(make)  # compile / autotune / first-call work: outside the timing
                 if provider in case.references and reference is None:
                     reference = (provider, _snapshot(result))
                 if only and provider not in only:  # run for the check alone
                     continue
                 if case.references and provider.startswith("bigkern-"):
-                    if reference is None:
-                        row["check"] = dict(against=None)  # no reference ran: timed, reported as unchecked
-                    else:
-                        error = disagreement(result, reference[1])
-                        row["check"] = dict(against=reference[0], error=_finite(error), tolerance=tolerance)
-                        if not error <= tolerance:
-                            row.update(status="wrong", reason=f"its result differs from {reference[0]}'s: max error "
-                                       f"{error:.3g} of the largest value (at most {tolerance:g} is accepted)")
-                            continue
+                    row["check"], wrong = check(case, result, reference)
+                    if wrong:
+                        row.update(status="wrong", reason=wrong)
+                        continue
                 del result
                 stats = timer(fn)
         except Unavailable as reason:
