@@ -142,6 +142,8 @@ def test_results_are_standard_json_and_csv(tmp_path):
     assert document["rows"][1]["gbps"] is None
     table = list(csv.DictReader(path.with_suffix(".csv").open()))
     assert len(table) == len(rows) and table[failed]["reason"] == rows[failed]["reason"]
+    # each row says where and when it was measured (a CSV read on its own)
+    assert {(r["device"], r["git"], r["timestamp"], r["torch"]) for r in table} == {("GPU", "abc", env["timestamp"], "")}
     assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.with_suffix(".csv").name])
     assert "first line second" in report.markdown(document)  # one line in the README too
 

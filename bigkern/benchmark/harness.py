@@ -451,9 +451,11 @@ def write_results(results_dir: Path, env: dict, ceilings: Ceilings, rows: list, 
                                                            allow_nan=False) + "\n")
     columns = ["family", "case", "dtype", "mode", "provider", "status", "median_ms", "p20_ms", "p80_ms", "tflops",
                "gbps", "fraction_of_ceiling", "bound", "samples_per_s", "speedup", "reason"]
+    # where and with what, on every row: a CSV read on its own (or concatenated with others) says it too
+    measured = {key: env.get(key) for key in ("device", "timestamp", "git", "torch", "triton", "cuda")}
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")  # quotes what needs it: commas, quotes, newlines
-    writer.writerow(columns)
+    writer.writerow(columns + list(measured))
     for row in rows:
         cells = []
         for c in columns:
@@ -463,7 +465,7 @@ def write_results(results_dir: Path, env: dict, ceilings: Ceilings, rows: list, 
             elif isinstance(value, float):
                 value = f"{value:.6g}"
             cells.append(value)
-        writer.writerow(cells)
+        writer.writerow(cells + ["" if v is None else v for v in measured.values()])
     write_atomically(stem.with_suffix(".csv"), table.getvalue())
     return stem.with_suffix(".json")
 
