@@ -19,10 +19,10 @@ import torch
 from bigkern.benchmark.harness import Case, Unavailable
 from bigkern.benchmark.providers import bigkern_backends, compiled
 
-GRAPH_MAX_BATCH = 4
+GRAPH_MAX_BATCH = 4  # graph replay is where launch overhead matters: the latency-bound cases
 # the check against cuDNN: the recurrence carries each step's rounding into the next (and back
 # through time in training), so half types drift further apart than one op's roundings
-TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 0.1}  # graph replay is where launch overhead matters: the latency-bound cases
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 0.1}
 
 
 def handwritten_lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
