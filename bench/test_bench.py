@@ -50,6 +50,7 @@ _references = {}  # id(case) -> (name, result) of the first of its references th
 
 def _reference(case):
     if id(case) not in _references:
+        _references.clear()  # the parameters come case by case: hold one case's reference at a time
         _references[id(case)] = None
         for name in case.references:
             try:
