@@ -187,7 +187,7 @@ def markdown(document) -> str:
             lines += ["", "**Wrong results, not timed** (checked against a baseline before timing): "
                       + "; ".join(f"{p} on {c} {d} {m}: {r}" for c, d, m, p, r in wrong)]
         unchecked = [(case, dtype, mode, p) for (_, case, dtype, mode), ps in entries for p, r in ps.items()
-                     if r["status"] == "ok" and (r.get("check") or {"against": ""}).get("against") is None]
+                     if r["status"] == "ok" and "check" in r and r["check"]["against"] is None]
         if unchecked:
             lines += ["", "Timed without a check (no reference baseline ran): "
                       + "; ".join(f"{p} on {c} {d} {m}" for c, d, m, p in unchecked)]
