@@ -51,13 +51,7 @@ _references = {}  # id(case) -> (name, result) of the first of its references th
 def _reference(case):
     if id(case) not in _references:
         _references.clear()  # the parameters come case by case: hold one case's reference at a time
-        _references[id(case)] = None
-        for name in case.references:
-            try:
-                _references[id(case)] = (name, harness._snapshot(harness.first_call(case.providers[name])[1]))
-                break
-            except harness.Unavailable:
-                continue
+        _references[id(case)] = harness.reference_result(case)
     return _references[id(case)]
 
 

@@ -308,6 +308,17 @@ def first_call(make):
     return fn, result
 
 
+def reference_result(case: Case):
+    """(name, a snapshot of its first result) of the first of case.references that runs, or None:
+    for a check outside run_case (which takes its reference from the timed run itself)."""
+    for name in case.references:
+        try:
+            return name, _snapshot(first_call(case.providers[name])[1])
+        except Unavailable:
+            continue
+    return None
+
+
 def check(case: Case, result, reference):
     """A bigkern provider's first result against the reference's ((name, result), or None where no
     reference ran): (the check for the results, why it is wrong or None)."""
